@@ -1,0 +1,669 @@
+"""Overlay CA and node certificates: issue them, write and read them as files.
+
+Two layers:
+  * in memory, clock-free (`now` comes in as Unix seconds): `new_ca`, `issue_node`, and the
+    `new_ca_bundle` / `issue_node_bundle` conveniences that tests and the lab use;
+  * files: `init_ca`, `sign_node` (the only functions here that read the clock), the
+    `load_*` readers a node uses at start-up, and the `ipop-trio ca init|sign` commands.
+
+Verification lives in `ipop_trio/proto/cert.py` (`TrustAnchor.verify_untrusted`), which is the
+trust boundary; this module is operator-side, so every failure is a `PkiError` saying what the
+operator got wrong. Private key files are created 0600 with O_EXCL: never overwritten, never
+briefly world-readable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import datetime
+import ipaddress
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.x509.oid import NameOID
+
+from ipop_trio.errors import CertificateRefused, PkiError
+from ipop_trio.proto.cert import (
+    Identity,
+    IPAddress,
+    IPNetwork,
+    TrustAnchor,
+    mac_for_key,
+    usable_address,
+    valid_name,
+)
+
+DEFAULT_CA_DAYS = 3650
+DEFAULT_NODE_DAYS = 365
+# Certificates start this long before `now`, so a freshly issued one is accepted by a peer
+# whose clock is a little behind ours.
+CLOCK_SKEW = 300
+KEY_SIZE = 32  # raw X25519 key, private or public
+MAX_DAYS = 100 * 366
+
+CA_KEY_FILE = "ca.key"
+CA_CERT_FILE = "ca.crt"
+_PRIVATE_MODE = 0o600
+_PUBLIC_MODE = 0o644
+_DAY = 86400
+
+_PEM = serialization.Encoding.PEM
+_DER = serialization.Encoding.DER
+_RAW = serialization.Encoding.Raw
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys
+
+
+def public_key_of(private_raw: bytes) -> bytes:
+    """The raw 32-byte X25519 public key of a raw 32-byte X25519 private key."""
+    if len(private_raw) != KEY_SIZE:
+        raise PkiError(f"an X25519 private key is {KEY_SIZE} bytes, not {len(private_raw)}")
+    private = X25519PrivateKey.from_private_bytes(bytes(private_raw))
+    return private.public_key().public_bytes(_RAW, serialization.PublicFormat.Raw)
+
+
+def encode_key(raw: bytes) -> str:
+    """A raw 32-byte key as the base64 text used in config files (`public_key = "..."`)."""
+    if len(raw) != KEY_SIZE:
+        raise ValueError(f"a key is {KEY_SIZE} bytes, not {len(raw)}")
+    return base64.b64encode(bytes(raw)).decode("ascii")
+
+
+def decode_key(text: str) -> bytes:
+    """The raw 32-byte key in a config value; `ValueError` when it is not exactly that."""
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError, AttributeError) as exc:
+        raise ValueError(f"not base64: {exc}") from exc
+    if len(raw) != KEY_SIZE:
+        raise ValueError(f"a key is {KEY_SIZE} bytes, not {len(raw)}")
+    return raw
+
+
+def _x25519_private_raw(key: X25519PrivateKey) -> bytes:
+    return key.private_bytes(_RAW, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+
+
+def _private_pem(key: X25519PrivateKey | Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(_PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation of operator input
+
+
+def _check_name(what: str, name: str) -> None:
+    if not valid_name(name):
+        raise PkiError(f"invalid {what} {name!r}: use 1..63 characters from [A-Za-z0-9._-]")
+
+
+def _check_days(days: int) -> None:
+    if isinstance(days, bool) or not isinstance(days, int) or not 0 < days <= MAX_DAYS:
+        raise PkiError(f"days must be a whole number from 1 to {MAX_DAYS}, not {days!r}")
+
+
+def _parse_network(network: str) -> IPNetwork:
+    try:
+        parsed = ipaddress.ip_network(network, strict=True)
+    except (ValueError, TypeError) as exc:
+        raise PkiError(f"invalid overlay network {network!r}: {exc}") from exc
+    if parsed.max_prefixlen - parsed.prefixlen < 2:
+        raise PkiError(f"overlay network {parsed} is too small for nodes")
+    return parsed
+
+
+def _parse_address(address: str, network: IPNetwork) -> IPAddress:
+    try:
+        parsed = ipaddress.ip_address(address)
+    except (ValueError, TypeError) as exc:
+        raise PkiError(f"invalid node address {address!r}: {exc}") from exc
+    if not usable_address(parsed, network):
+        raise PkiError(
+            f"node address {parsed} is not a usable address of the overlay network {network}"
+            " (outside it, or its network/broadcast address)"
+        )
+    return parsed
+
+
+def _check_groups(groups: Iterable[str]) -> list[str]:
+    if isinstance(groups, str):
+        raise PkiError("groups must be a collection of names, not one string")
+    unique = set(groups)
+    for group in unique:
+        _check_name("group name", group)
+    return sorted(unique)
+
+
+def _utc(timestamp: float) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(int(timestamp), tz=datetime.UTC)
+
+
+def _load_ca(ca_key_pem: bytes, ca_cert_pem: bytes) -> tuple[Ed25519PrivateKey, x509.Certificate]:
+    try:
+        ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise PkiError(f"CA key is not an unencrypted PEM private key: {exc}") from exc
+    if not isinstance(ca_key, Ed25519PrivateKey):
+        raise PkiError("CA key is not Ed25519")
+    try:
+        ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
+    except ValueError as exc:
+        raise PkiError(f"CA certificate is not PEM: {exc}") from exc
+    raw = serialization.PublicFormat.Raw
+    if ca_key.public_key().public_bytes(_RAW, raw) != ca_cert.public_key().public_bytes(_RAW, raw):
+        raise PkiError("CA key does not match the CA certificate")
+    return ca_key, ca_cert
+
+
+# ---------------------------------------------------------------------------------------------
+# In memory, clock-free
+
+
+def new_ca(name: str, network: str, days: int, now: float) -> tuple[bytes, bytes]:
+    """A new overlay CA: (private key PEM (PKCS8, unencrypted), self-signed certificate PEM).
+
+    Ed25519 key; subject CN = `name`; BasicConstraints CA=true (critical); KeyUsage
+    keyCertSign + cRLSign; NameConstraints permitting exactly the IP subtree `network`."""
+    _check_name("overlay name", name)
+    _check_days(days)
+    net = _parse_network(network)
+    key = Ed25519PrivateKey.generate()
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    start = int(now) - CLOCK_SKEW
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_utc(start))
+        .not_valid_after(_utc(start + days * _DAY))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.NameConstraints(permitted_subtrees=[x509.IPAddress(net)], excluded_subtrees=None),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, None)
+    )
+    return _private_pem(key), cert.public_bytes(_PEM)
+
+
+def build_node_certificate(
+    ca_key_pem: bytes,
+    ca_cert_pem: bytes,
+    name: str,
+    address: IPAddress,
+    groups: Iterable[str],
+    public_key: CertificatePublicKeyTypes,
+    not_before: float,
+    not_after: float,
+    *,
+    is_ca: bool = False,
+) -> bytes:
+    """Build and sign a node certificate exactly as given, with NO checks; DER.
+
+    `issue_node` is the checked way to make certificates. This is its last step, exposed so
+    tests can build certificates the CA key really signed but `verify_untrusted` must refuse
+    (address outside the network, wrong key type, CA=true, odd validity)."""
+    ca_key, ca_cert = _load_ca(ca_key_pem, ca_cert_pem)
+    attributes = [x509.NameAttribute(NameOID.COMMON_NAME, name)]
+    attributes += [x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, g) for g in groups]
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name(attributes))
+        .issuer_name(ca_cert.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_utc(not_before))
+        .not_valid_after(_utc(not_after))
+        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(address)]), critical=False)
+    )
+    if isinstance(public_key, X25519PublicKey):
+        builder = builder.add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+    try:
+        ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        pass
+    else:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
+    return builder.sign(ca_key, None).public_bytes(_DER)
+
+
+def _issue(
+    ca_key_pem: bytes,
+    ca_cert_pem: bytes,
+    name: str,
+    address: str,
+    groups: Iterable[str],
+    days: int,
+    now: float,
+    public_key: bytes | None,
+) -> tuple[bytes | None, bytes, Identity]:
+    _check_name("node name", name)
+    _check_days(days)
+    group_list = _check_groups(groups)
+    _, ca_cert = _load_ca(ca_key_pem, ca_cert_pem)
+    anchor = TrustAnchor(ca_cert.public_bytes(_DER))
+    node_address = _parse_address(address, anchor.network)
+    if now > anchor.not_after:
+        raise PkiError(f"the overlay CA {anchor.name!r} has expired")
+
+    private_pem: bytes | None
+    if public_key is None:
+        private = X25519PrivateKey.generate()
+        node_public = private.public_key()
+        private_pem = _private_pem(private)
+    else:
+        if len(public_key) != KEY_SIZE:
+            raise PkiError(f"an X25519 public key is {KEY_SIZE} bytes, not {len(public_key)}")
+        node_public = X25519PublicKey.from_public_bytes(bytes(public_key))
+        private_pem = None
+
+    start = int(now) - CLOCK_SKEW
+    # A node certificate never outlives its CA.
+    end = min(start + days * _DAY, int(anchor.not_after))
+    der = build_node_certificate(
+        ca_key_pem, ca_cert_pem, name, node_address, group_list, node_public, start, end
+    )
+    try:
+        identity = anchor.verify_untrusted(der, now)  # what we issue, we must accept
+    except CertificateRefused as exc:
+        raise PkiError(f"issued certificate does not verify: {exc}") from exc
+    cert_pem = x509.load_der_x509_certificate(der).public_bytes(_PEM)
+    return private_pem, cert_pem, identity
+
+
+def issue_node(
+    ca_key_pem: bytes,
+    ca_cert_pem: bytes,
+    name: str,
+    address: str,
+    groups: Iterable[str],
+    days: int,
+    now: float,
+    public_key: bytes | None = None,
+) -> tuple[bytes | None, bytes]:
+    """Issue a node certificate: (node X25519 private key PEM, or None when `public_key`
+    (raw 32 bytes) was given; node certificate PEM).
+
+    Refuses (`PkiError`) invalid names or groups, `days <= 0`, and addresses that are not a
+    usable host address of the CA's network. The certificate starts `CLOCK_SKEW` seconds
+    before `now` and never outlives the CA."""
+    private_pem, cert_pem, _ = _issue(
+        ca_key_pem, ca_cert_pem, name, address, groups, days, now, public_key
+    )
+    return private_pem, cert_pem
+
+
+@dataclass(frozen=True, slots=True)
+class CaBundle:
+    """An overlay CA in memory (tests, the lab): its key and certificate in every form."""
+
+    name: str
+    network: IPNetwork
+    key_pem: bytes
+    cert_pem: bytes
+    cert_der: bytes
+    anchor: TrustAnchor
+
+
+@dataclass(frozen=True, slots=True)
+class NodeBundle:
+    """A node's key and certificate in memory (tests, the lab)."""
+
+    name: str
+    address: IPAddress
+    groups: frozenset[str]
+    private_key: bytes | None  # raw 32-byte X25519; None when issued for a given public key
+    key_pem: bytes | None
+    public_key: bytes  # raw 32-byte X25519
+    cert_pem: bytes
+    cert_der: bytes
+    identity: Identity
+
+    @property
+    def mac(self) -> bytes:
+        return mac_for_key(self.public_key)
+
+
+def new_ca_bundle(
+    name: str = "lab", network: str = "10.77.0.0/24", *, now: float, days: int = DEFAULT_CA_DAYS
+) -> CaBundle:
+    """`new_ca`, returned as a `CaBundle`."""
+    key_pem, cert_pem = new_ca(name, network, days, now)
+    cert_der = load_certificate_der_bytes(cert_pem)
+    anchor = TrustAnchor(cert_der)
+    return CaBundle(anchor.name, anchor.network, key_pem, cert_pem, cert_der, anchor)
+
+
+def issue_node_bundle(
+    ca: CaBundle,
+    name: str,
+    address: str,
+    groups: Iterable[str] = (),
+    *,
+    now: float,
+    days: int = DEFAULT_NODE_DAYS,
+    public_key: bytes | None = None,
+) -> NodeBundle:
+    """`issue_node` under `ca`, returned as a `NodeBundle`."""
+    key_pem, cert_pem, identity = _issue(
+        ca.key_pem, ca.cert_pem, name, address, groups, days, now, public_key
+    )
+    private_raw = None if key_pem is None else load_private_key_bytes(key_pem)
+    return NodeBundle(
+        name=identity.name,
+        address=identity.address,
+        groups=identity.groups,
+        private_key=private_raw,
+        key_pem=key_pem,
+        public_key=identity.public_key,
+        cert_pem=cert_pem,
+        cert_der=identity.der,
+        identity=identity,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing key and certificate bytes (PEM or DER)
+
+
+def load_certificate_der_bytes(data: bytes) -> bytes:
+    """A certificate in PEM (the first one) or DER, as DER. `PkiError` when it is neither."""
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            return x509.load_pem_x509_certificate(data).public_bytes(_DER)
+        x509.load_der_x509_certificate(data)
+    except ValueError as exc:
+        raise PkiError(f"not a PEM or DER certificate: {exc}") from exc
+    return bytes(data)
+
+
+def load_private_key_bytes(data: bytes) -> bytes:
+    """A node's X25519 private key (PKCS8 PEM or DER, or base64 of the raw key) as raw 32 bytes."""
+    key: object
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            key = serialization.load_pem_private_key(data, password=None)
+        else:
+            try:
+                return decode_key(data.decode("ascii"))
+            except (ValueError, UnicodeDecodeError):
+                key = serialization.load_der_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise PkiError(f"not an unencrypted X25519 private key: {exc}") from exc
+    if not isinstance(key, X25519PrivateKey):
+        raise PkiError(f"not an X25519 private key ({type(key).__name__})")
+    return _x25519_private_raw(key)
+
+
+def load_public_key_bytes(data: bytes) -> bytes:
+    """An X25519 public key (SubjectPublicKeyInfo PEM or DER, or base64 of the raw key, as in
+    `public_key = "..."`) as raw 32 bytes."""
+    key: object
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            key = serialization.load_pem_public_key(data)
+        else:
+            try:
+                return decode_key(data.decode("ascii"))
+            except (ValueError, UnicodeDecodeError):
+                key = serialization.load_der_public_key(data)
+    except (ValueError, TypeError) as exc:
+        raise PkiError(f"not an X25519 public key: {exc}") from exc
+    if not isinstance(key, X25519PublicKey):
+        raise PkiError(f"not an X25519 public key ({type(key).__name__})")
+    return key.public_bytes(_RAW, serialization.PublicFormat.Raw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise PkiError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+
+
+def load_certificate_der(path: Path) -> bytes:
+    """The certificate in `path` (PEM or DER) as DER."""
+    data = _read(path, "certificate")
+    try:
+        return load_certificate_der_bytes(data)
+    except PkiError as exc:
+        raise PkiError(f"{path}: {exc}") from exc
+
+
+def load_trust_anchor(path: Path) -> TrustAnchor:
+    """The overlay CA certificate in `path` (PEM or DER)."""
+    der = load_certificate_der(path)
+    try:
+        return TrustAnchor(der)
+    except PkiError as exc:
+        raise PkiError(f"{path}: {exc}") from exc
+
+
+def load_private_key(path: Path) -> bytes:
+    """The node's X25519 private key in `path`, as raw 32 bytes."""
+    data = _read(path, "private key")
+    try:
+        return load_private_key_bytes(data)
+    except PkiError as exc:
+        raise PkiError(f"{path}: {exc}") from exc
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Create `path` with exactly `mode` and write `data`; never overwrite."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, mode)
+    except FileExistsError as exc:
+        raise PkiError(f"{path} already exists; refusing to overwrite it") from exc
+    except OSError as exc:
+        raise PkiError(f"cannot create {path}: {exc.strerror or exc}") from exc
+    try:
+        os.fchmod(fd, mode)  # exact mode, whatever the umask
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    except OSError as exc:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise PkiError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    os.close(fd)
+
+
+def _write_pair(first: tuple[Path, bytes, int] | None, second: tuple[Path, bytes, int]) -> None:
+    """Write two new files, or neither (checked up front, undone if the second one fails)."""
+    items = [item for item in (first, second) if item is not None]
+    for path, _, _ in items:
+        if path.exists() or path.is_symlink():
+            raise PkiError(f"{path} already exists; refusing to overwrite it")
+    if first is not None:
+        _write_new(*first)
+    try:
+        _write_new(*second)
+    except PkiError:
+        if first is not None:
+            first[0].unlink(missing_ok=True)
+        raise
+
+
+def _make_dir(path: Path) -> None:
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PkiError(f"cannot create directory {path}: {exc.strerror or exc}") from exc
+
+
+def init_ca(out_dir: Path, name: str, network: str, days: int) -> tuple[Path, Path]:
+    """Make a new overlay CA in `out_dir`: (ca.key (0600), ca.crt (0644)). Never overwrites."""
+    out_dir = Path(out_dir)
+    key_pem, cert_pem = new_ca(name, network, days, time.time())
+    _make_dir(out_dir)
+    key_path, cert_path = out_dir / CA_KEY_FILE, out_dir / CA_CERT_FILE
+    _write_pair((key_path, key_pem, _PRIVATE_MODE), (cert_path, cert_pem, _PUBLIC_MODE))
+    return key_path, cert_path
+
+
+@dataclass(frozen=True, slots=True)
+class SignedNode:
+    """What `sign_node_files` wrote."""
+
+    key_path: Path | None
+    cert_path: Path
+    identity: Identity
+
+
+def sign_node_files(
+    ca_dir: Path,
+    name: str,
+    address: str,
+    groups: Iterable[str],
+    days: int,
+    out_dir: Path,
+    public_key_file: Path | None = None,
+) -> SignedNode:
+    """`sign_node`, also returning the issued identity (for the `ca sign` report)."""
+    ca_dir, out_dir = Path(ca_dir), Path(out_dir)
+    ca_key_pem = _read(ca_dir / CA_KEY_FILE, "CA key")
+    ca_cert_pem = _read(ca_dir / CA_CERT_FILE, "CA certificate")
+    public_key = None
+    if public_key_file is not None:
+        data = _read(Path(public_key_file), "public key")
+        try:
+            public_key = load_public_key_bytes(data)
+        except PkiError as exc:
+            raise PkiError(f"{public_key_file}: {exc}") from exc
+    key_pem, cert_pem, identity = _issue(
+        ca_key_pem, ca_cert_pem, name, address, groups, days, time.time(), public_key
+    )
+    _make_dir(out_dir)
+    key_path = out_dir / f"{name}.key" if key_pem is not None else None
+    cert_path = out_dir / f"{name}.crt"
+    key_item = None if key_path is None or key_pem is None else (key_path, key_pem, _PRIVATE_MODE)
+    _write_pair(key_item, (cert_path, cert_pem, _PUBLIC_MODE))
+    return SignedNode(key_path, cert_path, identity)
+
+
+def sign_node(
+    ca_dir: Path,
+    name: str,
+    address: str,
+    groups: Iterable[str],
+    days: int,
+    out_dir: Path,
+    public_key_file: Path | None = None,
+) -> tuple[Path | None, Path]:
+    """Issue a node certificate with the CA in `ca_dir`; write <name>.key (0600, only when the
+    key is generated here, i.e. no `public_key_file`) and <name>.crt (0644) in `out_dir`.
+    Never overwrites. Returns (key path or None, certificate path)."""
+    signed = sign_node_files(ca_dir, name, address, groups, days, out_dir, public_key_file)
+    return signed.key_path, signed.cert_path
+
+
+# ---------------------------------------------------------------------------------------------
+# `ipop-trio ca init | sign` (cli.py builds the parser and turns PkiError into a message)
+
+
+def format_mac(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+def parse_groups(text: str | None) -> list[str]:
+    """`--groups a,b` as a list; blanks around names and empty items are ignored."""
+    if not text:
+        return []
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def cmd_ca_init(args: argparse.Namespace) -> int:
+    """`ipop-trio ca init`: args.dir, args.name, args.network, args.days (default 3650)."""
+    days = getattr(args, "days", None)
+    days = DEFAULT_CA_DAYS if days is None else days
+    key_path, cert_path = init_ca(Path(args.dir), args.name, args.network, days)
+    anchor = load_trust_anchor(cert_path)
+    print(f"wrote CA key         {key_path} (mode 0600: keep it secret, keep it offline)")
+    print(f"wrote CA certificate {cert_path}")
+    print(f"overlay {anchor.name}, network {anchor.network}, expires {_day(anchor.not_after)}")
+    return 0
+
+
+def cmd_ca_sign(args: argparse.Namespace) -> int:
+    """`ipop-trio ca sign`: args.ca (dir), args.name, args.address, args.groups (comma-separated
+    or None), args.days (default 365), args.out (dir), args.public_key (path or None)."""
+    days = getattr(args, "days", None)
+    days = DEFAULT_NODE_DAYS if days is None else days
+    out = getattr(args, "out", None) or "."
+    public_key_file = getattr(args, "public_key", None)
+    signed = sign_node_files(
+        Path(args.ca),
+        args.name,
+        args.address,
+        parse_groups(getattr(args, "groups", None)),
+        days,
+        Path(out),
+        None if public_key_file is None else Path(public_key_file),
+    )
+    identity = signed.identity
+    if signed.key_path is not None:
+        print(f"wrote node key         {signed.key_path} (mode 0600)")
+    print(f"wrote node certificate {signed.cert_path}")
+    print(f"node       {identity.name} in overlay {identity.overlay}")
+    print(f"address    {identity.address}/{identity.network.prefixlen}")
+    print(f"mac        {format_mac(identity.mac)}")
+    print(f"groups     {', '.join(sorted(identity.groups)) or '(none)'}")
+    print(f"expires    {_day(identity.not_after)}")
+    print(f'public_key = "{encode_key(identity.public_key)}"')
+    return 0
+
+
+def _day(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC).strftime(
+        "%Y-%m-%d %H:%M UTC"
+    )

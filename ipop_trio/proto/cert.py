@@ -1,0 +1,275 @@
+"""Node certificates as the link protocol sees them: parse, verify against the overlay CA.
+
+Pure (no file, socket or clock access): `now` comes in as Unix seconds. File handling and
+the `ca` commands live in `ipop_trio/pki.py`.
+
+A node certificate is X.509, signed by the overlay CA (Ed25519), with
+  * subject CN = node name, one OU per group (readable in `openssl x509 -text`),
+  * the node's X25519 link key as its subject public key,
+  * SAN IP = the node's overlay address,
+  * BasicConstraints CA=false.
+The CA certificate carries the overlay name (subject CN) and the overlay network as a
+NameConstraints permitted IP subtree; every node address must lie inside it.
+
+`TrustAnchor.verify_untrusted` is the trust boundary: certificates arrive from peers and the
+signalling server, so every failure (including any exception from `cryptography`) becomes
+`CertificateRefused`, never anything else.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import TypeGuard
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
+
+from ipop_trio.errors import CertificateRefused, PkiError
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Node, overlay and group names: short, printable, safe in logs, file names and JSON.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,63}")
+# A node certificate is ~400 bytes; refuse absurd sizes before parsing anything.
+MAX_CERT_SIZE = 8192
+
+_RAW = serialization.Encoding.Raw
+_RAW_PUB = serialization.PublicFormat.Raw
+
+
+def valid_name(name: object) -> TypeGuard[str]:
+    """True when `name` is usable as a node, overlay or group name ([A-Za-z0-9._-], 1..63)."""
+    return isinstance(name, str) and NAME_PATTERN.fullmatch(name) is not None
+
+
+def usable_address(address: IPAddress, network: IPNetwork) -> bool:
+    """True when `address` may be a node's overlay address in `network`.
+
+    Inside the network, and neither its network address nor (IPv4) its broadcast address."""
+    if address.version != network.version or address not in network:
+        return False
+    if address == network.network_address:
+        return False
+    return not (isinstance(network, ipaddress.IPv4Network) and address == network.broadcast_address)
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """What a verified node certificate says."""
+
+    name: str
+    overlay: str  # the CA's subject CN
+    address: IPAddress
+    network: IPNetwork  # the overlay network, from the CA
+    groups: frozenset[str]
+    public_key: bytes  # raw 32-byte X25519 key
+    not_before: float  # Unix seconds
+    not_after: float
+    der: bytes = field(repr=False)
+
+    @property
+    def mac(self) -> bytes:
+        return mac_for_key(self.public_key)
+
+
+def mac_for_key(public_key: bytes) -> bytes:
+    """The TAP MAC of the node owning `public_key`: stable, computable by every peer.
+
+    Locally administered, unicast: the first byte is 0x02 | (hash bits & 0xfc)."""
+    digest = hashlib.sha256(b"ipop-trio mac" + bytes(public_key)).digest()
+    return bytes([(digest[0] & 0xFC) | 0x02]) + digest[1:6]
+
+
+def _single_cn(name: x509.Name) -> str | None:
+    cns = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(cns) != 1 or not isinstance(cns[0].value, str):
+        return None
+    return cns[0].value
+
+
+def _timestamp(moment: datetime.datetime) -> float:
+    return moment.timestamp()
+
+
+class TrustAnchor:
+    """The overlay CA: verifies node certificates.
+
+    `TrustAnchor(ca_der)` raises `PkiError` when `ca_der` is not a usable overlay CA
+    certificate (it is operator input, not network input)."""
+
+    name: str
+    network: IPNetwork
+    der: bytes
+    not_before: float
+    not_after: float
+
+    def __init__(self, ca_der: bytes) -> None:
+        try:
+            cert = x509.load_der_x509_certificate(bytes(ca_der))
+            public = cert.public_key()
+        except Exception as exc:
+            raise PkiError(f"not a CA certificate (DER): {exc}") from exc
+        if not isinstance(public, Ed25519PublicKey):
+            raise PkiError("CA certificate key is not Ed25519")
+        try:
+            basic = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+            constraints = cert.extensions.get_extension_for_class(x509.NameConstraints).value
+        except x509.ExtensionNotFound as exc:
+            raise PkiError(f"not an overlay CA certificate: {exc}") from exc
+        except Exception as exc:
+            raise PkiError(f"CA certificate has malformed extensions: {exc}") from exc
+        if not basic.ca:
+            raise PkiError("CA certificate does not have BasicConstraints CA=true")
+        networks = [
+            general.value
+            for general in constraints.permitted_subtrees or ()
+            if isinstance(general, x509.IPAddress)
+            and isinstance(general.value, ipaddress.IPv4Network | ipaddress.IPv6Network)
+        ]
+        if len(networks) != 1:
+            raise PkiError(
+                "CA certificate must permit exactly one IP subtree (the overlay network)"
+            )
+        name = _single_cn(cert.subject)
+        if name is None or not valid_name(name):
+            raise PkiError("CA certificate subject must be one CN naming the overlay")
+        if cert.issuer != cert.subject:
+            raise PkiError("CA certificate is not self-signed")
+        try:
+            public.verify(cert.signature, cert.tbs_certificate_bytes)
+        except InvalidSignature as exc:
+            raise PkiError("CA certificate self-signature is invalid") from exc
+
+        self._cert = cert
+        self._public = public
+        self._subject = cert.subject
+        self.name = name
+        self.network = networks[0]
+        self.der = bytes(ca_der)
+        self.not_before = _timestamp(cert.not_valid_before_utc)
+        self.not_after = _timestamp(cert.not_valid_after_utc)
+
+    def __repr__(self) -> str:
+        return f"TrustAnchor(name={self.name!r}, network={self.network})"
+
+    def verify_untrusted(self, cert_der: bytes, now: float) -> Identity:
+        """Verify a certificate received from the network.
+
+        Raises only `CertificateRefused` (a `BadPacket`), with a reason a user can read:
+        malformed, not signed by this CA, not yet valid / expired, key not X25519, address
+        missing or outside the overlay network."""
+        try:
+            return self._verify(cert_der, now)
+        except CertificateRefused:
+            raise
+        except Exception as exc:
+            # Network input: whatever cryptography (or a malformed field) throws is a refusal.
+            raise CertificateRefused(f"malformed certificate: {exc}") from exc
+
+    def _verify(self, cert_der: bytes, now: float) -> Identity:
+        if not isinstance(cert_der, bytes | bytearray | memoryview):
+            raise CertificateRefused("certificate is not bytes")
+        der = bytes(cert_der)
+        if len(der) > MAX_CERT_SIZE:
+            raise CertificateRefused(f"certificate too large ({len(der)} bytes)")
+        try:
+            cert = x509.load_der_x509_certificate(der)
+        except Exception as exc:
+            raise CertificateRefused(f"malformed certificate: {exc}") from exc
+
+        # Chain: issued by our CA, signature valid (Ed25519 over the TBS bytes).
+        if cert.issuer != self._subject:
+            raise CertificateRefused(
+                f"not issued by overlay CA {self.name!r} (issuer {cert.issuer.rfc4514_string()})"
+            )
+        if cert.signature_algorithm_oid != SignatureAlgorithmOID.ED25519:
+            raise CertificateRefused("certificate signature algorithm is not Ed25519")
+        try:
+            self._public.verify(cert.signature, cert.tbs_certificate_bytes)
+        except InvalidSignature as exc:
+            raise CertificateRefused(
+                f"bad signature: not signed by overlay CA {self.name!r}"
+            ) from exc
+
+        # Time: the certificate and the CA itself must both be valid now.
+        not_before = _timestamp(cert.not_valid_before_utc)
+        not_after = _timestamp(cert.not_valid_after_utc)
+        if now < not_before:
+            raise CertificateRefused(f"certificate not yet valid (from {_iso(not_before)})")
+        if now > not_after:
+            raise CertificateRefused(f"certificate expired (at {_iso(not_after)})")
+        if not self.not_before <= now <= self.not_after:
+            raise CertificateRefused(f"overlay CA {self.name!r} is not valid now")
+
+        # A node certificate, never a CA.
+        try:
+            basic = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        except x509.ExtensionNotFound:
+            basic = None
+        if basic is not None and basic.ca:
+            raise CertificateRefused("a CA certificate cannot be a node certificate")
+
+        # Key: the node's X25519 link key.
+        try:
+            public = cert.public_key()
+        except Exception as exc:
+            raise CertificateRefused(f"certificate public key is not X25519: {exc}") from exc
+        if not isinstance(public, X25519PublicKey):
+            raise CertificateRefused(
+                f"certificate public key is not X25519 ({type(public).__name__})"
+            )
+        public_raw = public.public_bytes(_RAW, _RAW_PUB)
+
+        # Address: exactly one SAN IP, a usable address of the overlay network.
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound as exc:
+            raise CertificateRefused("certificate has no SAN IP address") from exc
+        addresses = san.get_values_for_type(x509.IPAddress)
+        if not addresses:
+            raise CertificateRefused("certificate has no SAN IP address")
+        if len(addresses) > 1:
+            raise CertificateRefused("certificate has more than one SAN IP address")
+        address = addresses[0]
+        if not isinstance(address, ipaddress.IPv4Address | ipaddress.IPv6Address):
+            raise CertificateRefused("certificate SAN IP is a network, not an address")
+        if not usable_address(address, self.network):
+            raise CertificateRefused(
+                f"certificate address {address} is outside overlay network {self.network}"
+            )
+
+        # Names: CN = node name, OU = groups.
+        name = _single_cn(cert.subject)
+        if name is None or not valid_name(name):
+            raise CertificateRefused("certificate subject must be one CN with a valid node name")
+        groups: set[str] = set()
+        for attribute in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME):
+            group = attribute.value
+            if not valid_name(group):
+                raise CertificateRefused("certificate has an invalid group (OU) name")
+            groups.add(group)
+
+        return Identity(
+            name=name,
+            overlay=self.name,
+            address=address,
+            network=self.network,
+            groups=frozenset(groups),
+            public_key=public_raw,
+            not_before=not_before,
+            not_after=not_after,
+            der=der,
+        )
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC).isoformat()
