@@ -1,0 +1,263 @@
+"""Node configuration: TOML in, frozen dataclasses out.
+
+Every problem becomes `ConfigError(field, why)` naming the field as the user wrote it
+(``node.listen``, ``peer[2].endpoint``), before the node touches the system. Relative paths
+are resolved against the config file's directory.
+
+    [node]
+    cert = "alpha.crt"          # node certificate (ipop-trio ca sign)
+    key = "alpha.key"           # X25519 private key, PEM, mode 0600
+    ca = "ca.crt"               # overlay CA certificate
+    listen = "0.0.0.0:4600"     # underlay UDP address
+    control = "/run/ipop-trio/alpha.sock"
+    cipher = "aes-256-gcm"      # or "chacha20-poly1305"
+
+    [tap]
+    name = "ipop0"
+    mtu = 1400
+
+    [[peer]]
+    name = "beta"
+    cert = "beta.crt"           # or public_key = "<base64 X25519>"
+    endpoint = "192.0.2.7:4600"
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .proto.session import Cipher
+
+DEFAULT_PORT = 4600
+DEFAULT_MTU = 1400
+# Secure datagram = 16 header + inner (frame + 1 kind byte, up to 17 more for pieces) + 16 tag,
+# inside IPv4 (20) + UDP (8) on a 1500-byte underlay: 1500 - 28 - 32 - 18 - 14 (Ethernet) = 1408.
+MAX_MTU = 1408
+MIN_MTU = 576
+_NAME = re.compile(r"^[A-Za-z0-9._-]{1,63}$")
+_IFNAME = re.compile(r"^[A-Za-z0-9._-]{1,15}$")
+_KNOWN = {
+    "": {"node", "tap", "peer"},
+    "node": {"name", "cert", "key", "ca", "listen", "control", "cipher", "log_level"},
+    "tap": {"name", "mtu"},
+    "peer": {"name", "cert", "public_key", "endpoint"},
+}
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def sockaddr(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerConfig:
+    name: str
+    cert: Path | None
+    public_key: bytes | None  # raw X25519, when given instead of a certificate
+    endpoint: Endpoint | None  # None: wait for the peer to contact us
+
+
+@dataclass(frozen=True, slots=True)
+class TapConfig:
+    name: str = "ipop0"
+    mtu: int = DEFAULT_MTU
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    path: Path
+    name: str | None
+    cert: Path
+    key: Path
+    ca: Path
+    listen: Endpoint
+    control: Path
+    cipher: Cipher
+    log_level: str
+    tap: TapConfig
+    peers: tuple[PeerConfig, ...]
+
+
+def load(path: Path) -> NodeConfig:
+    """Read and validate a node config file; raise ConfigError on any problem."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+    return parse(data, path)
+
+
+def parse(data: dict[str, Any], path: Path) -> NodeConfig:
+    base = path.parent
+    _unknown("", data)
+    node = _table(data, "node", required=True)
+    _unknown("node", node)
+    tap_t = _table(data, "tap", required=False)
+    _unknown("tap", tap_t)
+
+    name = node.get("name")
+    if name is not None:
+        name = _name("node.name", name)
+    cert = _file(base, "node.cert", node.get("cert"), required=True)
+    key = _file(base, "node.key", node.get("key"), required=True)
+    ca = _file(base, "node.ca", node.get("ca"), required=True)
+    listen = parse_endpoint("node.listen", node.get("listen", f"0.0.0.0:{DEFAULT_PORT}"))
+    tap = TapConfig(
+        name=_ifname("tap.name", tap_t.get("name", "ipop0")),
+        mtu=_int("tap.mtu", tap_t.get("mtu", DEFAULT_MTU), MIN_MTU, MAX_MTU),
+    )
+    control_raw = node.get("control", f"/run/ipop-trio/{tap.name}.sock")
+    if not isinstance(control_raw, str) or not control_raw:
+        raise ConfigError("node.control", "must be a path (string)")
+    control = (base / control_raw) if not Path(control_raw).is_absolute() else Path(control_raw)
+    cipher_raw = node.get("cipher", Cipher.AES_256_GCM.value)
+    try:
+        cipher = Cipher(cipher_raw)
+    except ValueError:
+        choices = ", ".join(c.value for c in Cipher)
+        raise ConfigError("node.cipher", f"{cipher_raw!r} is not one of: {choices}") from None
+    log_level = node.get("log_level", "info")
+    if log_level not in LOG_LEVELS:
+        raise ConfigError("node.log_level", f"{log_level!r} is not one of: {', '.join(LOG_LEVELS)}")
+
+    peers_raw = data.get("peer", [])
+    if not isinstance(peers_raw, list):
+        raise ConfigError("peer", "must be an array of tables: write [[peer]] sections")
+    peers = []
+    seen: set[str] = set()
+    for i, p in enumerate(peers_raw):
+        field = f"peer[{i}]"
+        if not isinstance(p, dict):
+            raise ConfigError(field, "must be a table")
+        _unknown("peer", p, field)
+        pname = _name(f"{field}.name", p.get("name"))
+        if pname in seen:
+            raise ConfigError(f"{field}.name", f"peer {pname!r} is listed twice")
+        seen.add(pname)
+        pcert = _file(base, f"{field}.cert", p.get("cert"), required=False)
+        pkey = None
+        if "public_key" in p:
+            pkey = _public_key(f"{field}.public_key", p["public_key"])
+        if (pcert is None) == (pkey is None):
+            raise ConfigError(field, "give exactly one of `cert` or `public_key`")
+        endpoint = None
+        if "endpoint" in p:
+            endpoint = parse_endpoint(f"{field}.endpoint", p["endpoint"], need_host=True)
+        peers.append(PeerConfig(name=pname, cert=pcert, public_key=pkey, endpoint=endpoint))
+
+    return NodeConfig(
+        path=path,
+        name=name,
+        cert=cert,
+        key=key,
+        ca=ca,
+        listen=listen,
+        control=control,
+        cipher=cipher,
+        log_level=log_level,
+        tap=tap,
+        peers=tuple(peers),
+    )
+
+
+def parse_endpoint(field: str, value: object, *, need_host: bool = False) -> Endpoint:
+    """Parse "host:port" / "[v6]:port" with a literal IP address."""
+    if not isinstance(value, str):
+        raise ConfigError(field, 'must be a string like "192.0.2.7:4600"')
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([0-9.]+):(\d+)", value.strip())
+    if not m:
+        raise ConfigError(field, f'{value!r} is not "ADDRESS:PORT" (IPv6 as "[ADDR]:PORT")')
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(field, f"{host!r} is not an IP address") from None
+    if not 0 < port < 65536 and not (port == 0 and not need_host):
+        raise ConfigError(field, f"port {port} is out of range 1..65535")
+    if need_host and addr.is_unspecified:
+        raise ConfigError(field, f"{host} is not a reachable address")
+    return Endpoint(str(addr), port)
+
+
+def _unknown(section: str, table: dict[str, Any], field: str | None = None) -> None:
+    extra = sorted(set(table) - _KNOWN[section])
+    if extra:
+        where = f"{field or section}.{extra[0]}" if (field or section) else extra[0]
+        known = ", ".join(sorted(_KNOWN[section]))
+        raise ConfigError(where, f"unknown setting (known here: {known})")
+
+
+def _table(data: dict[str, Any], name: str, *, required: bool) -> dict[str, Any]:
+    t = data.get(name)
+    if t is None:
+        if required:
+            raise ConfigError(name, f"missing [{name}] section")
+        return {}
+    if not isinstance(t, dict):
+        raise ConfigError(name, f"must be a [{name}] table")
+    return t
+
+
+def _name(field: str, value: object) -> str:
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ConfigError(field, "must be 1-63 characters of A-Z a-z 0-9 . _ -")
+    return value
+
+
+def _ifname(field: str, value: object) -> str:
+    if not isinstance(value, str) or not _IFNAME.match(value):
+        raise ConfigError(field, "must be an interface name of 1-15 characters (A-Z a-z 0-9 . _ -)")
+    return value
+
+
+def _int(field: str, value: object, lo: int, hi: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(field, f"must be an integer, got {value!r}")
+    if not lo <= value <= hi:
+        raise ConfigError(field, f"{value} is outside {lo}..{hi}")
+    return value
+
+
+def _file(base: Path, field: str, value: object, *, required: bool) -> Path | None:  # type: ignore[return]
+    if value is None:
+        if required:
+            raise ConfigError(field, "missing (path to a file)")
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(field, "must be a path (string)")
+    p = Path(value)
+    p = p if p.is_absolute() else base / p
+    if not p.is_file():
+        raise ConfigError(field, f"{p} does not exist or is not a file")
+    return p
+
+
+def _public_key(field: str, value: object) -> bytes:
+    from .pki import decode_key
+
+    if not isinstance(value, str):
+        raise ConfigError(field, "must be a base64 X25519 public key (string)")
+    try:
+        return decode_key(value)
+    except ValueError as exc:
+        raise ConfigError(field, f"not a base64 X25519 public key: {exc}") from None
