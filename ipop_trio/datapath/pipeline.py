@@ -1,0 +1,84 @@
+"""The data path's Trio tasks (DESIGN.md §2):
+
+    tap reader  --[batches, bounded]-->  outbound (route, seal, GSO send)
+    udp receiver (GRO, demux, open)  --[batches, bounded queue]-->  TAP writer thread
+
+One `await` per batch; every channel is bounded and drops (counted) when full, because the
+data path must never block on a slow stage — TCP above us recovers from a drop, it cannot
+recover from a stalled node.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from ..net.tap import Tap, TapWriter
+from ..net.udp import UdpSocket
+from ..stats import Stats, now_ns
+from .inbound import MAX_RECV_CALLS, Inbound
+from .outbound import Outbound
+
+TAP_BATCH = 64  # frames drained from the TAP per batch
+OUTBOUND_QUEUE = 16  # batches between TAP reader and outbound
+
+
+async def tap_reader(tap: Tap, send: trio.MemorySendChannel[list[bytes]], stats: Stats) -> None:
+    stage = stats["tap_read"]
+    async with send:
+        while True:
+            await tap.wait_readable()
+            t0 = now_ns()
+            frames = tap.read_batch(TAP_BATCH)
+            if not frames:
+                continue
+            stage.record(len(frames), sum(map(len, frames)), t0)
+            try:
+                send.send_nowait(frames)
+            except trio.WouldBlock:
+                stats.drop("outbound_queue_full", len(frames))
+            stats.gauges["outbound_queue"] = send.statistics().current_buffer_used
+            if len(frames) >= TAP_BATCH:
+                await trio.lowlevel.checkpoint()  # let outbound drain before the next batch
+
+
+async def outbound_task(
+    outbound: Outbound, receive: trio.MemoryReceiveChannel[list[bytes]], writer: TapWriter
+) -> None:
+    async with receive:
+        async for frames in receive:
+            local = outbound.process(frames, trio.current_time())
+            if local:
+                writer.submit(local)
+
+
+async def udp_receiver(udp: UdpSocket, inbound: Inbound, writer: TapWriter, stats: Stats) -> None:
+    stage = stats["udp_recv"]
+    while True:
+        await udp.wait_readable()
+        now = trio.current_time()
+        out: list[bytes] = []
+        for _ in range(MAX_RECV_CALLS):
+            t0 = now_ns()
+            got = udp.recv_once()
+            if got is None:
+                break
+            datagrams, addr = got
+            stage.record(len(datagrams), sum(map(len, datagrams)), t0)
+            if datagrams:
+                inbound.process(datagrams, addr, now, out)
+        if out:
+            writer.submit(out)
+
+
+def make_outbound_channel() -> tuple[
+    trio.MemorySendChannel[list[bytes]], trio.MemoryReceiveChannel[list[bytes]]
+]:
+    return trio.open_memory_channel[list[bytes]](OUTBOUND_QUEUE)
+
+
+__all__ = [
+    "make_outbound_channel",
+    "outbound_task",
+    "tap_reader",
+    "udp_receiver",
+]

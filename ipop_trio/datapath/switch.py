@@ -1,0 +1,148 @@
+"""The overlay's Ethernet switch: which peer a frame goes to, ARP answered locally.
+
+The overlay is one Ethernet segment (DESIGN.md §1). Every node's TAP MAC is derived from its
+certificate key, so the switch knows every peer's MAC without learning:
+  * unicast to a peer's MAC goes to that peer;
+  * an ARP request for a known peer's address is answered locally from the peer table
+    (the request never crosses the overlay);
+  * other broadcast and multicast frames are flooded once to every linked peer (no peer
+    re-floods: the mesh is full, so there are no loops);
+  * anything else is a counted drop.
+Inbound, a frame is accepted only if its source MAC is the sending peer's own and it is
+addressed to us (our MAC, broadcast or multicast).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+
+from ..stats import Stats
+
+ETH_P_ARP = b"\x08\x06"
+ETH_P_IP = b"\x08\x00"
+BROADCAST = b"\xff" * 6
+ARP_REQUEST_HDR = b"\x00\x01\x08\x00\x06\x04\x00\x01"  # Ethernet/IPv4, request
+ARP_REPLY_HDR = b"\x00\x01\x08\x00\x06\x04\x00\x02"
+STAGED_FRAMES = 128  # frames kept per peer while its link comes up (WireGuard keeps 128)
+
+_ARP = struct.Struct("!8s6s4s6s4s")  # header, sha, spa, tha, tpa
+
+
+class PeerPort:
+    """What the data path knows about one peer. Mutated by the peer's link task."""
+
+    __slots__ = (
+        "drops",
+        "endpoint",
+        "ip4",
+        "last_received",
+        "last_sent",
+        "mac",
+        "name",
+        "rx_bytes",
+        "rx_packets",
+        "session",
+        "staged",
+        "tx_bytes",
+        "tx_packets",
+        "wake",
+    )
+
+    def __init__(self, name: str, mac: bytes, ip4: bytes | None) -> None:
+        self.name = name
+        self.mac = mac
+        self.ip4 = ip4  # 4 bytes once the peer's certificate is known
+        self.endpoint: tuple[str, int] | None = None
+        self.session: object | None = None  # proto.session.Session to send on, when up
+        self.staged: deque[bytes] = deque(maxlen=STAGED_FRAMES)
+        self.tx_bytes = self.rx_bytes = self.tx_packets = self.rx_packets = 0
+        self.drops = 0  # datagrams from this peer refused (bad tag, replay, spoofed frame)
+        self.last_sent = self.last_received = 0.0
+        self.wake = _nothing
+
+
+def _nothing() -> None:
+    return None
+
+
+class Switch:
+    """Routes outbound frames to peers and checks inbound ones."""
+
+    def __init__(self, own_mac: bytes, stats: Stats) -> None:
+        self.own_mac = own_mac
+        self.stats = stats
+        self.by_mac: dict[bytes, PeerPort] = {}
+        self.by_ip4: dict[bytes, PeerPort] = {}
+
+    def add(self, port: PeerPort) -> None:
+        self.by_mac[port.mac] = port
+        if port.ip4 is not None:
+            self.by_ip4[port.ip4] = port
+
+    def set_ip4(self, port: PeerPort, ip4: bytes) -> None:
+        if port.ip4 is not None and self.by_ip4.get(port.ip4) is port:
+            del self.by_ip4[port.ip4]
+        port.ip4 = ip4
+        self.by_ip4[ip4] = port
+
+    def route_outbound(
+        self, frames: list[bytes]
+    ) -> tuple[dict[PeerPort, list[bytes]], list[bytes]]:
+        """Split a TAP batch into per-peer lists and local replies (ARP) for the TAP."""
+        out: dict[PeerPort, list[bytes]] = {}
+        local: list[bytes] = []
+        by_mac = self.by_mac
+        for frame in frames:
+            if len(frame) < 14:
+                self.stats.drop("runt_frame")
+                continue
+            dst = frame[:6]
+            port = by_mac.get(dst)
+            if port is not None:
+                lst = out.get(port)
+                if lst is None:
+                    out[port] = [frame]
+                else:
+                    lst.append(frame)
+                continue
+            if not frame[0] & 1:
+                self.stats.drop("unknown_unicast")
+                continue
+            if frame[12:14] == ETH_P_ARP:
+                reply = self._answer_arp(frame)
+                if reply is not None:
+                    local.append(reply)
+                    continue
+            for port in by_mac.values():  # flood once
+                lst = out.get(port)
+                if lst is None:
+                    out[port] = [frame]
+                else:
+                    lst.append(frame)
+        return out, local
+
+    def _answer_arp(self, frame: bytes) -> bytes | None:
+        if len(frame) < 14 + _ARP.size:
+            return None
+        hdr, sha, spa, _tha, tpa = _ARP.unpack_from(frame, 14)
+        if hdr != ARP_REQUEST_HDR:
+            return None
+        port = self.by_ip4.get(tpa)
+        if port is None:
+            return None
+        arp = _ARP.pack(ARP_REPLY_HDR, port.mac, tpa, sha, spa)
+        return sha + port.mac + ETH_P_ARP + arp
+
+    def accept_inbound(self, port: PeerPort, frame: bytes) -> bool:
+        """May a frame that arrived from `port` be written to our TAP?"""
+        if len(frame) < 14 or frame[6:12] != port.mac:
+            self.stats.drop("spoofed_source")
+            return False
+        if frame[:6] != self.own_mac and not frame[0] & 1:
+            self.stats.drop("not_for_us")
+            return False
+        if frame[12:14] == ETH_P_IP and port.ip4 is not None and frame[26:30] != port.ip4:
+            self.stats.drop("spoofed_ip")
+            return False
+        return True

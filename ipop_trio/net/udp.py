@@ -1,0 +1,179 @@
+"""The node's one UDP socket: batch send with UDP GSO, batch receive with UDP GRO.
+
+The only module that owns the underlay socket. Everything is non-blocking; callers make one
+`await wait_readable()` per batch and then drain (perf-techniques.md §5). GSO and GRO are
+probed and switched off cleanly where the kernel or the egress device refuses them
+(wireguard-go `errShouldDisableUDPGSO`).
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+from collections.abc import Iterator
+
+import trio
+
+from ..config import Endpoint
+
+SOL_UDP = 17
+UDP_SEGMENT = 103
+UDP_GRO = 104
+SO_SNDBUFFORCE = 32
+SO_RCVBUFFORCE = 33
+SOCKET_BUFFER = 7 * 1024 * 1024  # wireguard-go f26efb6: 7 MiB raised throughput ~30%
+UDP_MAX_SEGMENTS = 64  # kernels before 6.9 allow 64 segments per GSO send
+GSO_MAX_BYTES = 65535 - 28 - 8
+RECV_BUFFER = 65536
+_GSO_CMSG = struct.Struct("=H")
+_GRO_CMSG = struct.Struct("=i")
+
+Address = tuple[str, int]
+
+
+class UdpSocket:
+    """One bound UDP socket with batch send/receive."""
+
+    def __init__(self, listen: Endpoint) -> None:
+        family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+        self.family = family
+        self.sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind(listen.sockaddr)
+        except OSError as exc:
+            self.sock.close()
+            raise OSError(exc.errno, f"cannot bind UDP {listen}: {exc.strerror}") from None
+        for opt, force in ((socket.SO_SNDBUF, SO_SNDBUFFORCE), (socket.SO_RCVBUF, SO_RCVBUFFORCE)):
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
+            except OSError:
+                self.sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+        self.gso = True
+        try:
+            self.sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+            self.gro = True
+        except OSError:
+            self.gro = False
+        self._rbuf = bytearray(RECV_BUFFER)
+        self._rview = memoryview(self._rbuf)
+        self._cmsg_space = socket.CMSG_SPACE(_GRO_CMSG.size)
+
+    @property
+    def local(self) -> Address:
+        host, port = self.sock.getsockname()[:2]
+        return (host, port)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    async def wait_readable(self) -> None:
+        await trio.lowlevel.wait_readable(self.sock)
+
+    async def wait_writable(self) -> None:
+        await trio.lowlevel.wait_writable(self.sock)
+
+    def close(self) -> None:
+        trio.lowlevel.notify_closing(self.sock)
+        self.sock.close()
+
+    # --- receive -------------------------------------------------------------------------
+
+    def recv_once(self) -> tuple[list[memoryview], Address] | None:
+        """One receive call: the datagrams it returned (views into a reused buffer, valid
+        until the next call) and their source; None when nothing is waiting."""
+        try:
+            n, anc, _flags, addr = self.sock.recvmsg_into([self._rbuf], self._cmsg_space)
+        except BlockingIOError:
+            return None
+        except ConnectionRefusedError:
+            # ICMP port unreachable from an earlier send: not this datagram's problem.
+            return [], ("", 0)
+        seg = 0
+        for level, kind, data in anc:
+            if level == SOL_UDP and kind == UDP_GRO and len(data) >= _GRO_CMSG.size:
+                seg = _GRO_CMSG.unpack_from(data)[0]
+        view = self._rview
+        if seg <= 0 or seg >= n:
+            return [view[:n]], (addr[0], addr[1])
+        return [view[i : min(i + seg, n)] for i in range(0, n, seg)], (addr[0], addr[1])
+
+    # --- send ----------------------------------------------------------------------------
+
+    def send_runs(self, buf: memoryview, sizes: list[int], addr: Address) -> int:
+        """Send datagrams laid back to back in `buf` (lengths `sizes`) to `addr`.
+
+        Equal-sized neighbours go out in one GSO send (a shorter one may close a run).
+        Returns the number of datagrams the kernel refused for lack of buffer space
+        (the caller counts them as drops: UDP may lose, the link's TCP recovers)."""
+        dropped = 0
+        off = 0
+        for start, count, seg, length in _runs(sizes):
+            chunk = buf[off : off + length]
+            off += length
+            try:
+                if count == 1 or not self.gso:
+                    if count == 1:
+                        self.sock.sendto(chunk, addr)
+                    else:
+                        for i in range(0, length, seg):
+                            self.sock.sendto(chunk[i : i + seg], addr)
+                else:
+                    self.sock.sendmsg(
+                        [chunk], [(SOL_UDP, UDP_SEGMENT, _GSO_CMSG.pack(seg))], 0, addr
+                    )
+            except BlockingIOError:
+                dropped += count
+            except OSError as exc:
+                if exc.errno in (errno.EIO, errno.EINVAL) and count > 1 and self.gso:
+                    # The egress device cannot checksum-offload (EIO) or an old kernel
+                    # refused the size (EINVAL): GSO off for good, resend this run plainly.
+                    self.gso = False
+                    for i in range(0, length, seg):
+                        try:
+                            self.sock.sendto(chunk[i : i + seg], addr)
+                        except OSError:
+                            dropped += 1
+                elif exc.errno in (
+                    errno.ENETUNREACH,
+                    errno.EHOSTUNREACH,
+                    errno.ECONNREFUSED,
+                    errno.EMSGSIZE,
+                    errno.ENOBUFS,
+                    errno.EPERM,
+                ):
+                    dropped += count
+                else:
+                    raise
+            del start
+        return dropped
+
+    def send_one(self, datagram: bytes, addr: Address) -> bool:
+        """Send a control datagram (handshake, keepalive); False if it could not go out."""
+        try:
+            self.sock.sendto(datagram, addr)
+        except OSError:
+            return False
+        return True
+
+
+def _runs(sizes: list[int]) -> Iterator[tuple[int, int, int, int]]:
+    """Group datagram sizes into GSO runs: (first index, count, segment size, total bytes).
+
+    A run is a sequence of equal sizes, optionally closed by one shorter datagram, at most
+    UDP_MAX_SEGMENTS long and GSO_MAX_BYTES in total (perf-techniques.md §2)."""
+    i, n = 0, len(sizes)
+    while i < n:
+        seg = sizes[i]
+        j = i + 1
+        total = seg
+        limit = min(UDP_MAX_SEGMENTS, max(1, GSO_MAX_BYTES // seg))
+        while j < n and j - i < limit and sizes[j] == seg:
+            total += seg
+            j += 1
+        if j < n and j - i < limit and sizes[j] < seg:
+            total += sizes[j]
+            j += 1
+        yield i, j - i, seg, total
+        i = j

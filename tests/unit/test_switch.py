@@ -1,0 +1,75 @@
+import struct
+
+from ipop_trio.datapath.switch import ETH_P_ARP, PeerPort, Switch
+from ipop_trio.stats import Stats
+
+OWN = bytes.fromhex("020000000001")
+B_MAC = bytes.fromhex("020000000002")
+C_MAC = bytes.fromhex("020000000003")
+OWN_IP = bytes([10, 77, 0, 1])
+B_IP = bytes([10, 77, 0, 2])
+C_IP = bytes([10, 77, 0, 3])
+
+
+def arp_request(target: bytes) -> bytes:
+    arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, OWN, OWN_IP, b"\0" * 6, target)
+    return b"\xff" * 6 + OWN + ETH_P_ARP + arp
+
+
+def ipv4_frame(dst_mac: bytes, src_mac: bytes, src_ip: bytes, dst_ip: bytes) -> bytes:
+    ip = bytes([0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0]) + src_ip + dst_ip + b"\0" * 8
+    return dst_mac + src_mac + b"\x08\x00" + ip
+
+
+def make() -> tuple[Switch, PeerPort, PeerPort, Stats]:
+    stats = Stats()
+    sw = Switch(OWN, stats)
+    b, c = PeerPort("b", B_MAC, B_IP), PeerPort("c", C_MAC, None)
+    sw.add(b)
+    sw.add(c)
+    return sw, b, c, stats
+
+
+def test_unicast_goes_to_the_owner_of_the_mac() -> None:
+    sw, b, c, _ = make()
+    f1, f2 = ipv4_frame(B_MAC, OWN, OWN_IP, B_IP), ipv4_frame(C_MAC, OWN, OWN_IP, C_IP)
+    out, local = sw.route_outbound([f1, f2, f1])
+    assert out == {b: [f1, f1], c: [f2]} and local == []
+
+
+def test_arp_for_known_peer_is_answered_locally() -> None:
+    sw, _b, _c, _ = make()
+    out, local = sw.route_outbound([arp_request(B_IP)])
+    assert out == {}
+    (reply,) = local
+    assert reply[:6] == OWN and reply[6:12] == B_MAC and reply[12:14] == ETH_P_ARP
+    _h, _p, _hl, _pl, op, sha, spa, tha, tpa = struct.unpack_from("!HHBBH6s4s6s4s", reply, 14)
+    assert (op, sha, spa, tha, tpa) == (2, B_MAC, B_IP, OWN, OWN_IP)
+
+
+def test_arp_for_unknown_address_and_broadcasts_are_flooded_once() -> None:
+    sw, b, c, _ = make()
+    req = arp_request(bytes([10, 77, 0, 9]))
+    out, local = sw.route_outbound([req])
+    assert out == {b: [req], c: [req]} and local == []
+    # learning C's address later makes ARP for it local
+    sw.set_ip4(c, C_IP)
+    out, local = sw.route_outbound([arp_request(C_IP)])
+    assert out == {} and len(local) == 1
+
+
+def test_unknown_unicast_and_runts_are_counted_drops() -> None:
+    sw, *_, stats = make()
+    out, local = sw.route_outbound([ipv4_frame(b"\x02" * 6, OWN, OWN_IP, B_IP), b"short"])
+    assert out == {} and local == []
+    assert stats.drops == {"unknown_unicast": 1, "runt_frame": 1}
+
+
+def test_inbound_checks_source_mac_destination_and_source_ip() -> None:
+    sw, b, _c, stats = make()
+    assert sw.accept_inbound(b, ipv4_frame(OWN, B_MAC, B_IP, OWN_IP))
+    assert sw.accept_inbound(b, ipv4_frame(b"\xff" * 6, B_MAC, B_IP, OWN_IP))
+    assert not sw.accept_inbound(b, ipv4_frame(OWN, C_MAC, B_IP, OWN_IP))  # claims C's MAC
+    assert not sw.accept_inbound(b, ipv4_frame(OWN, B_MAC, C_IP, OWN_IP))  # claims C's IP
+    assert not sw.accept_inbound(b, ipv4_frame(C_MAC, B_MAC, B_IP, C_IP))  # not for us
+    assert stats.drops == {"spoofed_source": 1, "spoofed_ip": 1, "not_for_us": 1}
