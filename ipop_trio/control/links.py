@@ -1,0 +1,299 @@
+"""Link tasks: one per peer, driving the sans-IO `proto.link.Link` (DESIGN.md §2).
+
+The data path never waits for the control plane and vice versa:
+  * the UDP receiver hands handshake datagrams to `on_handshake` (bounded channel; a full
+    channel drops and counts — a flood of initiations cannot grow memory);
+  * the handshake task does the expensive part (X25519, certificate check) of initiations
+    and routes them, and responses, to the owning peer's inbox;
+  * each link task sleeps until its Link's next deadline or a message, feeds it, sends what
+    it produced, and publishes the session to send on in the peer's `PeerPort`.
+One peer's failure (refused certificate, no answer) is logged, counted, retried with
+backoff; it never reaches the node's nursery.
+
+Links run on wall-clock time (`time.time()`): certificate validity is wall-clock, and the
+Link's timers are tens of seconds, so a clock step costs at most one early rekey.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ..datapath.inbound import SessionEntry
+from ..datapath.switch import PeerPort
+from ..errors import BadPacket
+from ..proto import handshake
+from ..proto.link import (
+    HandshakeFailed,
+    Link,
+    PeerRefused,
+    SessionEstablished,
+    SessionRetired,
+)
+from ..proto.wire import Kind
+
+if TYPE_CHECKING:
+    from ..node import Node, PeerSetup
+
+log = logging.getLogger("ipop_trio.links")
+
+HANDSHAKE_QUEUE = 64  # handshake datagrams waiting for the handshake task
+INBOX_SIZE = 16  # messages waiting for one link task
+IDLE_WAKE = 1.0  # link tasks look at the data path's timestamps at least this often
+RETRY_MIN, RETRY_MAX = 2.0, 60.0  # backoff after a failed or refused handshake
+
+
+class PeerRuntime:
+    """A configured peer: its data-path port, its Link machine and its task's inbox."""
+
+    def __init__(self, node: Node, setup: PeerSetup) -> None:
+        self.setup = setup
+        self.name = setup.config.name
+        self.port: PeerPort = node.new_port(setup)
+        if setup.config.endpoint is not None:
+            self.port.endpoint = setup.config.endpoint.sockaddr
+        self.inbox_send, self.inbox = trio.open_memory_channel[tuple[Any, ...]](INBOX_SIZE)
+        self.indices: set[int] = set()
+        self.refused: str | None = None
+        self.failures = 0
+        self.retry_at: float | None = None
+        self.link = Link(
+            node.local,
+            setup.public_key,
+            allocate_index=self._allocate,
+            cipher=node.setup.config.cipher,
+            expect_address=None if setup.identity is None else setup.identity.address,
+            expect_name=setup.config.name,
+        )
+        self._node_allocate = node.allocate_index
+        self.port.wake = self.wake
+
+    def _allocate(self) -> int:
+        index = self._node_allocate()
+        self.indices.add(index)
+        return index
+
+    def wake(self) -> None:
+        try:
+            self.inbox_send.send_nowait(("wake",))
+        except trio.WouldBlock:
+            pass  # a wake-up is already waiting
+
+
+class LinkManager:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.stats = node.stats
+        self.hs_send, self.hs_receive = trio.open_memory_channel[tuple[bytes, tuple[str, int]]](
+            HANDSHAKE_QUEUE
+        )
+        self.peers: list[PeerRuntime] = []
+        self.by_key: dict[bytes, PeerRuntime] = {}
+
+    def index_in_use(self, index: int) -> bool:
+        return any(index in p.indices for p in self.peers)
+
+    # --- called by the data path (sync, per handshake datagram) --------------------------
+
+    def on_handshake(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            self.hs_send.send_nowait((data, addr))
+        except trio.WouldBlock:
+            self.stats.drop("handshake_queue_full")
+
+    # --- tasks ----------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        node = self.node
+        for setup in node.setup.peers:
+            rt = PeerRuntime(node, setup)
+            self.peers.append(rt)
+            self.by_key[setup.public_key] = rt
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._handshake_task)
+            for rt in self.peers:
+                nursery.start_soon(self._run_link, rt)
+            task_status.started()
+
+    async def _handshake_task(self) -> None:
+        node = self.node
+        cipher = node.setup.config.cipher
+        async for data, addr in self.hs_receive:
+            kind = data[0]
+            try:
+                if kind == Kind.HANDSHAKE_INIT:
+                    state = handshake.consume_initiation_untrusted(
+                        node.local, data, cipher, time.time()
+                    )
+                    rt = self.by_key.get(state.peer_static)
+                    if rt is None:
+                        self.stats.drop("handshake_unknown_peer")
+                        log.info(
+                            "initiation from %s (%s) refused: not a configured peer",
+                            state.peer.name,
+                            addr[0],
+                        )
+                        continue
+                    msg: tuple[Any, ...] = ("init", state, addr)
+                elif kind == Kind.HANDSHAKE_RESP:
+                    index = handshake.response_receiver_index_untrusted(data)
+                    rt = next((p for p in self.peers if index in p.indices), None)
+                    if rt is None:
+                        self.stats.drop("handshake_unknown_index")
+                        continue
+                    msg = ("resp", data, addr)
+                else:
+                    self.stats.drop("handshake_unhandled_type")
+                    continue
+            except BadPacket as exc:
+                self.stats.drop("handshake_refused")
+                log.debug("handshake datagram from %s refused: %s", addr, exc)
+                continue
+            try:
+                rt.inbox_send.send_nowait(msg)
+            except trio.WouldBlock:
+                self.stats.drop("link_inbox_full")
+
+    async def _run_link(self, rt: PeerRuntime) -> None:
+        link = rt.link
+        port = rt.port
+        if port.endpoint is not None:
+            link.connect(time.time())
+        while True:
+            self._drain(rt)
+            now = time.time()
+            deadline = link.next_deadline()
+            wake_in = IDLE_WAKE if deadline is None else min(IDLE_WAKE, max(0.0, deadline - now))
+            if rt.retry_at is not None:
+                wake_in = min(wake_in, max(0.0, rt.retry_at - now))
+            msg: tuple[Any, ...] | None = None
+            with trio.move_on_after(wake_in):
+                msg = await rt.inbox.receive()
+            now = time.time()
+            if msg is not None:
+                self._handle(rt, msg, now)
+            if port.last_sent and port.last_sent != link.last_sent:
+                link.note_sent(port.last_sent)
+            if port.last_received and port.last_received != link.last_received:
+                link.note_received(port.last_received)
+            if rt.retry_at is not None and now >= rt.retry_at:
+                rt.retry_at = None
+                if port.endpoint is not None:
+                    link.connect(now)
+            link.handle_timeout(now)
+
+    def _handle(self, rt: PeerRuntime, msg: tuple[Any, ...], now: float) -> None:
+        link, port = rt.link, rt.port
+        kind = msg[0]
+        try:
+            if kind == "init":
+                _, state, addr = msg
+                link.receive_initiation(state, now)
+                port.endpoint = addr  # authenticated: the peer is reachable there
+            elif kind == "resp":
+                _, data, addr = msg
+                link.receive_response_untrusted(data, now)
+                port.endpoint = addr
+            elif (
+                kind == "wake"
+                and link.current is None
+                and port.endpoint is not None
+                and rt.retry_at is None
+            ):
+                link.connect(now)
+        except BadPacket as exc:
+            self.stats.drop("handshake_refused")
+            log.debug("%s: handshake refused: %s", rt.name, exc)
+
+    def _drain(self, rt: PeerRuntime) -> None:
+        """Send what the Link produced and act on its events; publish the send session."""
+        link, port = rt.link, rt.port
+        while (ev := link.next_event()) is not None:
+            if isinstance(ev, SessionEstablished):
+                session = ev.session
+                self.node.sessions[session.local_index] = SessionEntry(
+                    session, port, self._confirmer(rt, session.local_index)
+                )
+                rt.failures = 0
+                rt.refused = None
+                if ev.peer.address.version == 4 and port.ip4 != ev.peer.address.packed:
+                    self.node.switch.set_ip4(port, ev.peer.address.packed)
+                log.info(
+                    "%s: session %08x established (%s)",
+                    rt.name,
+                    session.local_index,
+                    "secure" if session.secure else "plain",
+                )
+            elif isinstance(ev, SessionRetired):
+                self.node.sessions.pop(ev.local_index, None)
+                rt.indices.discard(ev.local_index)
+            elif isinstance(ev, HandshakeFailed | PeerRefused):
+                rt.failures += 1
+                backoff = min(RETRY_MAX, RETRY_MIN * 2 ** (rt.failures - 1))
+                rt.retry_at = time.time() + backoff
+                if isinstance(ev, PeerRefused):
+                    rt.refused = ev.reason
+                    self.stats.drop("peer_refused")
+                log.warning("%s: %s; retrying in %.0f s", rt.name, ev.reason, backoff)
+        port.session = link.current
+        out = link.datagrams_to_send()
+        if out and port.endpoint is not None:
+            for d in out:
+                if not self.node.udp.send_one(d, port.endpoint):
+                    self.stats.drop("handshake_send_failed")
+        if port.session is not None and port.staged:
+            frames = list(port.staged)
+            port.staged.clear()
+            self.node.outbound.send(port, frames, time.time())
+
+    def _confirmer(self, rt: PeerRuntime, index: int) -> Any:
+        def confirm() -> None:
+            entry = self.node.sessions.get(index)
+            if entry is not None:
+                entry.confirm = None
+            if rt.link.confirm(index, time.time()):
+                rt.port.session = rt.link.current
+                rt.wake()
+
+        return confirm
+
+    # --- status -------------------------------------------------------------------------
+
+    def status(self) -> list[dict[str, Any]]:
+        out = []
+        for rt in self.peers:
+            link, port = rt.link, rt.port
+            session = link.current
+            peer = link.peer or rt.setup.identity
+            out.append(
+                {
+                    "name": rt.name,
+                    "address": None if peer is None else str(peer.address),
+                    "groups": None if peer is None else sorted(peer.groups),
+                    "state": link.state.value,
+                    "mode": None if session is None else ("secure" if session.secure else "plain"),
+                    "endpoint": None
+                    if port.endpoint is None
+                    else f"{port.endpoint[0]}:{port.endpoint[1]}",
+                    "learned": "config" if rt.setup.config.endpoint is not None else "handshake",
+                    "tx_bytes": port.tx_bytes,
+                    "rx_bytes": port.rx_bytes,
+                    "tx_packets": port.tx_packets,
+                    "rx_packets": port.rx_packets,
+                    "staged": len(port.staged),
+                    "drops": port.drops,
+                    "last_handshake": link.last_handshake,
+                    "refused": rt.refused,
+                    "failures": rt.failures,
+                    "retry_in": None
+                    if rt.retry_at is None
+                    else max(0.0, rt.retry_at - time.time()),
+                }
+            )
+        return out
+
+
+__all__ = ["LinkManager", "PeerRuntime"]

@@ -1,0 +1,202 @@
+"""run_node(): assembles a node's task tree (DESIGN.md §2).
+
+    run_node(setup)
+    ├── control server      unix socket: status / stats JSON
+    ├── tap writer          one thread fed by a bounded queue
+    ├── tap reader ─[batches]→ outbound (route, seal, GSO send)
+    ├── udp receiver        GRO, demux, open → tap writer; handshakes → handshake task
+    ├── handshake task      initiations (DH) and responses → the owning peer's link task
+    └── links nursery       one run_link(peer) per configured peer
+
+`prepare()` does every check that can fail because of the configuration or the PKI, before
+anything on the system is touched; `run_node()` then owns the TAP and the socket and removes
+them however it ends.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from . import pki
+from .config import NodeConfig, PeerConfig
+from .control.api import serve_control
+from .control.links import LinkManager
+from .datapath import pipeline
+from .datapath.inbound import Inbound, SessionEntry
+from .datapath.outbound import Outbound
+from .datapath.switch import PeerPort, Switch
+from .errors import CertificateRefused, ConfigError, PkiError
+from .net import netlink
+from .net.tap import Tap, TapWriter
+from .net.udp import UdpSocket
+from .proto import handshake
+from .proto.cert import Identity, TrustAnchor, mac_for_key
+from .stats import Stats
+
+log = logging.getLogger("ipop_trio.node")
+
+
+@dataclass(frozen=True, slots=True)
+class PeerSetup:
+    config: PeerConfig
+    public_key: bytes
+    identity: Identity | None  # when the config gave a certificate
+
+
+@dataclass(frozen=True, slots=True)
+class Setup:
+    config: NodeConfig
+    anchor: TrustAnchor
+    private_key: bytes
+    identity: Identity
+    peers: tuple[PeerSetup, ...]
+
+
+def prepare(cfg: NodeConfig) -> Setup:
+    """Load and cross-check the CA, our key and certificate, and the peers' keys."""
+    now = time.time()
+    try:
+        anchor = pki.load_trust_anchor(cfg.ca)
+    except PkiError as exc:
+        raise ConfigError("node.ca", str(exc)) from None
+    try:
+        private_key = pki.load_private_key(cfg.key)
+    except PkiError as exc:
+        raise ConfigError("node.key", str(exc)) from None
+    mode = os.stat(cfg.key).st_mode & 0o077
+    if mode:
+        raise ConfigError("node.key", f"{cfg.key} is readable by others (chmod 600 it)")
+    try:
+        identity = anchor.verify_untrusted(pki.load_certificate_der(cfg.cert), now)
+    except (PkiError, CertificateRefused) as exc:
+        raise ConfigError("node.cert", f"{cfg.cert}: {exc}") from None
+    if pki.public_key_of(private_key) != identity.public_key:
+        raise ConfigError("node.key", f"{cfg.key} is not the key certified in {cfg.cert}")
+    if cfg.name is not None and cfg.name != identity.name:
+        raise ConfigError("node.name", f"{cfg.name!r} but the certificate names {identity.name!r}")
+    peers = []
+    for i, p in enumerate(cfg.peers):
+        if p.cert is not None:
+            try:
+                pid = anchor.verify_untrusted(pki.load_certificate_der(p.cert), now)
+            except (PkiError, CertificateRefused) as exc:
+                raise ConfigError(f"peer[{i}].cert", f"{p.cert}: {exc}") from None
+            if pid.name != p.name:
+                raise ConfigError(
+                    f"peer[{i}].name", f"{p.name!r} but its certificate names {pid.name!r}"
+                )
+            peers.append(PeerSetup(p, pid.public_key, pid))
+        else:
+            assert p.public_key is not None
+            peers.append(PeerSetup(p, p.public_key, None))
+        if peers[-1].public_key == identity.public_key:
+            raise ConfigError(f"peer[{i}]", "is this node itself")
+    keys = [p.public_key for p in peers]
+    if len(set(keys)) != len(keys):
+        raise ConfigError("peer", "two peers have the same key")
+    return Setup(cfg, anchor, private_key, identity, tuple(peers))
+
+
+class Node:
+    """The running node's shared state (the task tree is built in run_node)."""
+
+    def __init__(self, setup: Setup, tap: Tap, udp: UdpSocket) -> None:
+        self.setup = setup
+        self.tap = tap
+        self.udp = udp
+        self.stats = Stats()
+        self.identity = setup.identity
+        self.local = handshake.LocalIdentity(setup.private_key, setup.identity.der, setup.anchor)
+        self.switch = Switch(setup.identity.mac, self.stats)
+        self.sessions: dict[int, SessionEntry] = {}
+        self.writer = TapWriter(tap, self.stats)
+        self.outbound = Outbound(self.switch, udp, self.stats)
+        self.links = LinkManager(self)
+        self.inbound = Inbound(self.switch, self.stats, self.sessions, self.links.on_handshake)
+        self.started_wall = time.time()
+
+    def allocate_index(self) -> int:
+        while True:
+            index = secrets.randbits(32)
+            if index not in self.sessions and not self.links.index_in_use(index):
+                return index
+
+    def new_port(self, peer: PeerSetup) -> PeerPort:
+        ip4 = None
+        if peer.identity is not None and peer.identity.address.version == 4:
+            ip4 = peer.identity.address.packed
+        port = PeerPort(peer.config.name, mac_for_key(peer.public_key), ip4)
+        self.switch.add(port)
+        return port
+
+    def status(self, _req: dict[str, Any]) -> dict[str, Any]:
+        ident = self.identity
+        host, port = self.udp.local
+        return {
+            "node": {
+                "name": ident.name,
+                "overlay": ident.overlay,
+                "address": f"{ident.address}/{ident.network.prefixlen}",
+                "groups": sorted(ident.groups),
+                "tap": self.tap.name,
+                "mac": pki.format_mac(ident.mac),
+                "listen": f"{host}:{port}",
+                "pid": os.getpid(),
+                "cipher": self.setup.config.cipher.value,
+                "started": self.started_wall,
+                "gso": self.udp.gso,
+                "gro": self.udp.gro,
+            },
+            "peers": self.links.status(),
+            "stats": self.stats.snapshot(),
+        }
+
+    def stats_reply(self, _req: dict[str, Any]) -> dict[str, Any]:
+        return self.stats.snapshot()
+
+
+async def run_node(
+    setup: Setup, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED
+) -> None:
+    cfg = setup.config
+    tap = Tap(cfg.tap.name)
+    try:
+        udp = UdpSocket(cfg.listen)
+    except OSError as exc:
+        tap.close()
+        raise ConfigError("node.listen", str(exc)) from None
+    try:
+        ident = setup.identity
+        iface = ipaddress.ip_interface(f"{ident.address}/{ident.network.prefixlen}")
+        netlink.configure_tap(tap.name, mac=ident.mac, mtu=cfg.tap.mtu, address=iface)
+        node = Node(setup, tap, udp)
+        send, receive = pipeline.make_outbound_channel()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                serve_control, cfg.control, {"status": node.status, "stats": node.stats_reply}
+            )
+            await nursery.start(node.writer.serve)
+            nursery.start_soon(pipeline.tap_reader, tap, send, node.stats)
+            nursery.start_soon(pipeline.outbound_task, node.outbound, receive, node.writer)
+            nursery.start_soon(pipeline.udp_receiver, udp, node.inbound, node.writer, node.stats)
+            await nursery.start(node.links.serve)
+            log.info(
+                "node %s up: %s on %s, listening on %s:%d, %d peers",
+                ident.name,
+                iface,
+                tap.name,
+                *udp.local,
+                len(setup.peers),
+            )
+            task_status.started(node)
+    finally:
+        udp.close()
+        tap.close()

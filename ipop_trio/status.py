@@ -1,0 +1,56 @@
+"""Human-readable rendering of a node's status (the `ipop-trio status` table)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+
+def _bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def _ago(ts: float | None, now: float) -> str:
+    if not ts:
+        return "never"
+    d = max(0.0, now - ts)
+    if d < 120:
+        return f"{d:.0f}s ago"
+    return f"{d / 60:.0f}m ago"
+
+
+def format_status(status: dict[str, Any], now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    node = status.get("node", {})
+    lines = [
+        f"node {node.get('name')}  overlay {node.get('overlay')}  address {node.get('address')}  "
+        f"tap {node.get('tap')} ({node.get('mac')})  listen {node.get('listen')}",
+    ]
+    header = ("PEER", "ADDRESS", "STATE", "MODE", "ENDPOINT", "TX", "RX", "DROPS", "HANDSHAKE")
+    rows = [header]
+    for p in status.get("peers", []):
+        rows.append(
+            (
+                str(p.get("name")),
+                str(p.get("address") or "-"),
+                str(p.get("state")),
+                str(p.get("mode") or "-"),
+                str(p.get("endpoint") or "-"),
+                _bytes(int(p.get("tx_bytes", 0))),
+                _bytes(int(p.get("rx_bytes", 0))),
+                str(p.get("drops", 0)),
+                _ago(p.get("last_handshake"), now),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for r in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    drops = status.get("stats", {}).get("drops", {})
+    if drops:
+        lines.append("drops: " + ", ".join(f"{k}={v}" for k, v in sorted(drops.items())))
+    return "\n".join(lines)
