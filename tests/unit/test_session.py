@@ -1,0 +1,541 @@
+"""Session: seal/open in pairs, the wire layout, refusals that must not move the window,
+counter limits and timers, and fuzzing of the untrusted entry points."""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import pathlib
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ipop_trio.errors import BadPacket, LocalProtocolError
+from ipop_trio.proto import session as session_module
+from ipop_trio.proto.session import (
+    KEEPALIVE_TIMEOUT,
+    REJECT_AFTER_MESSAGES,
+    REJECT_AFTER_TIME,
+    REKEY_AFTER_MESSAGES,
+    REKEY_AFTER_TIME,
+    REKEY_TIMEOUT,
+    WINDOW_SIZE,
+    Cipher,
+    Refusal,
+    Session,
+    SessionRefused,
+)
+from ipop_trio.proto.wire import (
+    DATA_HEADER,
+    DATA_HEADER_SIZE,
+    TAG_SIZE,
+    Kind,
+    parse_data_header_untrusted,
+)
+
+KEY_A = bytes(range(32))  # a -> b
+KEY_B = bytes(range(100, 132))  # b -> a
+INDEX_A = 0x11223344
+INDEX_B = 0xA0B0C0D0
+MODES = [(cipher, secure) for cipher in Cipher for secure in (True, False)]
+MODE_IDS = [f"{c.value}-{'secure' if s else 'plain'}" for c, s in MODES]
+AEADS: dict[Cipher, type[AESGCM] | type[ChaCha20Poly1305]] = {
+    Cipher.AES_256_GCM: AESGCM,
+    Cipher.CHACHA20_POLY1305: ChaCha20Poly1305,
+}
+
+
+def make_sender(cipher: Cipher = Cipher.AES_256_GCM, secure: bool = True) -> Session:
+    return Session(
+        send_key=KEY_A,
+        recv_key=KEY_B,
+        local_index=INDEX_A,
+        remote_index=INDEX_B,
+        cipher=cipher,
+        secure=secure,
+        created=1000.0,
+    )
+
+
+def make_receiver(cipher: Cipher = Cipher.AES_256_GCM, secure: bool = True) -> Session:
+    return Session(
+        send_key=KEY_B,
+        recv_key=KEY_A,
+        local_index=INDEX_B,
+        remote_index=INDEX_A,
+        cipher=cipher,
+        secure=secure,
+        created=1000.0,
+    )
+
+
+def pair(cipher: Cipher = Cipher.AES_256_GCM, secure: bool = True) -> tuple[Session, Session]:
+    return make_sender(cipher, secure), make_receiver(cipher, secure)
+
+
+def refusal(exc: pytest.ExceptionInfo[BadPacket]) -> Refusal:
+    assert isinstance(exc.value, SessionRefused)
+    return exc.value.reason
+
+
+# --- purity ----------------------------------------------------------------------------------
+
+
+def test_session_module_is_pure() -> None:
+    tree = ast.parse(pathlib.Path(session_module.__file__).read_text())
+    absolute: set[str] = set()
+    relative: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            absolute.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                relative.add(node.module or "")
+            else:
+                absolute.add((node.module or "").split(".")[0])
+    forbidden = {"os", "time", "socket", "trio", "select", "asyncio", "threading", "logging"}
+    assert not absolute & forbidden
+    assert absolute <= {"__future__", "collections", "enum", "struct", "cryptography"}
+    assert relative <= {"errors", "wire"}  # both pure themselves
+
+
+# --- round trips and layout ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("cipher", "secure"), MODES, ids=MODE_IDS)
+def test_round_trip(cipher: Cipher, secure: bool) -> None:
+    a, b = pair(cipher, secure)
+    payloads = [b"", b"x", bytes(range(256)) * 5 + b"tail", b"\xff" * 1400, b"z" * 65000]
+    for counter, payload in enumerate(payloads):
+        datagram = a.seal(payload)
+        assert len(datagram) == len(payload) + a.overhead()
+        assert a.overhead() == DATA_HEADER_SIZE + (TAG_SIZE if secure else 0)
+        kind, index, sent_counter = parse_data_header_untrusted(datagram)
+        assert kind == (Kind.DATA_SECURE if secure else Kind.DATA_PLAIN)
+        assert index == INDEX_B
+        assert sent_counter == counter
+        assert datagram[1:4] == b"\0\0\0"
+        if secure and payload:
+            assert payload not in datagram
+        if not secure:
+            assert datagram[DATA_HEADER_SIZE:] == payload
+        assert b.open_untrusted(datagram) == payload
+        assert b.recv_highest == counter
+    assert a.send_counter == len(payloads)
+    assert a.tx_bytes == b.rx_bytes == sum(map(len, payloads))
+    assert b.rx_packets == len(payloads)
+    assert b.refused == dict.fromkeys(Refusal, 0)
+    # And the other direction, with the other key.
+    back = b.seal(memoryview(b"reply"))
+    assert a.open_untrusted(memoryview(back)) == b"reply"
+
+
+@pytest.mark.parametrize("cipher", list(Cipher))
+def test_secure_datagram_is_wireguard_style_aead(cipher: Cipher) -> None:
+    """Independent construction: nonce = 4 zero bytes || counter u64 LE, AAD = header."""
+    a = make_sender(cipher)
+    a.seal(b"first")
+    payload = b"second payload"
+    datagram = a.seal(payload)
+    header = bytes([0xA4, 0, 0, 0]) + INDEX_B.to_bytes(4, "little") + (1).to_bytes(8, "little")
+    nonce = b"\0\0\0\0" + (1).to_bytes(8, "little")
+    assert datagram == header + AEADS[cipher](KEY_A).encrypt(nonce, payload, header)
+
+
+def test_ciphers_differ() -> None:
+    aes = make_sender(Cipher.AES_256_GCM).seal(b"same")
+    chacha = make_sender(Cipher.CHACHA20_POLY1305).seal(b"same")
+    assert aes[:DATA_HEADER_SIZE] == chacha[:DATA_HEADER_SIZE]
+    assert aes != chacha
+    with pytest.raises(BadPacket):
+        make_receiver(Cipher.CHACHA20_POLY1305).open_untrusted(aes)
+
+
+@pytest.mark.parametrize(("cipher", "secure"), MODES, ids=MODE_IDS)
+def test_seal_into_matches_seal_and_packs_a_gso_buffer(cipher: Cipher, secure: bool) -> None:
+    by_seal = make_sender(cipher, secure)
+    by_into = make_sender(cipher, secure)
+    payloads = [b"a" * 1400, b"", b"b" * 77, b"c" * 1400]
+    buf = bytearray(b"\xee" * 8000)
+    offset = 5
+    spans = []
+    for payload in payloads:
+        n = by_into.seal_into(buf, offset, memoryview(payload))
+        assert n == len(payload) + by_into.overhead()
+        assert bytes(buf[offset : offset + n]) == by_seal.seal(payload)
+        spans.append((offset, n))
+        offset += n
+    assert buf[:5] == b"\xee" * 5
+    assert buf[offset:] == b"\xee" * (len(buf) - offset)
+    assert by_into.send_counter == by_seal.send_counter == len(payloads)
+    assert by_into.tx_bytes == by_seal.tx_bytes
+
+    # Open each datagram of the buffer both ways: same payloads.
+    by_open, by_open_into = make_receiver(cipher, secure), make_receiver(cipher, secure)
+    view = memoryview(buf)
+    out = bytearray(2000)
+    for (start, n), payload in zip(spans, payloads, strict=True):
+        datagram = view[start : start + n]
+        assert by_open.open_untrusted(datagram) == payload
+        k = by_open_into.open_into_untrusted(datagram, memoryview(out))
+        assert k == len(payload)
+        assert out[:k] == payload
+    assert by_open.recv_highest == by_open_into.recv_highest == len(payloads) - 1
+    assert by_open.rx_bytes == by_open_into.rx_bytes
+
+
+@pytest.mark.parametrize(("cipher", "secure"), MODES, ids=MODE_IDS)
+def test_seal_batch_into_matches_seal(cipher: Cipher, secure: bool) -> None:
+    by_seal = make_sender(cipher, secure)
+    by_batch = make_sender(cipher, secure)
+    payloads: list[bytes | memoryview] = [b"a" * 1400, b"", memoryview(b"b" * 77), b"c" * 1400]
+    buf = bytearray(b"\xee" * 4000)
+    end = by_batch.seal_batch_into(buf, 7, payloads)
+    expected = b"".join(by_seal.seal(p) for p in payloads)
+    assert end == 7 + len(expected)
+    assert bytes(buf[7:end]) == expected
+    assert buf[:7] == b"\xee" * 7
+    assert buf[end:] == b"\xee" * (len(buf) - end)
+    assert by_batch.send_counter == by_seal.send_counter == len(payloads)
+    assert by_batch.tx_bytes == by_seal.tx_bytes
+    assert by_batch.seal_batch_into(buf, 0, []) == 0
+    # All or nothing: no room for the last datagram means nothing written, no counter used.
+    before = bytes(buf)
+    with pytest.raises(LocalProtocolError):
+        by_batch.seal_batch_into(buf, 0, [b"x" * 1000] * 4)
+    assert by_batch.send_counter == len(payloads)
+    assert bytes(buf) == before
+    by_batch._send = REJECT_AFTER_MESSAGES - 2
+    with pytest.raises(LocalProtocolError):
+        by_batch.seal_batch_into(buf, 0, [b"x", b"y", b"z"])
+    assert by_batch.send_counter == REJECT_AFTER_MESSAGES - 2
+    assert by_batch.seal_batch_into(buf, 0, [b"x", b"y"]) == 2 * (1 + by_batch.overhead())
+    assert by_batch.send_counter == REJECT_AFTER_MESSAGES
+
+
+def test_seal_into_memoryview_out_and_exact_fit() -> None:
+    a, b = pair()
+    buf = bytearray(10 + 32 + 100)
+    n = a.seal_into(memoryview(buf), 10, b"q" * 100)
+    assert n == 132
+    assert b.open_untrusted(bytes(buf[10:])) == b"q" * 100
+
+
+@pytest.mark.parametrize(("cipher", "secure"), MODES, ids=MODE_IDS)
+def test_seal_into_too_small_buffer_uses_no_counter(cipher: Cipher, secure: bool) -> None:
+    a, b = pair(cipher, secure)
+    buf = bytearray(100)
+    with pytest.raises(LocalProtocolError):
+        a.seal_into(buf, 50, b"p" * 60)
+    assert a.send_counter == 0
+    assert buf == bytearray(100)
+    n = a.seal_into(buf, 0, b"p" * 60)
+    assert b.open_untrusted(bytes(buf[:n])) == b"p" * 60
+
+
+@pytest.mark.parametrize(("cipher", "secure"), MODES, ids=MODE_IDS)
+def test_open_into_too_small_out_is_refused_without_moving_window(
+    cipher: Cipher, secure: bool
+) -> None:
+    a, b = pair(cipher, secure)
+    datagram = a.seal(b"m" * 100)
+    with pytest.raises(BadPacket) as exc:
+        b.open_into_untrusted(memoryview(datagram), bytearray(99))
+    assert refusal(exc) is Refusal.TOO_LONG
+    assert b.recv_highest == -1
+    out = bytearray(100)
+    assert b.open_into_untrusted(memoryview(datagram), out) == 100
+    assert out == b"m" * 100
+
+
+# --- refusals --------------------------------------------------------------------------------
+
+
+def test_replayed_datagram_refused_and_counted() -> None:
+    a, b = pair()
+    datagram = a.seal(b"once")
+    assert b.open_untrusted(datagram) == b"once"
+    for _ in range(2):
+        with pytest.raises(BadPacket) as exc:
+            b.open_untrusted(datagram)
+        assert refusal(exc) is Refusal.REPLAYED
+    with pytest.raises(BadPacket):
+        b.open_into_untrusted(memoryview(datagram), bytearray(100))
+    assert b.refused[Refusal.REPLAYED] == 3
+    assert b.rx_packets == 1
+
+
+@pytest.mark.parametrize(("cipher", "secure"), MODES, ids=MODE_IDS)
+def test_out_of_order_within_window_and_too_old(cipher: Cipher, secure: bool) -> None:
+    a, b = pair(cipher, secure)
+    datagrams = [a.seal(i.to_bytes(4, "little")) for i in range(WINDOW_SIZE + 2)]
+    for i in (5, 3, 4, 0, 2, 1):
+        assert b.open_untrusted(datagrams[i]) == i.to_bytes(4, "little")
+    assert b.open_untrusted(datagrams[WINDOW_SIZE + 1]) == (WINDOW_SIZE + 1).to_bytes(4, "little")
+    with pytest.raises(BadPacket) as exc:  # just outside: highest - WINDOW_SIZE
+        b.open_untrusted(datagrams[1])
+    assert refusal(exc) is Refusal.REPLAYED
+    assert b.open_untrusted(datagrams[6]) == (6).to_bytes(4, "little")  # oldest inside
+    assert b.open_untrusted(datagrams[WINDOW_SIZE]) == WINDOW_SIZE.to_bytes(4, "little")
+
+
+def test_wrong_receiver_index_refused() -> None:
+    a = make_sender()
+    stranger = Session(
+        send_key=KEY_B,
+        recv_key=KEY_A,
+        local_index=INDEX_B + 1,
+        remote_index=INDEX_A,
+        cipher=Cipher.AES_256_GCM,
+        secure=True,
+        created=0.0,
+    )
+    with pytest.raises(BadPacket) as exc:
+        stranger.open_untrusted(a.seal(b"not for you"))
+    assert refusal(exc) is Refusal.INDEX
+    assert stranger.refused[Refusal.INDEX] == 1
+
+
+@pytest.mark.parametrize("cipher", list(Cipher))
+def test_plain_and_secure_do_not_mix(cipher: Cipher) -> None:
+    plain_sender, secure_receiver = make_sender(cipher, False), make_receiver(cipher, True)
+    secure_sender, plain_receiver = make_sender(cipher, True), make_receiver(cipher, False)
+    # A plain datagram long enough to pass the length check of a secure session.
+    with pytest.raises(BadPacket) as exc:
+        secure_receiver.open_untrusted(plain_sender.seal(b"p" * 40))
+    assert refusal(exc) is Refusal.TYPE
+    with pytest.raises(BadPacket) as exc:
+        plain_receiver.open_untrusted(secure_sender.seal(b"s" * 40))
+    assert refusal(exc) is Refusal.TYPE
+    # Relabelling a secure datagram as plain (or back) does not get it through either.
+    forged = bytes([Kind.DATA_PLAIN]) + secure_sender.seal(b"s")[1:]
+    with pytest.raises(BadPacket):
+        secure_receiver.open_untrusted(forged)
+    assert secure_receiver.recv_highest == plain_receiver.recv_highest == -1
+
+
+@pytest.mark.parametrize(("cipher", "secure"), MODES, ids=MODE_IDS)
+def test_nonzero_pad_and_short_datagrams_refused(cipher: Cipher, secure: bool) -> None:
+    a, b = pair(cipher, secure)
+    datagram = bytearray(a.seal(b"data"))
+    datagram[2] = 1
+    with pytest.raises(BadPacket) as exc:
+        b.open_untrusted(bytes(datagram))
+    assert refusal(exc) is Refusal.TYPE
+    datagram[2] = 0
+    good = bytes(datagram)
+    for length in range(b.overhead()):
+        with pytest.raises(BadPacket) as exc:
+            b.open_untrusted(good[:length])
+        assert refusal(exc) is Refusal.SHORT
+    assert b.open_untrusted(good) == b"data"
+
+
+@pytest.mark.parametrize("cipher", list(Cipher))
+def test_every_single_bit_flip_is_refused_and_never_moves_the_window(cipher: Cipher) -> None:
+    a, b = pair(cipher)
+    payload = b"twenty bytes payload"
+    datagram = a.seal(payload)
+    out = bytearray(64)
+    for position in range(len(datagram)):
+        for bit in range(8):
+            tampered = bytearray(datagram)
+            tampered[position] ^= 1 << bit
+            with pytest.raises(BadPacket):
+                b.open_untrusted(bytes(tampered))
+            with pytest.raises(BadPacket):
+                b.open_into_untrusted(memoryview(tampered), out)
+            assert b.recv_highest == -1  # counter-bit flips reach the tag check: no move
+    assert b.rx_packets == 0
+    assert b.refused[Refusal.BAD_TAG] > 0
+    assert b.open_untrusted(datagram) == payload  # counter 0 still opens
+
+
+@pytest.mark.parametrize("cipher", list(Cipher))
+def test_forged_far_ahead_counter_does_not_slide_the_window(cipher: Cipher) -> None:
+    a, b = pair(cipher)
+    datagrams = [a.seal(bytes([i])) for i in range(3)]
+    assert b.open_untrusted(datagrams[0]) == b"\x00"
+    for forged_counter in (1, 3, WINDOW_SIZE * 10, REJECT_AFTER_MESSAGES - 1):
+        forged = bytearray(datagrams[2])
+        DATA_HEADER.pack_into(forged, 0, Kind.DATA_SECURE, INDEX_B, forged_counter)
+        with pytest.raises(BadPacket) as exc:
+            b.open_untrusted(bytes(forged))
+        assert refusal(exc) is Refusal.BAD_TAG
+        assert b.recv_highest == 0
+    # Truncated tags and ciphertexts are refused the same way.
+    for cut in (1, TAG_SIZE - 1, TAG_SIZE):
+        with pytest.raises(BadPacket):
+            b.open_untrusted(datagrams[2][:-cut])
+    assert b.recv_highest == 0
+    assert b.open_untrusted(datagrams[2]) == b"\x02"
+    assert b.open_untrusted(datagrams[1]) == b"\x01"
+    assert b.refused[Refusal.BAD_TAG] + b.refused[Refusal.SHORT] == 4 + 3
+
+
+# --- counters, limits, timers ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("cipher", "secure"), MODES, ids=MODE_IDS)
+def test_send_counter_stops_at_reject_limit(cipher: Cipher, secure: bool) -> None:
+    a, b = pair(cipher, secure)
+    a._send = REJECT_AFTER_MESSAGES - 1  # fast-forward: 2**64 seals would take a while
+    assert not a.expired(1000.0)
+    last = a.seal(b"last")
+    assert parse_data_header_untrusted(last)[2] == REJECT_AFTER_MESSAGES - 1
+    assert b.open_untrusted(last) == b"last"  # the receiver accepts the last valid counter
+    assert a.expired(1000.0)
+    with pytest.raises(LocalProtocolError):
+        a.seal(b"one too many")
+    with pytest.raises(LocalProtocolError):
+        a.seal_into(bytearray(100), 0, b"one too many")
+    assert a.send_counter == REJECT_AFTER_MESSAGES
+
+
+@pytest.mark.parametrize("cipher", list(Cipher))
+def test_receiver_refuses_counter_at_or_past_the_limit(cipher: Cipher) -> None:
+    b = make_receiver(cipher)
+    aead = AEADS[cipher](KEY_A)
+    for counter in (REJECT_AFTER_MESSAGES, 2**64 - 1):
+        # Correctly authenticated by the key, but past the limit: refused before decrypting.
+        header = DATA_HEADER.pack(Kind.DATA_SECURE, INDEX_B, counter)
+        nonce = b"\0\0\0\0" + counter.to_bytes(8, "little")
+        with pytest.raises(BadPacket) as exc:
+            b.open_untrusted(header + aead.encrypt(nonce, b"late", header))
+        assert refusal(exc) is Refusal.LIMIT
+    assert b.recv_highest == -1
+
+
+def test_should_rekey_and_expired() -> None:
+    a = make_sender()  # created at 1000.0
+    t0 = a.created
+    assert not a.should_rekey(t0, initiator=True)
+    assert not a.should_rekey(t0 + REKEY_AFTER_TIME - 0.001, initiator=True)
+    assert a.should_rekey(t0 + REKEY_AFTER_TIME, initiator=True)
+    assert not a.should_rekey(t0 + REKEY_AFTER_TIME, initiator=False)  # responder waits
+    a._send = REKEY_AFTER_MESSAGES - 1
+    assert not a.should_rekey(t0, initiator=False)
+    a.seal(b"")
+    assert a.should_rekey(t0, initiator=False)
+    assert a.should_rekey(t0, initiator=True)
+    assert not a.expired(t0 + REJECT_AFTER_TIME - 0.001)
+    assert a.expired(t0 + REJECT_AFTER_TIME)
+    receive_rekey = REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
+    assert not a.should_rekey_on_receive(t0 + receive_rekey - 0.001, initiator=True)
+    assert a.should_rekey_on_receive(t0 + receive_rekey, initiator=True)
+    assert not a.should_rekey_on_receive(t0 + receive_rekey, initiator=False)
+
+
+def test_constructor_validates_keys_and_indices() -> None:
+    def build(**overrides: object) -> Session:
+        args: dict[str, object] = {
+            "send_key": KEY_A,
+            "recv_key": KEY_B,
+            "local_index": 1,
+            "remote_index": 2,
+            "cipher": Cipher.AES_256_GCM,
+            "secure": True,
+            "created": 0.0,
+        }
+        args.update(overrides)
+        return Session(**args)  # type: ignore[arg-type]
+
+    for bad in ({"send_key": b"short"}, {"recv_key": bytes(33)}, {"local_index": -1}):
+        with pytest.raises(LocalProtocolError):
+            build(**bad)
+    with pytest.raises(LocalProtocolError):
+        build(remote_index=2**32)
+    build(local_index=0, remote_index=2**32 - 1)
+    build(send_key=b"", recv_key=b"", secure=False)  # plain links use no keys
+
+
+# --- fuzzing the trust boundary -------------------------------------------------------------
+
+
+def _open_both_ways(session: Session, data: bytes, out_size: int) -> bytes | None:
+    """Open `data` with both entry points, in turn (the second call sees the window the
+    first left); only BadPacket may escape. Returns what open_untrusted returned."""
+    result = None
+    with contextlib.suppress(BadPacket):
+        result = session.open_untrusted(data)
+    with contextlib.suppress(BadPacket):
+        session.open_into_untrusted(memoryview(data), bytearray(out_size))
+    return result
+
+
+_header_shaped = st.builds(
+    lambda kind, pad, index, counter, body: (
+        bytes([kind]) + pad + index.to_bytes(4, "little") + counter.to_bytes(8, "little") + body
+    ),
+    st.sampled_from([Kind.DATA_SECURE, Kind.DATA_PLAIN, 0, 0xA1, 0xFF]),
+    st.sampled_from([b"\0\0\0", b"\0\0\1"]),
+    st.sampled_from([INDEX_B, INDEX_A, 0, 2**32 - 1]),
+    st.one_of(st.integers(0, 3), st.integers(0, 2**64 - 1), st.just(REJECT_AFTER_MESSAGES)),
+    st.binary(max_size=80),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    mode=st.sampled_from(MODES),
+    data=st.one_of(st.binary(max_size=120), _header_shaped),
+    out_size=st.integers(0, 130),
+)
+def test_random_bytes_raise_only_bad_packet(
+    mode: tuple[Cipher, bool], data: bytes, out_size: int
+) -> None:
+    session = make_receiver(*mode)
+    _open_both_ways(session, data, out_size)
+    if mode[1]:
+        # Nothing forged without the key gets through, so the window never moved.
+        assert session.recv_highest == -1
+        assert session.rx_packets == 0
+
+
+_mutation = st.one_of(
+    st.tuples(st.just("flip"), st.integers(0, 10**6), st.integers(1, 255)),
+    st.tuples(st.just("truncate"), st.integers(0, 10**6), st.just(0)),
+    st.tuples(st.just("extend"), st.integers(1, 40), st.integers(0, 255)),
+    st.tuples(st.just("set_counter"), st.integers(0, 2**64 - 1), st.just(0)),
+    st.tuples(st.just("set_byte0"), st.integers(0, 255), st.just(0)),
+)
+
+
+def _mutate(datagram: bytes, mutations: list[tuple[str, int, int]]) -> bytes:
+    data = bytearray(datagram)
+    for op, x, y in mutations:
+        if op == "flip" and data:
+            data[x % len(data)] ^= y
+        elif op == "truncate":
+            del data[x % (len(data) + 1) :]
+        elif op == "extend":
+            data += bytes([y]) * x
+        elif op == "set_counter" and len(data) >= DATA_HEADER_SIZE:
+            data[8:16] = x.to_bytes(8, "little")
+        elif op == "set_byte0" and data:
+            data[0] = x
+    return bytes(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    mode=st.sampled_from(MODES),
+    payload=st.binary(max_size=64),
+    mutations=st.lists(_mutation, min_size=1, max_size=4),
+    out_size=st.integers(0, 100),
+)
+def test_mutated_datagrams_raise_only_bad_packet(
+    mode: tuple[Cipher, bool], payload: bytes, mutations: list[tuple[str, int, int]], out_size: int
+) -> None:
+    a, b = pair(*mode)
+    a.seal(b"advance the counter")
+    datagram = a.seal(payload)
+    mutated = _mutate(datagram, mutations)
+    opened = _open_both_ways(b, mutated, out_size)
+    if mode[1] and mutated != datagram:
+        # Secure links: any change is caught, and the window stays where it was.
+        assert opened is None
+        assert b.recv_highest == -1
+        assert b.open_untrusted(datagram) == payload
