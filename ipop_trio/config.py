@@ -117,9 +117,9 @@ def parse(data: dict[str, Any], path: Path) -> NodeConfig:
     name = node.get("name")
     if name is not None:
         name = _name("node.name", name)
-    cert = _file(base, "node.cert", node.get("cert"), required=True)
-    key = _file(base, "node.key", node.get("key"), required=True)
-    ca = _file(base, "node.ca", node.get("ca"), required=True)
+    cert = _required_file(base, "node.cert", node.get("cert"))
+    key = _required_file(base, "node.key", node.get("key"))
+    ca = _required_file(base, "node.ca", node.get("ca"))
     listen = parse_endpoint("node.listen", node.get("listen", f"0.0.0.0:{DEFAULT_PORT}"))
     tap = TapConfig(
         name=_ifname("tap.name", tap_t.get("name", "ipop0")),
@@ -238,7 +238,13 @@ def _int(field: str, value: object, lo: int, hi: int) -> int:
     return value
 
 
-def _file(base: Path, field: str, value: object, *, required: bool) -> Path | None:  # type: ignore[return]
+def _required_file(base: Path, field: str, value: object) -> Path:
+    path = _file(base, field, value, required=True)
+    assert path is not None
+    return path
+
+
+def _file(base: Path, field: str, value: object, *, required: bool) -> Path | None:
     if value is None:
         if required:
             raise ConfigError(field, "missing (path to a file)")

@@ -177,8 +177,10 @@ class LinkManager:
                 self._handle(rt, msg, now)
             if port.last_sent and port.last_sent != link.last_sent:
                 link.note_sent(port.last_sent)
+            if port.last_data and port.last_data != link.last_received:
+                link.note_received(port.last_data, data=True)
             if port.last_received and port.last_received != link.last_received:
-                link.note_received(port.last_received)
+                link.note_received(port.last_received, data=False)  # keepalives only
             if rt.retry_at is not None and now >= rt.retry_at:
                 rt.retry_at = None
                 if port.endpoint is not None:

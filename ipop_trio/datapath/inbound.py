@@ -23,7 +23,7 @@ class SessionEntry:
 
     __slots__ = ("confirm", "port", "session")
 
-    def __init__(self, session: object, port: PeerPort, confirm: Callable[[], None]) -> None:
+    def __init__(self, session: object, port: PeerPort, confirm: Callable[[], None] | None) -> None:
         self.session = session
         self.port = port
         self.confirm = confirm  # first datagram opened on it: tell the link (rekey handover)
@@ -86,6 +86,7 @@ class Inbound:
             port.last_received = now
             if not payload:
                 continue  # keepalive
+            port.last_data = now
             if payload[-1] != INNER_FRAME:
                 stats.drop("unknown_inner_kind")
                 continue

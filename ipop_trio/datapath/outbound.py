@@ -39,32 +39,29 @@ class Outbound:
 
     def send(self, port: PeerPort, frames: list[bytes], now: float) -> None:
         session = port.session
-        endpoint = port.endpoint
-        if session is None or endpoint is None:
+        if session is None or port.endpoint is None:
             port.staged.extend(frames)
             port.wake()
             return
         t0 = now_ns()
-        buf, view = self._buf, self._view
-        seal_into = session.seal_into  # type: ignore[attr-defined]
-        sizes: list[int] = []
-        off = 0
-        nbytes = 0
-        limit = len(buf) - 2048
-        for frame in frames:
-            n = seal_into(view, off, frame + _KIND_FRAME)
-            sizes.append(n)
-            off += n
-            nbytes += len(frame)
-            if off > limit:  # buffer full: send what we have, start over
-                self._flush(port, view[:off], sizes, t0)
-                sizes, off, t0 = [], 0, now_ns()
-        if sizes:
-            self._flush(port, view[:off], sizes, t0)
-        port.tx_packets += len(frames)
-        port.tx_bytes += nbytes
+        view = self._view
+        cap = len(view)
+        overhead: int = session.overhead()  # type: ignore[attr-defined]
+        seal_batch_into = session.seal_batch_into  # type: ignore[attr-defined]
+        payloads = [frame + _KIND_FRAME for frame in frames]
+        sizes = [len(p) + overhead for p in payloads]
+        i, n = 0, len(payloads)
+        while i < n:  # as many datagrams as fit the send buffer, then flush
+            j, total = i, 0
+            while j < n and total + sizes[j] <= cap:
+                total += sizes[j]
+                j += 1
+            end = seal_batch_into(view, 0, payloads[i:j])
+            self._flush(port, view[:end], sizes[i:j], t0)
+            i, t0 = j, now_ns()
+        port.tx_packets += n
+        port.tx_bytes += sum(sizes) - n * (overhead + 1)
         port.last_sent = now
-        del buf
 
     def _flush(self, port: PeerPort, data: memoryview, sizes: list[int], t0: int) -> None:
         stats = self.stats

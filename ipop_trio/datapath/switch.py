@@ -36,6 +36,7 @@ class PeerPort:
         "drops",
         "endpoint",
         "ip4",
+        "last_data",
         "last_received",
         "last_sent",
         "mac",
@@ -59,6 +60,7 @@ class PeerPort:
         self.tx_bytes = self.rx_bytes = self.tx_packets = self.rx_packets = 0
         self.drops = 0  # datagrams from this peer refused (bad tag, replay, spoofed frame)
         self.last_sent = self.last_received = 0.0
+        self.last_data = 0.0  # last time a data frame (not a keepalive) arrived
         self.wake = _nothing
 
 
