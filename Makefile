@@ -1,0 +1,49 @@
+# ipop-trio — make venv | deps | test | lint | demo | bench | profile
+# `make demo` and `make test` work on a fresh Debian 12 as root: `deps` installs missing
+# system tools (apt), `venv` makes .venv and installs the package with its dev extras.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv deps test lint demo bench profile root
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $@
+
+# Installs iproute2, iperf3, nftables, tcpdump, coturn, ethtool, procps, iputils-ping, make
+# and python3-venv, only when one of their tools is missing.
+deps:
+	@bash .ci/system-deps
+
+# Unit + integration + lab tests; the lab tests need root and are skipped (with the reason)
+# otherwise.
+test: deps venv
+	$(BIN)/pytest -q tests
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy ipop_trio
+
+root:
+	@if [ "$$(id -u)" != 0 ]; then \
+		echo "this target needs root (network namespaces, veth, TAP): run it as root" >&2; \
+		exit 1; \
+	fi
+
+demo: root deps venv
+	$(BIN)/ipop-trio demo
+
+bench: root deps venv
+	@mkdir -p out
+	$(BIN)/ipop-trio bench --json out/bench.json
+
+profile:
+	@echo "make profile: not there yet (see the profiling issue)"

@@ -1,0 +1,919 @@
+"""Throwaway network topologies in namespaces, for the demo, the bench and the lab tests.
+
+A `Lab` owns everything it makes: network namespaces (one per host), veth pairs, the
+processes it starts inside them, a temporary directory and a small registry file naming its
+owner. Every namespace and interface name carries the lab's id (prefix + 4 random hex digits,
+e.g. ``ipt3f9a-alpha``, ``ipt3f9a-0a``), so parallel labs never collide and leftovers of a
+killed lab can be found by `cleanup_stale`. Teardown (`Lab.close`, run by ``with Lab()``)
+stops processes (SIGTERM, then SIGKILL), kills anything else still inside the lab's
+namespaces, deletes veths and namespaces, and checks that they are gone.
+
+This module must never touch a namespace or interface whose name does not carry a lab id,
+never install a signal handler on its own (CLI entry points wrap their work in
+`sigterm_raises`), and never send traffic outside the namespaces it made.
+
+`Overlay` runs ipop-trio nodes on lab hosts: CA and certificates, per-node TOML config,
+``python -m ipop_trio run -c ...`` in the host's namespace, readiness and status through the
+node's control socket.
+
+Topology now: hosts and point-to-point veth links addressed from 10.199.0.0/16. Planned
+(issue: NAT traversal), in the same shape so teardown needs nothing new: ``add_switch(name)``
+(a bridge in its own namespace, the "internet"), ``add_router(name)`` (a host with forwarding
+on), ``add_nat(router, inside, outside, mapping="endpoint-independent"|"symmetric")``
+(nftables in the router's namespace) and ``add_turn(host)`` (coturn, a tracked process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from pyroute2 import IPRoute, netns
+
+from ipop_trio.errors import LabError
+
+# Underlay addresses: link n gets 10.199.n.0/24 (first end .1, second end .2).
+LAB_NETWORK = ipaddress.IPv4Network("10.199.0.0/16")
+LINK_PREFIXLEN = 24
+UNDERLAY_MTU = 1500
+# Owner records of live labs: cleanup_stale spares a lab whose owner process still runs.
+REGISTRY_DIR = Path("/run/ipop-trio-lab")
+# SIGTERM → SIGKILL grace for processes the lab started.
+TERM_TIMEOUT = 5.0
+# How long teardown waits for stray processes to leave a namespace after SIGKILL.
+KILL_TIMEOUT = 5.0
+POLL_INTERVAL = 0.05
+IFNAMSIZ = 15
+
+_PREFIX = re.compile(r"[a-z][a-z0-9]{0,7}")
+_HOST_NAME = re.compile(r"[A-Za-z0-9._-]{1,40}")
+_HEX4 = "[0-9a-f]{4}"
+
+
+def _lab_pattern(prefix: str) -> re.Pattern[str]:
+    """Names made by labs with this prefix: ``<prefix><4 hex>-...``; group 1 is the lab id."""
+    return re.compile(rf"^({re.escape(prefix)}{_HEX4})-")
+
+
+@contextlib.contextmanager
+def _iproute(ns: str | None) -> Iterator[IPRoute]:
+    """An IPRoute socket opened inside namespace `ns` (None: ours).
+
+    The socket is created after setns() on this thread and the thread goes straight back, so no
+    process is forked (pyroute2's `IPRoute(netns=...)` forks a helper) and nothing else moves."""
+    if ns is None:
+        ipr = IPRoute()
+    else:
+        netns.pushns(ns)
+        try:
+            ipr = IPRoute()
+        finally:
+            netns.popns()
+    with ipr:
+        yield ipr
+
+
+def _proc_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (start time in clock ticks): tells a pid from its reuse."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(text.rsplit(")", 1)[1].split()[19])
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _pids_in(namespaces: Iterable[str]) -> dict[str, list[int]]:
+    wanted = set(namespaces)
+    return {ns: pids for ns, pids in netns.ns_pids().items() if ns in wanted and pids}
+
+
+def _evict(namespaces: Sequence[str], errors: list[str]) -> None:
+    """Kill every process still inside `namespaces` (SIGTERM, short grace, SIGKILL)."""
+    for sig, grace in ((signal.SIGTERM, 1.0), (signal.SIGKILL, KILL_TIMEOUT)):
+        left = _pids_in(namespaces)
+        if not left:
+            return
+        for pids in left.values():
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while _pids_in(namespaces) and time.monotonic() < deadline:
+            time.sleep(POLL_INTERVAL)
+    left = _pids_in(namespaces)
+    if left:
+        errors.append(f"processes still inside namespaces after SIGKILL: {left}")
+
+
+def _remove_namespaces(namespaces: Sequence[str], errors: list[str]) -> None:
+    present = set(netns.listnetns())
+    for ns in namespaces:
+        if ns in present:
+            try:
+                netns.remove(ns)
+            except OSError as exc:
+                errors.append(f"cannot remove namespace {ns}: {exc}")
+    still = set(netns.listnetns()) & set(namespaces)
+    if still:
+        errors.append(f"namespaces still present: {sorted(still)}")
+
+
+def _root_links_matching(pattern: re.Pattern[str]) -> list[tuple[int, str]]:
+    with _iproute(None) as ipr:
+        found = []
+        for link in ipr.get_links():
+            name = link.get("ifname")
+            if name and pattern.match(name):
+                found.append((link["index"], name))
+        return found
+
+
+def _delete_root_links(pattern: re.Pattern[str], errors: list[str]) -> list[str]:
+    """Delete interfaces in our own namespace whose names match (a veth caught half-made)."""
+    removed = []
+    with _iproute(None) as ipr:
+        for index, name in _root_links_matching(pattern):
+            try:
+                ipr.link("del", index=index)
+                removed.append(name)
+            except Exception as exc:  # a NetlinkError; a vanished link is fine
+                if ipr.link_lookup(ifname=name):
+                    errors.append(f"cannot delete {name}: {exc}")
+    return removed
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM while tearing down, then deliver them: a second Ctrl-C must not
+    leave half a lab behind. Only possible on the main thread; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+
+    def record(signum: int, _frame: FrameType | None) -> None:
+        caught.append(signum)
+
+    old = {s: signal.signal(s, record) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        for signum in dict.fromkeys(caught):
+            signal.raise_signal(signum)
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """For CLI entry points (demo, bench, tests' helper processes): turn SIGTERM into
+    ``SystemExit(143)`` so ``with Lab()`` blocks tear down. Later SIGTERMs are ignored so they
+    cannot interrupt the teardown. Restores the previous handler on exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+# ---------------------------------------------------------------------------------------------
+# Topology
+
+
+@dataclass(frozen=True, slots=True)
+class Iface:
+    """One end of a link: an interface in a host's namespace, with its lab-assigned address."""
+
+    host: Host
+    ifname: str
+    address: ipaddress.IPv4Interface
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """A veth pair between two hosts, on its own subnet."""
+
+    index: int
+    subnet: ipaddress.IPv4Network
+    ends: tuple[Iface, Iface]
+    mtu: int
+
+    def end(self, host: Host) -> Iface:
+        for end in self.ends:
+            if end.host is host:
+                return end
+        raise LabError(f"host {host.name} is not on link {self.index}")
+
+    def other(self, host: Host) -> Iface:
+        a, b = self.ends
+        return b if self.end(host) is a else a
+
+
+class Host:
+    """A network namespace in a lab. Processes run in it through ``ip netns exec``."""
+
+    def __init__(self, lab: Lab, name: str, ns: str) -> None:
+        self.lab = lab
+        self.name = name
+        self.ns = ns
+        self.ifaces: list[Iface] = []
+
+    def __repr__(self) -> str:
+        return f"Host({self.name!r}, ns={self.ns!r})"
+
+    def argv(self, argv: Sequence[str]) -> list[str]:
+        """The command line that runs `argv` in this host's namespace."""
+        return ["ip", "netns", "exec", self.ns, *argv]
+
+    def run(self, argv: Sequence[str], **kw: Any) -> subprocess.CompletedProcess[Any]:
+        """`subprocess.run` inside the namespace (same keyword arguments)."""
+        return subprocess.run(self.argv(argv), **kw)
+
+    def check(self, argv: Sequence[str], timeout: float = 60.0) -> str:
+        """Run `argv`, return its stdout; LabError (with the output) if it fails."""
+        try:
+            done = self.run(argv, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise LabError(f"{self.name}: {' '.join(argv)} timed out after {timeout}s") from exc
+        if done.returncode != 0:
+            raise LabError(
+                f"{self.name}: {' '.join(argv)} exited {done.returncode}\n"
+                f"{done.stdout}{done.stderr}"
+            )
+        return str(done.stdout)
+
+    def popen(self, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
+        """`subprocess.Popen` inside the namespace; the lab stops it at teardown.
+
+        The process gets its own process group (unless told otherwise), so a terminal's
+        Ctrl-C reaches only the lab process, which then tears down in order."""
+        self.lab._check_open()
+        if "start_new_session" not in kw and "process_group" not in kw:
+            kw["process_group"] = 0
+        return self.lab._track(subprocess.Popen(self.argv(argv), **kw))
+
+    def address_on(self, link: Link) -> str:
+        """This host's underlay address on `link` (no prefix length)."""
+        return str(link.end(self).address.ip)
+
+    @property
+    def address(self) -> str:
+        """This host's first underlay address."""
+        if not self.ifaces:
+            raise LabError(f"host {self.name} has no links yet")
+        return str(self.ifaces[0].address.ip)
+
+    def link_names(self) -> list[str]:
+        """Names of the interfaces currently in this namespace (as the kernel sees them)."""
+        with _iproute(self.ns) as ipr:
+            return [str(link.get("ifname")) for link in ipr.get_links()]
+
+    def pids(self) -> list[int]:
+        """Processes currently inside this namespace."""
+        return _pids_in([self.ns]).get(self.ns, [])
+
+    def add_route(self, destination: str, via: str) -> None:
+        """Route `destination` (CIDR or "default") through `via` (for routers, later NATs)."""
+        dst = "0.0.0.0/0" if destination == "default" else destination
+        with _iproute(self.ns) as ipr:
+            ipr.route("add", dst=dst, gateway=via)
+
+
+class Lab:
+    """A throwaway topology. Use as a context manager; everything goes on exit."""
+
+    def __init__(self, prefix: str = "ipt", *, keep_workdir: bool | None = None) -> None:
+        if not _PREFIX.fullmatch(prefix):
+            raise LabError(f"lab prefix {prefix!r} must match {_PREFIX.pattern}")
+        if os.geteuid() != 0:
+            raise LabError("the lab needs root (network namespaces, veth, TAP)")
+        self.prefix = prefix
+        self.keep_workdir = (
+            os.environ.get("IPOP_LAB_KEEP") == "1" if keep_workdir is None else keep_workdir
+        )
+        self.hosts: dict[str, Host] = {}
+        self.links: list[Link] = []
+        self._namespaces: list[str] = []  # registered before creation: teardown covers halves
+        self._veths: list[tuple[str, str]] = []  # (namespace, ifname) of each pair's first end
+        self._procs: list[subprocess.Popen[Any]] = []
+        self._closed = False
+        self.id, self._registry = self._claim_id()
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"{self.id}-"))
+        self._registry.write_text(
+            json.dumps(
+                {
+                    "id": self.id,
+                    "pid": os.getpid(),
+                    "start_time": _proc_start_time(os.getpid()),
+                    "workdir": str(self.workdir),
+                }
+            )
+        )
+
+    def _claim_id(self) -> tuple[str, Path]:
+        REGISTRY_DIR.mkdir(parents=True, exist_ok=True)
+        pattern = _lab_pattern(self.prefix)
+        for _ in range(64):
+            lab_id = f"{self.prefix}{secrets.token_hex(2)}"
+            if any((m := pattern.match(ns)) and m.group(1) == lab_id for ns in netns.listnetns()):
+                continue
+            path = REGISTRY_DIR / f"{lab_id}.json"
+            try:
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            except FileExistsError:
+                continue
+            return lab_id, path
+        raise LabError(f"no free lab id with prefix {self.prefix!r}; run cleanup_stale()")
+
+    def __repr__(self) -> str:
+        return f"Lab({self.id!r}, hosts={list(self.hosts)})"
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        try:
+            self.close()
+        except LabError as teardown:
+            if exc is None:
+                raise
+            exc.add_note(f"and the lab teardown failed too: {teardown}")
+
+    # -- building ---------------------------------------------------------------------------
+
+    def add_host(self, name: str) -> Host:
+        """A new host: a namespace named ``<lab id>-<name>`` with ``lo`` up."""
+        self._check_open()
+        if not _HOST_NAME.fullmatch(name):
+            raise LabError(f"host name {name!r} must match {_HOST_NAME.pattern}")
+        if name in self.hosts:
+            raise LabError(f"host {name!r} exists in lab {self.id}")
+        ns = f"{self.id}-{name}"
+        self._namespaces.append(ns)
+        try:
+            netns.create(ns)
+            with _iproute(ns) as ipr:
+                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        except Exception as exc:
+            raise LabError(f"cannot create namespace {ns}: {exc}") from exc
+        host = Host(self, name, ns)
+        self.hosts[name] = host
+        return host
+
+    def connect(
+        self, a: Host, b: Host, subnet: str | None = None, *, mtu: int = UNDERLAY_MTU
+    ) -> Link:
+        """A veth pair between `a` and `b`, up, with `mtu`; `a` gets the subnet's first host
+        address, `b` the second. Without `subnet` the lab picks the next 10.199.N.0/24."""
+        self._check_open()
+        for host in (a, b):
+            if self.hosts.get(host.name) is not host:
+                raise LabError(f"{host!r} is not a host of lab {self.id}")
+        index = len(self.links)
+        if subnet is None:
+            if index > 255:
+                raise LabError("the lab allocates at most 256 links")
+            net = ipaddress.IPv4Network(f"10.199.{index}.0/{LINK_PREFIXLEN}")
+        else:
+            net = ipaddress.IPv4Network(subnet)
+            if net.num_addresses < 4:
+                raise LabError(f"subnet {subnet} has no room for two hosts")
+        hosts = iter(net.hosts())
+        addrs = [ipaddress.IPv4Interface(f"{next(hosts)}/{net.prefixlen}") for _ in range(2)]
+        names = [f"{self.id}-{index}a", f"{self.id}-{index}b"]
+        if any(len(n) > IFNAMSIZ for n in names):
+            raise LabError(f"interface name {names[0]} is longer than {IFNAMSIZ}")
+        self._veths.append((a.ns, names[0]))
+        try:
+            with _iproute(a.ns) as ipr:
+                ipr.link(
+                    "add",
+                    ifname=names[0],
+                    kind="veth",
+                    peer={"ifname": names[1], "net_ns_fd": b.ns},
+                )
+            for host, name, addr in zip((a, b), names, addrs, strict=True):
+                with _iproute(host.ns) as ipr:
+                    idx = ipr.link_lookup(ifname=name)[0]
+                    ipr.link("set", index=idx, mtu=mtu)
+                    ipr.addr(
+                        "add", index=idx, address=str(addr.ip), prefixlen=addr.network.prefixlen
+                    )
+                    ipr.link("set", index=idx, state="up")
+        except Exception as exc:
+            raise LabError(f"cannot connect {a.name} and {b.name}: {exc}") from exc
+        link = Link(
+            index,
+            net,
+            (Iface(a, names[0], addrs[0]), Iface(b, names[1], addrs[1])),
+            mtu,
+        )
+        a.ifaces.append(link.ends[0])
+        b.ifaces.append(link.ends[1])
+        self.links.append(link)
+        return link
+
+    def _track(self, proc: subprocess.Popen[Any]) -> subprocess.Popen[Any]:
+        self._procs.append(proc)
+        return proc
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LabError(f"lab {self.id} is closed")
+
+    # -- teardown ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop every process, delete veths and namespaces, check they are gone; idempotent.
+
+        Raises LabError listing whatever could not be removed (after trying everything)."""
+        if self._closed and not self._procs and not self._namespaces:
+            return
+        self._closed = True
+        errors: list[str] = []
+        with _signals_deferred():
+            self._stop_processes(errors)
+            _evict(self._namespaces, errors)
+            self._delete_veths(errors)
+            _remove_namespaces(self._namespaces, errors)
+            _delete_root_links(re.compile(rf"^{re.escape(self.id)}-"), errors)
+            if not errors:
+                self._namespaces.clear()
+            with contextlib.suppress(OSError):
+                self._registry.unlink()
+            if not self.keep_workdir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+        if errors:
+            raise LabError(f"lab {self.id} teardown: " + "; ".join(errors))
+
+    def _stop_processes(self, errors: list[str]) -> None:
+        procs, self._procs = self._procs, []
+        for proc in procs:
+            if proc.poll() is None:
+                _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + TERM_TIMEOUT
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                try:
+                    proc.wait(timeout=KILL_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    errors.append(f"process {proc.pid} survived SIGKILL")
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
+
+    def _delete_veths(self, errors: list[str]) -> None:
+        present = set(netns.listnetns())
+        for ns, name in self._veths:
+            if ns not in present:
+                continue
+            try:
+                with _iproute(ns) as ipr:
+                    for idx in ipr.link_lookup(ifname=name):
+                        ipr.link("del", index=idx)
+                    if ipr.link_lookup(ifname=name):
+                        errors.append(f"veth {name} still present in {ns}")
+            except Exception as exc:
+                errors.append(f"cannot delete veth {name} in {ns}: {exc}")
+        self._veths.clear()
+
+
+def _signal_group(proc: subprocess.Popen[Any], sig: int) -> None:
+    """Signal the process's group when it leads one (ours do), else just the process."""
+    try:
+        if os.getpgid(proc.pid) == proc.pid:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+    except ProcessLookupError:
+        pass
+
+
+def cleanup_stale(prefix: str = "ipt", *, force: bool = False) -> list[str]:
+    """Remove what labs with this prefix left behind (their owner died: SIGKILL, a crash).
+
+    A lab whose owner process is still alive is spared unless `force`. Returns the names of
+    the namespaces and interfaces removed. Raises LabError if some could not be removed."""
+    if not _PREFIX.fullmatch(prefix):
+        raise LabError(f"lab prefix {prefix!r} must match {_PREFIX.pattern}")
+    pattern = _lab_pattern(prefix)
+    by_lab: dict[str, list[str]] = {}
+    for ns in netns.listnetns():
+        if m := pattern.match(ns):
+            by_lab.setdefault(m.group(1), []).append(ns)
+    for link_name in (name for _, name in _root_links_matching(pattern)):
+        if m := pattern.match(link_name):
+            by_lab.setdefault(m.group(1), [])
+    registry: dict[str, dict[str, Any]] = {}
+    if REGISTRY_DIR.is_dir():
+        for path in REGISTRY_DIR.glob(f"{prefix}*.json"):
+            lab_id = path.stem
+            if re.fullmatch(rf"{re.escape(prefix)}{_HEX4}", lab_id):
+                try:
+                    registry[lab_id] = json.loads(path.read_text() or "{}")
+                except (OSError, ValueError):
+                    registry[lab_id] = {}
+                by_lab.setdefault(lab_id, [])
+
+    removed: list[str] = []
+    errors: list[str] = []
+    for lab_id, namespaces in sorted(by_lab.items()):
+        owner = registry.get(lab_id, {})
+        pid = owner.get("pid")
+        if not force and isinstance(pid, int) and _pid_alive(pid):
+            started = owner.get("start_time")
+            if started is None or started == _proc_start_time(pid):
+                continue  # its owner still runs: not stale
+        _evict(namespaces, errors)
+        _remove_namespaces(namespaces, errors)
+        removed += [ns for ns in namespaces if ns not in netns.listnetns()]
+        removed += _delete_root_links(re.compile(rf"^{re.escape(lab_id)}-"), errors)
+        workdir = owner.get("workdir")
+        if isinstance(workdir, str) and Path(workdir).name.startswith(f"{lab_id}-"):
+            shutil.rmtree(workdir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            (REGISTRY_DIR / f"{lab_id}.json").unlink()
+    if errors:
+        raise LabError("cleanup_stale: " + "; ".join(errors))
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------
+# Overlay harness: ipop-trio nodes on lab hosts
+
+DEFAULT_OVERLAY_NETWORK = "10.77.0.0/24"
+DEFAULT_PORT = 4600
+READY_TIMEOUT = 20.0
+LOG_TAIL_LINES = 40
+
+
+def control_request(
+    path: Path | str, request: dict[str, Any], timeout: float = 5.0
+) -> dict[str, Any]:
+    """One request on a node's control socket: a JSON line out, a JSON line back."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            buf = bytearray()
+            while b"\n" not in buf:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+    except OSError as exc:
+        raise LabError(f"control socket {path}: {exc}") from exc
+    line = bytes(buf).split(b"\n", 1)[0]
+    try:
+        reply = json.loads(line)
+    except ValueError as exc:
+        raise LabError(f"control socket {path}: not JSON: {line[:200]!r}") from exc
+    if not isinstance(reply, dict):
+        raise LabError(f"control socket {path}: expected an object, got {line[:200]!r}")
+    return reply
+
+
+@dataclass(frozen=True, slots=True)
+class CA:
+    """An overlay CA held in memory (PEM key and certificate)."""
+
+    name: str
+    network: str
+    key_pem: bytes
+    cert_pem: bytes
+
+
+@dataclass(slots=True, eq=False)
+class OverlayNode:
+    """One ipop-trio node of an `Overlay`, and where its files live."""
+
+    name: str
+    host: Host
+    address: str  # overlay address (from the certificate)
+    port: int  # underlay UDP port
+    tap: str
+    ca: CA  # issued this node's certificate; the node also trusts it
+    groups: tuple[str, ...]
+    key_pem: bytes
+    cert_pem: bytes
+    dir: Path
+    peers: tuple[str, ...] | None  # names of configured peers; None: every other node
+    proc: subprocess.Popen[Any] | None = None
+
+    @property
+    def config(self) -> Path:
+        return self.dir / "node.toml"
+
+    @property
+    def control(self) -> Path:
+        return self.dir / "control.sock"
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "node.log"
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise LabError(f"node {self.name} is not started")
+        return self.proc.pid
+
+
+def _toml_str(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a valid TOML basic string
+
+
+class Overlay:
+    """ipop-trio nodes on a lab's hosts, sharing one CA (unless told otherwise).
+
+    Nodes are peered in a full mesh by default; each peer entry names the peer's certificate
+    when both were issued by the same CA, else its raw public key (so a node with a foreign
+    certificate can still be configured and must be refused at the handshake)."""
+
+    def __init__(
+        self,
+        lab: Lab,
+        *,
+        name: str = "lab",
+        network: str = DEFAULT_OVERLAY_NETWORK,
+        cipher: str = "aes-256-gcm",
+        tap_mtu: int = 1400,
+        log_level: str = "info",
+        days: int = 2,
+    ) -> None:
+        self.lab = lab
+        self.network = ipaddress.ip_network(network)
+        self.cipher = cipher
+        self.tap_mtu = tap_mtu
+        self.log_level = log_level
+        self.days = days
+        self.nodes: dict[str, OverlayNode] = {}
+        self.dir = lab.workdir / "overlay"
+        self.dir.mkdir(exist_ok=True)
+        self.ca = self.new_ca(name, network)
+
+    def new_ca(self, name: str, network: str | None = None) -> CA:
+        """A fresh CA (the overlay's own, or a foreign one for refusal tests)."""
+        from ipop_trio import pki
+
+        net = network or str(self.network)
+        key_pem, cert_pem = pki.new_ca(name, net, self.days, time.time())
+        return CA(name, net, key_pem, cert_pem)
+
+    def _next_address(self) -> str:
+        used = {n.address for n in self.nodes.values()}
+        for addr in self.network.hosts():
+            if str(addr) not in used:
+                return str(addr)
+        raise LabError(f"overlay network {self.network} is full")
+
+    def add_node(
+        self,
+        name: str,
+        host: Host,
+        *,
+        address: str | None = None,
+        groups: Iterable[str] = (),
+        ca: CA | None = None,
+        peers: Iterable[str] | None = None,
+    ) -> OverlayNode:
+        """Issue a certificate for a node on `host` (next free overlay address unless given).
+        The node is configured and started by `start`."""
+        from ipop_trio import pki
+
+        if name in self.nodes:
+            raise LabError(f"node {name!r} exists")
+        issuer = ca or self.ca
+        address = address or self._next_address()
+        groups_t = tuple(groups)
+        key_pem, cert_pem = pki.issue_node(
+            issuer.key_pem, issuer.cert_pem, name, address, groups_t, self.days, time.time()
+        )
+        if key_pem is None:
+            raise LabError("pki.issue_node returned no private key")
+        on_host = [n for n in self.nodes.values() if n.host is host]
+        node = OverlayNode(
+            name=name,
+            host=host,
+            address=address,
+            port=DEFAULT_PORT + len(on_host),
+            tap=f"ipop{len(on_host)}",
+            ca=issuer,
+            groups=groups_t,
+            key_pem=key_pem,
+            cert_pem=cert_pem,
+            dir=self.dir / name,
+            peers=None if peers is None else tuple(peers),
+        )
+        self.nodes[name] = node
+        return node
+
+    def public_key(self, node: OverlayNode) -> str:
+        """The node's raw X25519 public key, base64 (as in a config's ``public_key``)."""
+        from ipop_trio import pki
+
+        return pki.encode_key(pki.public_key_of(pki.load_private_key_bytes(node.key_pem)))
+
+    def endpoint(self, src: OverlayNode, dst: OverlayNode) -> str:
+        """Where `src` reaches `dst` on the underlay: `dst`'s address on a link they share,
+        else `dst`'s first address (routed)."""
+        for iface in dst.host.ifaces:
+            for link in self.lab.links:
+                if iface in link.ends and any(e.host is src.host for e in link.ends):
+                    return f"{iface.address.ip}:{dst.port}"
+        return f"{dst.host.address}:{dst.port}"
+
+    def write_config(self, node: OverlayNode) -> Path:
+        """Write the node's key, certificates and TOML config into its directory."""
+        node.dir.mkdir(parents=True, exist_ok=True)
+        key = node.dir / "node.key"
+        key.write_bytes(node.key_pem)
+        key.chmod(0o600)
+        (node.dir / "node.crt").write_bytes(node.cert_pem)
+        (node.dir / "ca.crt").write_bytes(node.ca.cert_pem)
+        lines = [
+            "[node]",
+            f"name = {_toml_str(node.name)}",
+            'cert = "node.crt"',
+            'key = "node.key"',
+            'ca = "ca.crt"',
+            f'listen = "0.0.0.0:{node.port}"',
+            f"control = {_toml_str(str(node.control))}",
+            f"cipher = {_toml_str(self.cipher)}",
+            f"log_level = {_toml_str(self.log_level)}",
+            "",
+            "[tap]",
+            f"name = {_toml_str(node.tap)}",
+            f"mtu = {self.tap_mtu}",
+        ]
+        names = node.peers if node.peers is not None else [n for n in self.nodes if n != node.name]
+        for peer_name in names:
+            peer = self.nodes[peer_name]
+            lines += ["", "[[peer]]", f"name = {_toml_str(peer.name)}"]
+            if peer.ca is node.ca:
+                cert = f"peer-{peer.name}.crt"
+                (node.dir / cert).write_bytes(peer.cert_pem)
+                lines.append(f"cert = {_toml_str(cert)}")
+            else:
+                lines.append(f"public_key = {_toml_str(self.public_key(peer))}")
+            lines.append(f"endpoint = {_toml_str(self.endpoint(node, peer))}")
+        node.config.write_text("\n".join(lines) + "\n")
+        return node.config
+
+    def start(self, *nodes: OverlayNode, timeout: float = READY_TIMEOUT) -> None:
+        """Write configs, start the nodes (default: all not yet started), wait until each
+        answers on its control socket."""
+        todo = list(nodes) or [n for n in self.nodes.values() if n.proc is None]
+        for node in todo:
+            self.write_config(node)
+            with contextlib.suppress(FileNotFoundError):
+                node.control.unlink()
+            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            with open(node.log, "ab") as log:
+                node.proc = node.host.popen(
+                    [sys.executable, "-m", "ipop_trio", "run", "-c", str(node.config)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=node.dir,
+                    env=env,
+                )
+        deadline = time.monotonic() + timeout
+        for node in todo:
+            self.wait_ready(node, deadline - time.monotonic())
+
+    def wait_ready(self, node: OverlayNode, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
+        """Poll the control socket until the node answers `status`; return that status."""
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while True:
+            if node.proc is None:
+                raise LabError(f"node {node.name} is not started")
+            code = node.proc.poll()
+            if code is not None:
+                raise LabError(
+                    f"node {node.name} exited with {code} before it was ready" + self._tail(node)
+                )
+            if node.control.exists():
+                try:
+                    return self.status(node, timeout=1.0)
+                except LabError as exc:
+                    last = str(exc)
+            if time.monotonic() >= deadline:
+                raise LabError(
+                    f"node {node.name} not ready after {timeout:.0f}s ({last})" + self._tail(node)
+                )
+            time.sleep(POLL_INTERVAL)
+
+    def status(self, node: OverlayNode, timeout: float = 5.0) -> dict[str, Any]:
+        """The node's ``status`` reply (a dict, see the control protocol)."""
+        return control_request(node.control, {"cmd": "status"}, timeout)
+
+    def peer_status(self, node: OverlayNode, peer: OverlayNode) -> dict[str, Any] | None:
+        """`node`'s status entry for `peer`, or None when it lists no such peer."""
+        for entry in self.status(node).get("peers", []):
+            if entry.get("name") == peer.name:
+                return dict(entry)
+        return None
+
+    def wait_established(
+        self, a: OverlayNode, b: OverlayNode, timeout: float = READY_TIMEOUT, *, both: bool = True
+    ) -> dict[str, Any]:
+        """Poll until `a` reports its link to `b` established (and `b` its link to `a`, when
+        `both`); return `a`'s entry for `b`."""
+        deadline = time.monotonic() + timeout
+        pairs = [(a, b), (b, a)] if both else [(a, b)]
+        seen: dict[str, Any] = {}
+        while True:
+            done = True
+            for x, y in pairs:
+                entry = self.peer_status(x, y)
+                seen[f"{x.name}->{y.name}"] = entry and entry.get("state")
+                if not entry or entry.get("state") != "established":
+                    done = False
+            if done:
+                return self.peer_status(a, b) or {}
+            if time.monotonic() >= deadline:
+                raise LabError(
+                    f"link {a.name}<->{b.name} not established after {timeout:.0f}s: {seen}"
+                    + self._tail(a)
+                    + self._tail(b)
+                )
+            time.sleep(POLL_INTERVAL)
+
+    def stop(self, node: OverlayNode, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        """Send `sig` to the node and wait for it to exit; return its exit code."""
+        if node.proc is None:
+            raise LabError(f"node {node.name} is not started")
+        if node.proc.poll() is None:
+            node.proc.send_signal(sig)
+        try:
+            return node.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise LabError(
+                f"node {node.name} still running {timeout:.0f}s after signal {sig}"
+                + self._tail(node)
+            ) from exc
+
+    def log_tail(self, node: OverlayNode, lines: int = LOG_TAIL_LINES) -> str:
+        """The last lines of the node's log (stdout and stderr)."""
+        try:
+            text = node.log.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _tail(self, node: OverlayNode) -> str:
+        return f"\n--- {node.name} log (last {LOG_TAIL_LINES} lines) ---\n{self.log_tail(node)}"
+
+
+__all__ = [
+    "CA",
+    "LAB_NETWORK",
+    "Host",
+    "Iface",
+    "Lab",
+    "Link",
+    "Overlay",
+    "OverlayNode",
+    "cleanup_stale",
+    "control_request",
+    "sigterm_raises",
+]

@@ -1,0 +1,246 @@
+"""Two real nodes in namespaces: ping, iperf3, refusal of a foreign CA, confidentiality on the
+wire, and a clean exit on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import select
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ipop_trio.bench import iperf3, ping_rtts, start_iperf3_server
+from ipop_trio.lab import Host, Overlay, OverlayNode
+
+from .conftest import Pair, TwoHosts
+
+pytestmark = pytest.mark.lab
+
+# Sends one UDP datagram: argv = address port payload-hex (broadcast addresses allowed).
+SEND_UDP = """
+import socket, sys
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+    s.sendto(bytes.fromhex(sys.argv[3]), (sys.argv[1], int(sys.argv[2])))
+"""
+# Receives one UDP datagram on address:port, prints "ready", then the payload in hex.
+RECV_UDP = """
+import socket, sys
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    s.bind((sys.argv[1], int(sys.argv[2])))
+    print("ready", flush=True)
+    print(s.recvfrom(65536)[0].hex(), flush=True)
+"""
+
+
+class Lines:
+    """Lines from a child's pipe, each awaited with a deadline (never blocks forever)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.fd = stream.fileno()
+        self.buf = b""
+
+    def next(self, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            ready, _, _ = select.select([self.fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                pytest.fail(f"no line within {timeout}s (got {self.buf!r})")
+            chunk = os.read(self.fd, 4096)
+            if not chunk:
+                pytest.fail(f"pipe closed before a line (got {self.buf!r})")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line.decode(errors="replace")
+
+
+class Capture:
+    """tcpdump -w in a host's namespace; stopped by `stop` (or by the lab's teardown)."""
+
+    def __init__(self, host: Host, iface: str, path: Path) -> None:
+        self.path = path
+        # --immediate-mode: no block timeout before packets reach the file; -Z root: keep
+        # the right to write into the lab's directory.
+        argv = ["tcpdump", "--immediate-mode", "-U", "-Z", "root", "-n", "-s", "0"]
+        self.proc = host.popen(
+            [*argv, "-i", iface, "-w", str(path)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        lines = Lines(self.proc.stderr)
+        while "listening on" not in (line := lines.next(10)):
+            assert "tcpdump" in line, line
+
+    def wait_for(self, needle: bytes, timeout: float = 10.0) -> None:
+        """Poll the capture file until `needle` is in it: everything sent before is too."""
+        deadline = time.monotonic() + timeout
+        while needle not in self.path.read_bytes():
+            if time.monotonic() >= deadline:
+                pytest.fail(f"{needle!r} never showed up in {self.path}")
+            time.sleep(0.05)
+
+    def stop(self) -> bytes:
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(timeout=10)
+        return self.path.read_bytes()
+
+
+def pcap_frames(data: bytes) -> list[bytes]:
+    """The frames of a classic pcap file (tcpdump -w), Ethernet link type."""
+    magic, _, _, _, _, _, linktype = struct.unpack_from("<IHHiIII", data)
+    assert magic == 0xA1B2C3D4 and linktype == 1, (hex(magic), linktype)
+    frames, off = [], 24
+    while off + 16 <= len(data):
+        _, _, incl, _ = struct.unpack_from("<IIII", data, off)
+        frames.append(data[off + 16 : off + 16 + incl])
+        off += 16 + incl
+    return frames
+
+
+def ipv4_udp(frame: bytes) -> tuple[str, str, int, int, bytes] | None:
+    """(src, dst, sport, dport, payload) of an Ethernet/IPv4/UDP frame, else None."""
+    if len(frame) < 42 or frame[12:14] != b"\x08\x00" or frame[23] != 17:
+        return None
+    ihl = (frame[14] & 0x0F) * 4
+    src = ".".join(map(str, frame[26:30]))
+    dst = ".".join(map(str, frame[30:34]))
+    sport, dport = struct.unpack_from("!HH", frame, 14 + ihl)
+    return src, dst, sport, dport, frame[14 + ihl + 8 :]
+
+
+def ipv4_src(frame: bytes) -> str | None:
+    if len(frame) < 34 or frame[12:14] != b"\x08\x00":
+        return None
+    return ".".join(map(str, frame[26:30]))
+
+
+def send_udp(host: Host, address: str, port: int, payload: bytes) -> None:
+    host.check([sys.executable, "-c", SEND_UDP, address, str(port), payload.hex()])
+
+
+def counted_refusals(status: dict[str, Any], peer: str) -> int:
+    """How many refusals `status` shows: a refusal noted on `peer`'s entry, plus every
+    node-wide counter named for a refused/rejected handshake or certificate."""
+    noted = sum(1 for p in status.get("peers", []) if p.get("name") == peer and p.get("refused"))
+
+    def walk(value: Any, key: str = "") -> int:
+        if isinstance(value, dict):
+            return sum(walk(v, str(k)) for k, v in value.items())
+        if isinstance(value, int) and any(w in key for w in ("refus", "reject", "cert")):
+            return value
+        return 0
+
+    return noted + walk(status.get("stats", {}))
+
+
+def test_ping_both_ways_over_the_overlay(pair: Pair) -> None:
+    a, b = pair.hosts.a, pair.hosts.b
+    assert len(ping_rtts(a, pair.beta.address, count=5, interval=0.2)) == 5
+    assert len(ping_rtts(b, pair.alpha.address, count=5, interval=0.2)) == 5
+    entry = pair.overlay.peer_status(pair.alpha, pair.beta)
+    assert entry is not None
+    assert entry["state"] == "established" and entry["mode"] == "secure"
+    assert entry["tx_packets"] > 0 and entry["rx_packets"] > 0
+    assert entry["last_handshake"] is not None
+
+
+def test_iperf3_three_seconds_over_the_overlay(pair: Pair) -> None:
+    start_iperf3_server(pair.hosts.b, one_off=True)
+    result = iperf3(pair.hosts.a, pair.beta.address, 3)  # raises on any iperf3 error
+    assert result.bits_per_second > 0 and result.bytes > 0
+
+
+def test_a_node_with_a_foreign_ca_certificate_never_gets_a_frame_through(
+    two_hosts: TwoHosts, overlay: Overlay
+) -> None:
+    a, b = two_hosts.a, two_hosts.b
+    alpha = overlay.add_node("alpha", a)
+    # Mallory has a well-formed certificate for an address of the overlay, from another CA.
+    # Each side knows the other's public key, so only the certificate check can refuse.
+    mallory = overlay.add_node("mallory", b, ca=overlay.new_ca("evil", str(overlay.network)))
+    overlay.start()
+    tap = Capture(a, alpha.tap, two_hosts.lab.workdir / "alpha-tap.pcap")
+
+    assert ping_rtts(b, alpha.address, count=5, interval=0.2) == []
+    assert ping_rtts(a, mallory.address, count=5, interval=0.2) == []
+    send_udp(b, alpha.address, 7777, b"from-mallory")
+    # A broadcast alpha's own kernel sends out of its TAP (no ARP needed) ends the capture.
+    sentinel = secrets.token_bytes(16)
+    send_udp(a, str(overlay.network.broadcast_address), 9, sentinel)
+    tap.wait_for(sentinel)
+    frames = pcap_frames(tap.stop())
+    assert not [f for f in frames if ipv4_src(f) == mallory.address], "a frame got through"
+
+    deadline = time.monotonic() + 10
+    while counted_refusals(overlay.status(alpha), mallory.name) == 0:
+        assert time.monotonic() < deadline, f"alpha counted no refusal: {overlay.status(alpha)}"
+        time.sleep(0.1)
+    for x, y in ((alpha, mallory), (mallory, alpha)):
+        entry = overlay.peer_status(x, y)
+        assert entry is None or entry["state"] != "established", (x.name, entry)
+
+
+def test_the_underlay_never_carries_overlay_payload_in_clear(pair: Pair) -> None:
+    a, b, link = pair.hosts.a, pair.hosts.b, pair.hosts.link
+    workdir = pair.hosts.lab.workdir
+    ping_marker = secrets.token_bytes(16)
+    udp_marker = b"IPOP-MARKER-" + secrets.token_hex(16).encode()
+    underlay = Capture(b, link.end(b).ifname, workdir / "underlay.pcap")
+    # Positive control: the same markers are visible on beta's TAP, so the search works.
+    tap = Capture(b, pair.beta.tap, workdir / "beta-tap.pcap")
+
+    rtts = ping_rtts(a, pair.beta.address, count=5, interval=0.2, pattern=ping_marker.hex())
+    assert len(rtts) == 5
+    receiver = b.popen(
+        [sys.executable, "-c", RECV_UDP, pair.beta.address, "7777"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+    )
+    lines = Lines(receiver.stdout)
+    assert lines.next(10) == "ready"
+    send_udp(a, pair.beta.address, 7777, udp_marker)
+    assert bytes.fromhex(lines.next(10)) == udp_marker, "the datagram must cross the overlay"
+
+    tap.wait_for(udp_marker)
+    sentinel = b"IPOP-SENTINEL-" + secrets.token_hex(8).encode()
+    send_udp(a, b.address_on(link), 9, sentinel)  # directly on the underlay: ends the capture
+    underlay.wait_for(sentinel)
+    wire, clear = underlay.stop(), tap.stop()
+
+    assert ping_marker in clear and udp_marker in clear
+    assert ping_marker not in wire, "ping payload visible on the underlay"
+    assert udp_marker not in wire, "UDP payload visible on the underlay"
+    # ...and the underlay capture did see the overlay's datagrams: the test could fail.
+    carried = [
+        u
+        for u in map(ipv4_udp, pcap_frames(wire))
+        if u is not None and pair.beta.port in (u[2], u[3]) and len(u[4]) > len(ping_marker)
+    ]
+    assert len(carried) >= 11, f"only {len(carried)} overlay datagrams on the underlay"
+
+
+def test_sigterm_removes_the_tap_and_exits_zero(pair: Pair) -> None:
+    b, beta = pair.hosts.b, pair.beta
+
+    def tap_present(node: OverlayNode) -> bool:
+        shown = subprocess.run(
+            ["ip", "-n", node.host.ns, "link", "show", "dev", node.tap],
+            capture_output=True,
+            timeout=10,
+        )
+        return shown.returncode == 0
+
+    assert tap_present(beta)
+    assert pair.overlay.stop(beta, signal.SIGTERM, timeout=15) == 0
+    assert not tap_present(beta)
+    assert b.pids() == [], "a process was left in beta's namespace"
+    assert not Path(f"/proc/{beta.pid}").exists()
+    assert tap_present(pair.alpha), "the other node goes on"
