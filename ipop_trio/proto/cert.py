@@ -22,6 +22,7 @@ import datetime
 import hashlib
 import ipaddress
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import TypeGuard
 
@@ -98,6 +99,9 @@ def _single_cn(name: x509.Name) -> str | None:
 
 def _timestamp(moment: datetime.datetime) -> float:
     return moment.timestamp()
+
+
+_ED25519_SIGNATURE_PREFIX = b"\x03\x41\x00"
 
 
 class TrustAnchor:
@@ -182,7 +186,11 @@ class TrustAnchor:
         if len(der) > MAX_CERT_SIZE:
             raise CertificateRefused(f"certificate too large ({len(der)} bytes)")
         try:
-            cert = x509.load_der_x509_certificate(der)
+            # A parser warning (e.g. a non-positive serial) is a refusal, not log noise a
+            # peer could make us print.
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                cert = x509.load_der_x509_certificate(der)
         except Exception as exc:
             raise CertificateRefused(f"malformed certificate: {exc}") from exc
 
@@ -193,6 +201,11 @@ class TrustAnchor:
             )
         if cert.signature_algorithm_oid != SignatureAlgorithmOID.ED25519:
             raise CertificateRefused("certificate signature algorithm is not Ed25519")
+        # The DER must end in the signature BIT STRING exactly (tag, length 65, 0 unused
+        # bits): the parser ignores the unused-bits count, which would make one byte of an
+        # accepted certificate malleable (found by the single-bit-flip property test).
+        if der[-67:-64] != _ED25519_SIGNATURE_PREFIX:
+            raise CertificateRefused("malformed certificate: signature is not a plain BIT STRING")
         try:
             self._public.verify(cert.signature, cert.tbs_certificate_bytes)
         except InvalidSignature as exc:
