@@ -15,6 +15,7 @@ are resolved against the config file's directory.
     [tap]
     name = "ipop0"
     mtu = 1400
+    offload = true              # checksum offload + TSO super-frames from the kernel
 
     [[peer]]
     name = "beta"
@@ -45,7 +46,7 @@ _IFNAME = re.compile(r"^[A-Za-z0-9._-]{1,15}$")
 _KNOWN = {
     "": {"node", "tap", "peer"},
     "node": {"name", "cert", "key", "ca", "listen", "control", "cipher", "log_level"},
-    "tap": {"name", "mtu"},
+    "tap": {"name", "mtu", "offload"},
     "peer": {"name", "cert", "public_key", "endpoint"},
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -76,6 +77,7 @@ class PeerConfig:
 class TapConfig:
     name: str = "ipop0"
     mtu: int = DEFAULT_MTU
+    offload: bool = True  # ask the kernel for checksum offload and TSO super-frames
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +126,7 @@ def parse(data: dict[str, Any], path: Path) -> NodeConfig:
     tap = TapConfig(
         name=_ifname("tap.name", tap_t.get("name", "ipop0")),
         mtu=_int("tap.mtu", tap_t.get("mtu", DEFAULT_MTU), MIN_MTU, MAX_MTU),
+        offload=_bool("tap.offload", tap_t.get("offload", True)),
     )
     control_raw = node.get("control", f"/run/ipop-trio/{tap.name}.sock")
     if not isinstance(control_raw, str) or not control_raw:
@@ -216,6 +219,12 @@ def _table(data: dict[str, Any], name: str, *, required: bool) -> dict[str, Any]
     if not isinstance(t, dict):
         raise ConfigError(name, f"must be a [{name}] table")
     return t
+
+
+def _bool(field: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(field, f"must be true or false, got {value!r}")
+    return value
 
 
 def _name(field: str, value: object) -> str:

@@ -35,7 +35,7 @@ from .datapath.outbound import Outbound
 from .datapath.switch import PeerPort, Switch
 from .errors import CertificateRefused, ConfigError, PkiError
 from .net import netlink
-from .net.tap import Tap, TapWriter
+from .net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, Tap, TapWriter
 from .net.udp import UdpSocket
 from .proto import handshake
 from .proto.cert import Identity, TrustAnchor, mac_for_key
@@ -152,6 +152,7 @@ class Node:
                 "pid": os.getpid(),
                 "cipher": self.setup.config.cipher.value,
                 "started": self.started_wall,
+                "offload": self.tap.offload,
                 "gso": self.udp.gso,
                 "gro": self.udp.gro,
             },
@@ -167,7 +168,9 @@ async def run_node(
     setup: Setup, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED
 ) -> None:
     cfg = setup.config
-    tap = Tap(cfg.tap.name)
+    tap = Tap(cfg.tap.name, vnet_hdr=True)
+    if cfg.tap.offload and not tap.set_offload(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6):
+        log.warning("%s: the kernel refused checksum/TSO offload; running without", tap.name)
     try:
         udp = UdpSocket(cfg.listen)
     except OSError as exc:

@@ -221,6 +221,12 @@ class LinkManager:
                 )
                 rt.failures = 0
                 rt.refused = None
+                # A restarted peer numbers its super-frames from 0 again: forget the ids
+                # we saw, or every piece would look late and be rebuilt one by one.
+                flushed: list[bytes] = []
+                port.reassembler.reset(flushed)
+                if flushed:
+                    self.node.writer.submit(flushed)
                 if ev.peer.address.version == 4 and port.ip4 != ev.peer.address.packed:
                     self.node.switch.set_ip4(port, ev.peer.address.packed)
                 log.info(

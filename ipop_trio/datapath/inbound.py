@@ -11,11 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..errors import BadPacket
-from ..proto.wire import DATA_HEADER, INNER_FRAME, Demux, demux
+from ..proto.wire import DATA_HEADER, Demux, demux
 from ..stats import Stats, now_ns
-from .switch import PeerPort, Switch
+from .switch import VNET, PeerPort, Switch
 
 MAX_RECV_CALLS = 64  # receive calls drained per batch before yielding to other tasks
+# An incomplete super-frame waits this long for its missing pieces (a lost datagram), then
+# its pieces go to the TAP as individual segments. GRO implementations hold ~1 ms too.
+PENDING_FLUSH = 0.001
 
 
 class SessionEntry:
@@ -41,6 +44,7 @@ class Inbound:
         self.stats = stats
         self.sessions = sessions
         self.on_handshake = on_handshake
+        self.pending: set[PeerPort] = set()  # peers with a super-frame still missing pieces
 
     def process(
         self, datagrams: list[memoryview], addr: tuple[str, int], now: float, out: list[bytes]
@@ -49,7 +53,7 @@ class Inbound:
         t0 = now_ns()
         stats = self.stats
         sessions = self.sessions
-        accept = self.switch.accept_inbound
+        writes: list[bytes] = []
         nbytes = 0
         for d in datagrams:
             if len(d) < DATA_HEADER.size:
@@ -87,15 +91,38 @@ class Inbound:
             if not payload:
                 continue  # keepalive
             port.last_data = now
-            if payload[-1] != INNER_FRAME:
-                stats.drop("unknown_inner_kind")
-                continue
-            frame = payload[:-1]
-            if not accept(port, frame):
+            reassembler = port.reassembler
+            try:
+                reassembler.push_untrusted(payload, writes)
+            except BadPacket:
+                stats.drop("bad_inner_payload")
                 port.drops += 1
-                continue
-            port.rx_packets += 1
-            port.rx_bytes += len(frame)
-            nbytes += len(frame)
-            out.append(frame)
+            if writes:
+                nbytes += self._accept(port, writes, out)
+            if reassembler.pending:
+                self.pending.add(port)
         stats["open"].record(len(datagrams), nbytes, t0)
+
+    def _accept(self, port: PeerPort, writes: list[bytes], out: list[bytes]) -> int:
+        """Move the TAP writes the switch accepts from `writes` to `out`; return their bytes."""
+        accept = self.switch.accept_inbound
+        nbytes = 0
+        for w in writes:
+            if accept(port, w):
+                port.rx_packets += 1
+                port.rx_bytes += len(w) - VNET
+                nbytes += len(w)
+                out.append(w)
+            else:
+                port.drops += 1
+        writes.clear()
+        return nbytes
+
+    def flush_pending(self, out: list[bytes]) -> None:
+        """Write out super-frames still missing pieces, as the individual segments that did
+        arrive (called when the socket has been quiet for PENDING_FLUSH)."""
+        writes: list[bytes] = []
+        for port in self.pending:
+            port.reassembler.flush(writes)
+            self._accept(port, writes, out)
+        self.pending.clear()

@@ -2,8 +2,9 @@
 
 Per batch (never per packet: no await, no logging, no allocation beyond the frame bytes):
   1. switch: split the TAP batch by destination peer; ARP for known peers answered locally;
-  2. seal: each frame becomes one datagram (frame | kind byte, AEAD-sealed on secure links),
-     laid back to back into one reused send buffer;
+  2. encode + seal: each TAP read becomes inner payloads (proto/offload.py: a frame, a frame
+     whose checksum the peer's kernel finishes, or the segment-sized pieces of a TSO
+     super-frame), each sealed into its own datagram, laid back to back in one send buffer;
   3. udp_send: equal-sized neighbours leave in one UDP GSO send per peer.
 A peer without a usable session keeps up to 128 frames staged and wakes its link task.
 """
@@ -11,12 +12,11 @@ A peer without a usable session keeps up to 128 frames staged and wakes its link
 from __future__ import annotations
 
 from ..net.udp import UdpSocket
-from ..proto.wire import INNER_FRAME
+from ..proto.offload import OffloadError, encode_outbound
 from ..stats import Stats, now_ns
-from .switch import PeerPort, Switch
+from .switch import VNET, PeerPort, Switch
 
 SEND_BUFFER = 1 << 20
-_KIND_FRAME = bytes([INNER_FRAME])
 
 
 class Outbound:
@@ -48,7 +48,15 @@ class Outbound:
         cap = len(view)
         overhead: int = session.overhead()  # type: ignore[attr-defined]
         seal_batch_into = session.seal_batch_into  # type: ignore[attr-defined]
-        payloads = [frame + _KIND_FRAME for frame in frames]
+        payloads: list[bytes] = []
+        frame_id = port.frame_id
+        for frame in frames:
+            try:
+                payloads.extend(encode_outbound(frame, frame_id))
+            except OffloadError:
+                self.stats.drop("bad_tap_frame")
+            frame_id = (frame_id + 1) & 0xFFFFFFFF
+        port.frame_id = frame_id
         sizes = [len(p) + overhead for p in payloads]
         i, n = 0, len(payloads)
         while i < n:  # as many datagrams as fit the send buffer, then flush
@@ -59,8 +67,8 @@ class Outbound:
             end = seal_batch_into(view, 0, payloads[i:j])
             self._flush(port, view[:end], sizes[i:j], t0)
             i, t0 = j, now_ns()
-        port.tx_packets += n
-        port.tx_bytes += sum(sizes) - n * (overhead + 1)
+        port.tx_packets += len(frames)
+        port.tx_bytes += sum(map(len, frames)) - VNET * len(frames)
         port.last_sent = now
 
     def _flush(self, port: PeerPort, data: memoryview, sizes: list[int], t0: int) -> None:

@@ -10,12 +10,14 @@ recover from a stalled node.
 
 from __future__ import annotations
 
+import time
+
 import trio
 
 from ..net.tap import Tap, TapWriter
 from ..net.udp import UdpSocket
 from ..stats import Stats, now_ns
-from .inbound import MAX_RECV_CALLS, Inbound
+from .inbound import MAX_RECV_CALLS, PENDING_FLUSH, Inbound
 from .outbound import Outbound
 
 TAP_BATCH = 64  # frames drained from the TAP per batch
@@ -46,7 +48,7 @@ async def outbound_task(
 ) -> None:
     async with receive:
         async for frames in receive:
-            local = outbound.process(frames, trio.current_time())
+            local = outbound.process(frames, time.time())
             if local:
                 writer.submit(local)
 
@@ -54,9 +56,19 @@ async def outbound_task(
 async def udp_receiver(udp: UdpSocket, inbound: Inbound, writer: TapWriter, stats: Stats) -> None:
     stage = stats["udp_recv"]
     while True:
-        await udp.wait_readable()
-        now = trio.current_time()
-        out: list[bytes] = []
+        if inbound.pending:
+            with trio.move_on_after(PENDING_FLUSH) as quiet:
+                await udp.wait_readable()
+            if quiet.cancelled_caught:
+                out: list[bytes] = []
+                inbound.flush_pending(out)
+                if out:
+                    writer.submit(out)
+                continue
+        else:
+            await udp.wait_readable()
+        now = time.time()
+        out = []
         for _ in range(MAX_RECV_CALLS):
             t0 = now_ns()
             got = udp.recv_once()

@@ -10,6 +10,10 @@ certificate key, so the switch knows every peer's MAC without learning:
   * anything else is a counted drop.
 Inbound, a frame is accepted only if its source MAC is the sending peer's own and it is
 addressed to us (our MAC, broadcast or multicast).
+
+Frames here are TAP reads and writes: a 10-byte virtio_net_hdr (`VNET`) then the Ethernet
+frame. The TAP always has IFF_VNET_HDR; whether the kernel hands us offloaded super-frames
+is a separate switch (TUNSETOFFLOAD), so there is one code path.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import struct
 from collections import deque
 
+from ..proto.offload import Reassembler
 from ..stats import Stats
 
 ETH_P_ARP = b"\x08\x06"
@@ -24,6 +29,8 @@ ETH_P_IP = b"\x08\x00"
 BROADCAST = b"\xff" * 6
 ARP_REQUEST_HDR = b"\x00\x01\x08\x00\x06\x04\x00\x01"  # Ethernet/IPv4, request
 ARP_REPLY_HDR = b"\x00\x01\x08\x00\x06\x04\x00\x02"
+VNET = 10  # virtio_net_hdr in front of every frame (proto/offload.py)
+ZERO_VNET = bytes(VNET)
 STAGED_FRAMES = 128  # frames kept per peer while its link comes up (WireGuard keeps 128)
 
 _ARP = struct.Struct("!8s6s4s6s4s")  # header, sha, spa, tha, tpa
@@ -35,12 +42,14 @@ class PeerPort:
     __slots__ = (
         "drops",
         "endpoint",
+        "frame_id",
         "ip4",
         "last_data",
         "last_received",
         "last_sent",
         "mac",
         "name",
+        "reassembler",
         "rx_bytes",
         "rx_packets",
         "session",
@@ -59,6 +68,8 @@ class PeerPort:
         self.staged: deque[bytes] = deque(maxlen=STAGED_FRAMES)
         self.tx_bytes = self.rx_bytes = self.tx_packets = self.rx_packets = 0
         self.drops = 0  # datagrams from this peer refused (bad tag, replay, spoofed frame)
+        self.frame_id = 0  # numbers our super-frames to this peer (pieces name it)
+        self.reassembler = Reassembler()
         self.last_sent = self.last_received = 0.0
         self.last_data = 0.0  # last time a data frame (not a keepalive) arrived
         self.wake = _nothing
@@ -96,10 +107,10 @@ class Switch:
         local: list[bytes] = []
         by_mac = self.by_mac
         for frame in frames:
-            if len(frame) < 14:
+            if len(frame) < VNET + 14:
                 self.stats.drop("runt_frame")
                 continue
-            dst = frame[:6]
+            dst = frame[VNET : VNET + 6]
             port = by_mac.get(dst)
             if port is not None:
                 lst = out.get(port)
@@ -108,10 +119,10 @@ class Switch:
                 else:
                     lst.append(frame)
                 continue
-            if not frame[0] & 1:
+            if not frame[VNET] & 1:
                 self.stats.drop("unknown_unicast")
                 continue
-            if frame[12:14] == ETH_P_ARP:
+            if frame[VNET + 12 : VNET + 14] == ETH_P_ARP:
                 reply = self._answer_arp(frame)
                 if reply is not None:
                     local.append(reply)
@@ -125,26 +136,30 @@ class Switch:
         return out, local
 
     def _answer_arp(self, frame: bytes) -> bytes | None:
-        if len(frame) < 14 + _ARP.size:
+        if len(frame) < VNET + 14 + _ARP.size:
             return None
-        hdr, sha, spa, _tha, tpa = _ARP.unpack_from(frame, 14)
+        hdr, sha, spa, _tha, tpa = _ARP.unpack_from(frame, VNET + 14)
         if hdr != ARP_REQUEST_HDR:
             return None
         port = self.by_ip4.get(tpa)
         if port is None:
             return None
         arp = _ARP.pack(ARP_REPLY_HDR, port.mac, tpa, sha, spa)
-        return sha + port.mac + ETH_P_ARP + arp
+        return ZERO_VNET + sha + port.mac + ETH_P_ARP + arp
 
     def accept_inbound(self, port: PeerPort, frame: bytes) -> bool:
-        """May a frame that arrived from `port` be written to our TAP?"""
-        if len(frame) < 14 or frame[6:12] != port.mac:
+        """May a TAP write built from `port`'s datagrams go to our TAP?"""
+        if len(frame) < VNET + 14 or frame[VNET + 6 : VNET + 12] != port.mac:
             self.stats.drop("spoofed_source")
             return False
-        if frame[:6] != self.own_mac and not frame[0] & 1:
+        if frame[VNET : VNET + 6] != self.own_mac and not frame[VNET] & 1:
             self.stats.drop("not_for_us")
             return False
-        if frame[12:14] == ETH_P_IP and port.ip4 is not None and frame[26:30] != port.ip4:
+        if (
+            frame[VNET + 12 : VNET + 14] == ETH_P_IP
+            and port.ip4 is not None
+            and frame[VNET + 26 : VNET + 30] != port.ip4
+        ):
             self.stats.drop("spoofed_ip")
             return False
         return True

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ipop_trio.datapath.inbound import Inbound, SessionEntry
-from ipop_trio.datapath.switch import PeerPort, Switch
+from ipop_trio.datapath.switch import ZERO_VNET, PeerPort, Switch
 from ipop_trio.proto.session import Cipher, Session
 from ipop_trio.proto.wire import INNER_FRAME
 from ipop_trio.stats import Stats
@@ -69,7 +69,7 @@ def test_sealed_frames_pass_and_replays_do_not() -> None:
     d = theirs.seal(frame() + bytes([INNER_FRAME]))
     out: list[bytes] = []
     inbound.process([memoryview(d), memoryview(d)], ADDR, 1.0, out)
-    assert out == [frame()]
+    assert out == [ZERO_VNET + frame()]
     assert stats.drops == {"bad_datagram": 1}
 
 
@@ -88,7 +88,7 @@ def test_plain_link_accepts_only_the_current_path() -> None:
     inbound.process([memoryview(d)], ("10.199.0.66", 4600), 1.0, out)
     assert out == [] and stats.drops == {"plain_wrong_path": 1}
     inbound.process([memoryview(d)], ADDR, 1.0, out)
-    assert out == [frame()]
+    assert out == [ZERO_VNET + frame()]
 
 
 @settings(max_examples=400)

@@ -1,6 +1,6 @@
 import struct
 
-from ipop_trio.datapath.switch import ETH_P_ARP, PeerPort, Switch
+from ipop_trio.datapath.switch import ETH_P_ARP, VNET, ZERO_VNET, PeerPort, Switch
 from ipop_trio.stats import Stats
 
 OWN = bytes.fromhex("020000000001")
@@ -13,12 +13,12 @@ C_IP = bytes([10, 77, 0, 3])
 
 def arp_request(target: bytes) -> bytes:
     arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, OWN, OWN_IP, b"\0" * 6, target)
-    return b"\xff" * 6 + OWN + ETH_P_ARP + arp
+    return ZERO_VNET + b"\xff" * 6 + OWN + ETH_P_ARP + arp
 
 
 def ipv4_frame(dst_mac: bytes, src_mac: bytes, src_ip: bytes, dst_ip: bytes) -> bytes:
     ip = bytes([0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0]) + src_ip + dst_ip + b"\0" * 8
-    return dst_mac + src_mac + b"\x08\x00" + ip
+    return ZERO_VNET + dst_mac + src_mac + b"\x08\x00" + ip
 
 
 def make() -> tuple[Switch, PeerPort, PeerPort, Stats]:
@@ -42,8 +42,10 @@ def test_arp_for_known_peer_is_answered_locally() -> None:
     out, local = sw.route_outbound([arp_request(B_IP)])
     assert out == {}
     (reply,) = local
-    assert reply[:6] == OWN and reply[6:12] == B_MAC and reply[12:14] == ETH_P_ARP
-    _h, _p, _hl, _pl, op, sha, spa, tha, tpa = struct.unpack_from("!HHBBH6s4s6s4s", reply, 14)
+    assert reply[:VNET] == ZERO_VNET
+    eth = reply[VNET:]
+    assert eth[:6] == OWN and eth[6:12] == B_MAC and eth[12:14] == ETH_P_ARP
+    _h, _p, _hl, _pl, op, sha, spa, tha, tpa = struct.unpack_from("!HHBBH6s4s6s4s", eth, 14)
     assert (op, sha, spa, tha, tpa) == (2, B_MAC, B_IP, OWN, OWN_IP)
 
 
@@ -60,7 +62,9 @@ def test_arp_for_unknown_address_and_broadcasts_are_flooded_once() -> None:
 
 def test_unknown_unicast_and_runts_are_counted_drops() -> None:
     sw, *_, stats = make()
-    out, local = sw.route_outbound([ipv4_frame(b"\x02" * 6, OWN, OWN_IP, B_IP), b"short"])
+    out, local = sw.route_outbound(
+        [ipv4_frame(b"\x02" * 6, OWN, OWN_IP, B_IP), ZERO_VNET + b"short"]
+    )
     assert out == {} and local == []
     assert stats.drops == {"unknown_unicast": 1, "runt_frame": 1}
 
