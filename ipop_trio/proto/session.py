@@ -394,6 +394,56 @@ class Session:
         self.open_into_untrusted(datagram, out)
         return bytes(out)
 
+    def open_batch_untrusted(
+        self, datagrams: Sequence[bytes | memoryview], start: int, payloads: list[bytes]
+    ) -> int:
+        """Open `datagrams[start:]` in order, appending each payload to `payloads`, until one
+        is not a data datagram of this session (another index or type): return its
+        position (len(datagrams) when all were ours). Ours but refused (replay, bad tag,
+        limit) are counted in `refused` and skipped. The data path's receive loop: the
+        same checks, in the same order, as `open_into_untrusted`, with lookups hoisted."""
+        kind, local = self._kind, self.local_index
+        min_len = self._min_len
+        window = self._window
+        check, update = window.check, window.update
+        unpack = _HEADER_WORDS.unpack_from
+        nonce = _NONCE.pack
+        aead = self._open_aead
+        decrypt = None if aead is None else aead.decrypt
+        refused = self.refused
+        append = payloads.append
+        opened = nbytes = 0
+        i, n = start, len(datagrams)
+        while i < n:
+            d = datagrams[i]
+            if len(d) < min_len:
+                break
+            word, index, counter = unpack(d)
+            if word != kind or index != local:
+                break
+            i += 1
+            if not check(counter):
+                refused[
+                    Refusal.LIMIT if counter >= REJECT_AFTER_MESSAGES else Refusal.REPLAYED
+                ] += 1
+                continue
+            view = memoryview(d)
+            if decrypt is None:
+                payload = bytes(view[_HEADER_SIZE:])
+            else:
+                try:
+                    payload = decrypt(nonce(counter), view[_HEADER_SIZE:], view[:_HEADER_SIZE])
+                except InvalidTag:
+                    refused[Refusal.BAD_TAG] += 1
+                    continue
+            update(counter)
+            append(payload)
+            opened += 1
+            nbytes += len(payload)
+        self.rx_packets += opened
+        self.rx_bytes += nbytes
+        return i
+
     def open_into_untrusted(self, datagram: bytes | memoryview, out: bytearray | memoryview) -> int:
         """Write the payload of a data datagram into the start of `out` and return its
         length, or raise BadPacket. `out` must not overlap `datagram`; after a refusal its

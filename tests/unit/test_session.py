@@ -539,3 +539,38 @@ def test_mutated_datagrams_raise_only_bad_packet(
         assert opened is None
         assert b.recv_highest == -1
         assert b.open_untrusted(datagram) == payload
+
+
+@pytest.mark.parametrize("secure", [True, False])
+def test_open_batch_matches_open_and_stops_at_another_session(secure: bool) -> None:
+    tx, rx = pair(secure=secure)
+    other_tx = Session(
+        send_key=KEY_A,
+        recv_key=KEY_B,
+        local_index=INDEX_A,
+        remote_index=INDEX_B + 1,
+        cipher=Cipher.AES_256_GCM,
+        secure=secure,
+        created=1000.0,
+    )
+    ours = [tx.seal(bytes([i]) * (i + 1)) for i in range(5)]
+    batch = [*ours[:3], ours[1], ours[3], other_tx.seal(b"not ours"), ours[4]]
+    payloads: list[bytes] = []
+    stop = rx.open_batch_untrusted(batch, 0, payloads)
+    assert stop == 5  # the datagram of another session ends the run
+    assert payloads == [bytes([i]) * (i + 1) for i in range(4)]  # the replay was skipped
+    assert rx.refused[Refusal.REPLAYED] == 1
+    assert rx.open_batch_untrusted(batch, 6, payloads) == 7
+    assert payloads[-1] == bytes([4]) * 5
+
+
+def test_open_batch_skips_forgeries_without_moving_the_window() -> None:
+    tx, rx = pair()
+    good = tx.seal(b"x" * 100)
+    forged = bytearray(tx.seal(b"y" * 100))
+    forged[-1] ^= 1
+    payloads: list[bytes] = []
+    assert rx.open_batch_untrusted([bytes(forged), good], 0, payloads) == 2
+    assert payloads == [b"x" * 100] and rx.refused[Refusal.BAD_TAG] == 1
+    # the forged datagram's counter (1) is still open for the genuine datagram
+    assert rx.recv_highest == 0
