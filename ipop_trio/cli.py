@@ -98,13 +98,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--duration", type=float, default=5.0, help="seconds per iperf3 run")
     bench.add_argument("--json", type=Path, default=None, help="write results as JSON here")
+    _register_plugins(sub)
     return p
+
+
+PLUGIN_GROUP = "ipop_trio.commands"
+
+
+def _register_plugins(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Commands shipped beside the package (e.g. `profile` from the top-level `profiling/`
+    package) register themselves through entry points, so ipop_trio never imports them.
+    Each entry point is `register(subparsers)`; it adds a parser with `func=` set."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=PLUGIN_GROUP):
+        try:
+            register = ep.load()
+        except ImportError as exc:  # a broken optional plugin must not break the CLI
+            print(f"ipop-trio: command {ep.name!r} unavailable: {exc}", file=sys.stderr)
+            continue
+        register(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "func", None) is not None:
+            result: int = args.func(args)
+            return result
         if args.command == "run":
             return cmd_run(args)
         if args.command == "status":
