@@ -30,6 +30,18 @@ _GSO_CMSG = struct.Struct("=H")
 _GRO_CMSG = struct.Struct("=i")
 
 Address = tuple[str, int]
+# Errors that lose this send but say nothing about the next (no route yet, full buffers,
+# an ICMP error from an earlier datagram).
+_TRANSIENT = frozenset(
+    (
+        errno.ENETUNREACH,
+        errno.EHOSTUNREACH,
+        errno.ECONNREFUSED,
+        errno.EMSGSIZE,
+        errno.ENOBUFS,
+        errno.EPERM,
+    )
+)
 
 
 class UdpSocket:
@@ -101,28 +113,24 @@ class UdpSocket:
 
     # --- send ----------------------------------------------------------------------------
 
-    def send_runs(self, buf: memoryview, sizes: list[int], addr: Address) -> int:
-        """Send datagrams laid back to back in `buf` (lengths `sizes`) to `addr`.
+    def send_iov(self, iov: list[bytes], sizes: list[int], addr: Address) -> int:
+        """Send datagrams given as a scatter-gather list, two parts each (`iov[2i]`,
+        `iov[2i+1]`, together `sizes[i]` bytes), to `addr`.
 
-        Equal-sized neighbours go out in one GSO send (a shorter one may close a run).
-        Returns the number of datagrams the kernel refused for lack of buffer space
-        (the caller counts them as drops: UDP may lose, the link's TCP recovers)."""
+        Equal-sized neighbours go out in one GSO `sendmsg` (a shorter one may close a run).
+        Returns the number of datagrams the kernel refused for lack of buffer space or
+        route (the caller counts them: UDP may lose, the inner TCP recovers)."""
         dropped = 0
-        off = 0
-        for start, count, seg, length in _runs(sizes):
-            chunk = buf[off : off + length]
-            off += length
+        sock = self.sock
+        for start, count, seg, _total in _runs(sizes):
+            parts = iov[2 * start : 2 * (start + count)]
             try:
-                if count == 1 or not self.gso:
-                    if count == 1:
-                        self.sock.sendto(chunk, addr)
-                    else:
-                        for i in range(0, length, seg):
-                            self.sock.sendto(chunk[i : i + seg], addr)
+                if count == 1:
+                    sock.sendmsg(parts, (), 0, addr)
+                elif self.gso:
+                    sock.sendmsg(parts, [(SOL_UDP, UDP_SEGMENT, _GSO_CMSG.pack(seg))], 0, addr)
                 else:
-                    self.sock.sendmsg(
-                        [chunk], [(SOL_UDP, UDP_SEGMENT, _GSO_CMSG.pack(seg))], 0, addr
-                    )
+                    dropped += self._send_each(parts, addr)
             except BlockingIOError:
                 dropped += count
             except OSError as exc:
@@ -130,23 +138,20 @@ class UdpSocket:
                     # The egress device cannot checksum-offload (EIO) or an old kernel
                     # refused the size (EINVAL): GSO off for good, resend this run plainly.
                     self.gso = False
-                    for i in range(0, length, seg):
-                        try:
-                            self.sock.sendto(chunk[i : i + seg], addr)
-                        except OSError:
-                            dropped += 1
-                elif exc.errno in (
-                    errno.ENETUNREACH,
-                    errno.EHOSTUNREACH,
-                    errno.ECONNREFUSED,
-                    errno.EMSGSIZE,
-                    errno.ENOBUFS,
-                    errno.EPERM,
-                ):
+                    dropped += self._send_each(parts, addr)
+                elif exc.errno in _TRANSIENT:
                     dropped += count
                 else:
                     raise
-            del start
+        return dropped
+
+    def _send_each(self, parts: list[bytes], addr: Address) -> int:
+        dropped = 0
+        for i in range(0, len(parts), 2):
+            try:
+                self.sock.sendmsg(parts[i : i + 2], (), 0, addr)
+            except OSError:
+                dropped += 1
         return dropped
 
     def send_one(self, datagram: bytes, addr: Address) -> bool:

@@ -381,6 +381,43 @@ class Session:
             counter += 1
         return offset
 
+    def seal_iov(self, payloads: Sequence[bytes], iov: list[bytes], sizes: list[int]) -> None:
+        """Seal each payload into its own datagram, appending its two parts (header, then
+        ciphertext and tag) to `iov` and its length to `sizes`: the scatter-gather list a
+        UDP GSO `sendmsg` takes as is. Same datagrams as `seal`; cheaper than
+        `seal_batch_into` here (measured), because `encrypt` returning new bytes costs less
+        than the three buffer acquisitions of `encrypt_into`, and nothing is copied after.
+        All or nothing on counter exhaustion (LocalProtocolError, no counter used)."""
+        count = len(payloads)
+        first = self._send
+        if first + count > REJECT_AFTER_MESSAGES:
+            raise LocalProtocolError(_EXHAUSTED)
+        self._send = first + count
+        pack = DATA_HEADER.pack
+        nonce = _NONCE.pack
+        kind, remote = self._kind, self.remote_index
+        aead = self._aead
+        add_iov, add_size = iov.append, sizes.append
+        counter = first
+        nbytes = 0
+        if aead is None:
+            for payload in payloads:
+                add_iov(pack(kind, remote, counter))
+                add_iov(payload)
+                add_size(_HEADER_SIZE + len(payload))
+                nbytes += len(payload)
+                counter += 1
+        else:
+            encrypt = aead.encrypt
+            for payload in payloads:
+                header = pack(kind, remote, counter)
+                add_iov(header)
+                add_iov(encrypt(nonce(counter), payload, header))
+                add_size(_HEADER_SIZE + TAG_SIZE + len(payload))
+                nbytes += len(payload)
+                counter += 1
+        self.tx_bytes += nbytes
+
     # --- receive ---
 
     def _refuse(self, reason: Refusal) -> SessionRefused:

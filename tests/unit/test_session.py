@@ -574,3 +574,16 @@ def test_open_batch_skips_forgeries_without_moving_the_window() -> None:
     assert payloads == [b"x" * 100] and rx.refused[Refusal.BAD_TAG] == 1
     # the forged datagram's counter (1) is still open for the genuine datagram
     assert rx.recv_highest == 0
+
+
+@pytest.mark.parametrize("secure", [True, False])
+def test_seal_iov_matches_seal(secure: bool) -> None:
+    tx, _ = pair(secure=secure)
+    ref, _ = pair(secure=secure)
+    payloads = [bytes([i]) * (100 + i) for i in range(5)]
+    iov: list[bytes] = []
+    sizes: list[int] = []
+    tx.seal_iov(payloads, iov, sizes)
+    datagrams = [iov[2 * i] + iov[2 * i + 1] for i in range(len(payloads))]
+    assert datagrams == [ref.seal(p) for p in payloads]
+    assert sizes == [len(d) for d in datagrams] and tx.send_counter == 5
