@@ -8,7 +8,9 @@ Nothing here logs or allocates per packet.
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 # The data path's stages, in flow order (DESIGN.md §2). outbound = TAP -> UDP, inbound = UDP -> TAP.
@@ -56,13 +58,33 @@ class Stage:
         }
 
 
+class NullStage(Stage):
+    """A stage whose timer is off: `record` does nothing (to measure what timers cost)."""
+
+    __slots__ = ()
+
+    def record(self, items: int, nbytes: int, started_ns: int) -> None:
+        return None
+
+
+# Timers stay on in production; IPOP_TRIO_STAGE_TIMERS=0 turns them off only so the bench can
+# measure their cost (the data path still calls now_ns() once per batch and stage).
+TIMERS_ENV = "IPOP_TRIO_STAGE_TIMERS"
+
+
 class Stats:
     """All stages and drop counters of one node."""
 
-    def __init__(self) -> None:
-        self.stages = {name: Stage(name) for name in STAGES}
+    def __init__(self, timers: bool | None = None) -> None:
+        if timers is None:
+            timers = os.environ.get(TIMERS_ENV, "1") != "0"
+        self.timers = timers
+        kind = Stage if timers else NullStage
+        self.stages = {name: kind(name) for name in STAGES}
         self.drops: dict[str, int] = {}
         self.gauges: dict[str, int] = {}
+        # Counters kept elsewhere (e.g. reassembly), read only when a snapshot is taken.
+        self.providers: list[Callable[[], dict[str, int]]] = []
         self.started = time.monotonic()
 
     def __getitem__(self, name: str) -> Stage:
@@ -71,10 +93,19 @@ class Stats:
     def drop(self, reason: str, n: int = 1) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + n
 
+    def counters(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for provide in self.providers:
+            for key, value in provide().items():
+                out[key] = out.get(key, 0) + value
+        return out
+
     def snapshot(self) -> dict[str, Any]:
         return {
+            "timers": self.timers,
             "uptime": time.monotonic() - self.started,
             "stages": {name: s.snapshot() for name, s in self.stages.items()},
             "drops": dict(self.drops),
             "gauges": dict(self.gauges),
+            "counters": self.counters(),
         }

@@ -24,6 +24,7 @@ PENDING_FLUSH = 0.001
 
 
 _INDEX = struct.Struct("<I")
+REASSEMBLY_COUNTERS = ("frames_whole", "frames_partial", "segments_rebuilt", "pieces_late")
 
 
 class SessionEntry:
@@ -52,6 +53,17 @@ class Inbound:
         self.sessions = sessions
         self.on_handshake = on_handshake
         self.pending: set[PeerPort] = set()  # peers with a super-frame still missing pieces
+        stats.providers.append(self.reassembly_counters)
+
+    def reassembly_counters(self) -> dict[str, int]:
+        """How inbound super-frames fared, over all peers: written back whole, or (pieces
+        lost or late) rebuilt as individual segments."""
+        out = dict.fromkeys(REASSEMBLY_COUNTERS, 0)
+        for port in self.switch.by_mac.values():
+            r = port.reassembler
+            for key in REASSEMBLY_COUNTERS:
+                out[key] += getattr(r, key)
+        return out
 
     def process(
         self, datagrams: list[memoryview], addr: tuple[str, int], now: float, out: list[bytes]
