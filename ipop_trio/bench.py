@@ -1,15 +1,19 @@
-"""`ipop-trio bench`: the direct veth path against the overlay, measured in one run.
+"""`ipop-trio bench`: the direct underlay against the overlay, measured in one run.
 
 Topology (perf-techniques §7, after WireGuard's netns.sh): two lab hosts joined by one veth,
-a node on each. For each scenario: iperf3 single-stream TCP (-J: received bits/s,
-retransmits), ping RTT both ways (p50/p99 of the per-reply times), and for overlay scenarios
-the CPU seconds both node processes spent during the iperf3 run (utime+stime from
-/proc/PID/stat) per GB received, and their peak RSS (VmHWM).
+a node on each. For the impaired rows a second lab puts a wire between them instead
+(`ipop_trio.labnet_impair`: this kernel has no netem, so `ipop_trio.labwire` loses and delays
+frames, and the JSON says so). For each scenario: iperf3 TCP (-J: received bits/s,
+retransmits; single-stream rows run `runs` times, median and spread reported), ping RTT both
+ways (p50/p99 of the per-reply times, measured idle, once per path and shared by that path's
+rows), and for overlay scenarios the CPU seconds both node processes spent during the iperf3
+runs (utime+stime from /proc/PID/stat) per GB received, and their peak RSS (VmHWM).
 
-A scenario is a row; plain links, netem impairment and multi-stream runs are further
-`Scenario` values, not new code paths. The primitives (iperf3, ping, /proc accounting) are
-also used by the demo and the lab tests. This module never runs anything outside the lab's
-namespaces.
+A scenario is a row: secure or plain links, impairment and multi-stream runs are `Scenario`
+values, not new code paths. A scenario the node cannot run yet (plain: selective security) is
+reported as skipped with the reason, never measured as something else. The primitives
+(iperf3, ping, /proc accounting) are also used by the demo and the lab tests. This module
+never runs anything outside the lab's namespaces.
 """
 
 from __future__ import annotations
@@ -19,39 +23,79 @@ import math
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from ipop_trio.errors import IpopError, LabError
-from ipop_trio.lab import Host, Lab, Overlay, sigterm_raises
+from ipop_trio.lab import UNDERLAY_MTU, Host, Lab, Overlay, OverlayNode, sigterm_raises
+from ipop_trio.labnet_impair import (
+    Impairment,
+    WiredOverlay,
+    WireProcess,
+    build_wired_pair,
+    wire_delta,
+)
 
 IPERF_PORT = 5201
 PING_COUNT = 200  # per direction
 PING_INTERVAL = 0.01  # seconds; below 0.2 needs root, which the lab has anyway
 LISTEN_TIMEOUT = 10.0
+RUNS = 3  # iperf3 runs of each single-stream row (median and spread reported)
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PING_TIME = re.compile(r"\btime=([0-9.]+) ms")
 
 Print = Callable[[str], None]
+
+# The underlay impairment of issue 6's loss rows: `tc netem loss 1% delay 5ms` on each way.
+# Seeded, so two runs lose the same frame numbers (the traffic differs, so not the same data).
+LOSSY = Impairment(loss=0.01, delay=0.005, seed=6)
+WIRE_NOTE = "labwire"  # how the impairment is made (no netem in this kernel)
+WIRE_MACHINE_NOTE = (
+    "impaired rows: a - labwire - b, one /24; labwire is a Python AF_PACKET relay in its own "
+    "namespace (random loss, fixed delay per frame, FIFO); TSO/GSO/GRO and UDP segmentation off "
+    "on the four wire-side interfaces, checksum offload kept (virtio_net_hdr relayed)"
+)
+# Scenarios the node cannot run yet, and why. Reported as skipped rows, never faked.
+UNAVAILABLE = {"plain": "plain: not yet available (selective security, issue 5)"}
 
 
 @dataclass(frozen=True, slots=True)
 class Scenario:
     """One row of the bench."""
 
-    name: str  # "direct" | "secure" (later "plain")
-    overlay: bool  # measure over the overlay (TAP) addresses, else the underlay veth
+    name: str  # "direct" | "secure" | "plain"
+    overlay: bool  # measure over the overlay (TAP) addresses, else the underlay
     streams: int = 1  # iperf3 -P
-    netem: str | None = None  # tc netem arguments on the underlay (later), e.g. "delay 5ms"
+    impair: Impairment | None = None  # a lossy/delayed underlay (the wire), else plain veth
+
+    @property
+    def netem(self) -> str | None:
+        """The netem arguments this row's underlay emulates, and how, for the table/JSON."""
+        return None if self.impair is None else f"{self.impair.netem} ({WIRE_NOTE})"
+
+    @property
+    def skipped(self) -> str | None:
+        """Why this row cannot be measured yet; None when it can."""
+        return UNAVAILABLE.get(self.name)
 
 
-SCENARIOS = (Scenario("direct", overlay=False), Scenario("secure", overlay=True))
+SCENARIOS = (
+    Scenario("direct", overlay=False),
+    Scenario("direct", overlay=False, streams=4),
+    Scenario("secure", overlay=True),
+    Scenario("secure", overlay=True, streams=4),
+    Scenario("plain", overlay=True),
+    Scenario("plain", overlay=True, streams=4),
+    Scenario("direct", overlay=False, impair=LOSSY),
+    Scenario("secure", overlay=True, impair=LOSSY),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +225,27 @@ def machine_info() -> dict[str, Any]:
         "nproc": os.cpu_count(),
         "python": platform.python_version(),
         "cryptography": crypto,
+        "tcp_cc": _read_text("/proc/sys/net/ipv4/tcp_congestion_control"),
+        "iperf3": _iperf3_version(),
+        "underlay_mtu": UNDERLAY_MTU,
+        "stage_timers": os.environ.get("IPOP_TRIO_STAGE_TIMERS", "1") != "0",
     }
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def _iperf3_version() -> str | None:
+    try:
+        out = subprocess.run(["iperf3", "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    first = out.stdout.split("\n", 1)[0].split()
+    return first[1] if len(first) > 1 else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,66 +256,236 @@ def _round(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
 
 
+@dataclass(slots=True)
+class _Path:
+    """Where one lab's rows run: hosts, underlay addresses, the overlay (when started)."""
+
+    a: Host
+    b: Host
+    underlay_a: str
+    underlay_b: str
+    overlay: Overlay
+    alpha: OverlayNode
+    beta: OverlayNode
+    wire: WireProcess | None = None  # on impaired paths
+
+
+def _groups(
+    scenarios: Sequence[Scenario],
+) -> Iterator[tuple[Impairment | None, list[tuple[int, Scenario]]]]:
+    """Scenarios (with their row index) by underlay, one lab each, in first-seen order."""
+    seen: dict[Impairment | None, list[tuple[int, Scenario]]] = {}
+    for i, sc in enumerate(scenarios):
+        seen.setdefault(sc.impair, []).append((i, sc))
+    yield from seen.items()
+
+
+def _skipped_row(sc: Scenario) -> dict[str, Any]:
+    return {
+        "scenario": sc.name,
+        "streams": sc.streams,
+        "netem": sc.netem,
+        "throughput_mbps": None,
+        "rtt_p50_ms": None,
+        "rtt_p99_ms": None,
+        "cpu_s_per_gb": None,
+        "rss_mb_max": None,
+        "skipped": sc.skipped,
+    }
+
+
+def _build(lab: Lab, impair: Impairment | None, say: Print) -> _Path:
+    """Two hosts on a veth (or on the wire, when impaired) and a node on each (not started)."""
+    if impair is None:
+        a, b = lab.add_host("a"), lab.add_host("b")
+        link = lab.connect(a, b)
+        overlay = Overlay(lab, name="bench")
+        under_a, under_b, wire = a.address_on(link), b.address_on(link), None
+        say(f"lab {lab.id}: {a.ns} {under_a} <-> {b.ns} {under_b} (veth)")
+    else:
+        pair = build_wired_pair(lab, impair)
+        a, b, wire = pair.a, pair.b, pair.wire
+        overlay = WiredOverlay(pair, name="bench")
+        under_a, under_b = pair.address_a, pair.address_b
+        say(f"lab {lab.id}: {a.ns} {under_a} <-> wire ({impair.netem}) <-> {b.ns} {under_b}")
+    alpha = overlay.add_node("alpha", a)
+    beta = overlay.add_node("beta", b)
+    return _Path(a, b, under_a, under_b, overlay, alpha, beta, wire=wire)
+
+
+def _node_drops(path: _Path) -> dict[str, dict[str, int]]:
+    return {
+        n.name: dict(path.overlay.status(n).get("stats", {}).get("drops", {}))
+        for n in (path.alpha, path.beta)
+    }
+
+
+def _measure_row(
+    path: _Path,
+    sc: Scenario,
+    rtts: list[float],
+    duration: float,
+    runs: int,
+    say: Print,
+) -> dict[str, Any]:
+    dst = path.beta.address if sc.overlay else path.underlay_b
+    pids = [n.pid for n in (path.alpha, path.beta)] if sc.overlay else []
+    wire = path.wire
+    wire_before = wire.counters() if wire is not None else None
+    before = sum(cpu_seconds(pid) for pid in pids)
+    drops_before = _node_drops(path) if pids else {}
+    wire_cpu, started = cpu_seconds(wire.proc.pid) if wire else 0.0, time.monotonic()
+    results = []
+    for i in range(runs):
+        say(f"{sc.name}: iperf3 {duration:g}s, {sc.streams} stream(s), run {i + 1}/{runs}")
+        results.append(iperf3(path.a, dst, duration, streams=sc.streams))
+    cpu = sum(cpu_seconds(pid) for pid in pids) - before
+    elapsed = time.monotonic() - started
+    if wire:
+        wire_cpu = cpu_seconds(wire.proc.pid) - wire_cpu
+    gigabytes = sum(r.bytes for r in results) / 1e9
+    mbps = [r.bits_per_second / 1e6 for r in results]
+    retrans = [r.retransmits for r in results if r.retransmits is not None]
+    row: dict[str, Any] = {
+        "scenario": sc.name,
+        "streams": sc.streams,
+        "netem": sc.netem,
+        "throughput_mbps": round(statistics.median(mbps), 1),
+        "rtt_p50_ms": _round(percentile(rtts, 50), 3),
+        "rtt_p99_ms": _round(percentile(rtts, 99), 3),
+        "cpu_s_per_gb": round(cpu / gigabytes, 2) if pids and gigabytes else None,
+        "rss_mb_max": round(max(peak_rss_mb(p) for p in pids), 1) if pids else None,
+        "runs": runs,
+        "duration_s": duration,
+        "throughput_runs_mbps": [round(m, 1) for m in mbps],
+        "retransmits": sum(retrans) if retrans else None,
+        "pings": len(rtts),
+    }
+    if pids:
+        row["rss_mb"] = {n.name: round(peak_rss_mb(n.pid), 1) for n in (path.alpha, path.beta)}
+        entry = path.overlay.peer_status(path.alpha, path.beta) or {}
+        row["mode"] = entry.get("mode")
+        # Datagrams/frames the nodes themselves dropped during the runs, by node and reason.
+        row["node_drops"] = {
+            node: {
+                k: n - drops_before[node].get(k, 0)
+                for k, n in reasons.items()
+                if n != drops_before[node].get(k, 0)
+            }
+            for node, reasons in _node_drops(path).items()
+        }
+        if entry.get("mode") not in (None, sc.name):
+            say(f"note: {sc.name} row ran over a link in mode {entry.get('mode')!r}")
+    if wire is not None and wire_before is not None:
+        delta = wire_delta(wire_before, wire.counters())
+        row["wire"] = delta
+        got = sum(d["received"] for d in delta.values())
+        lost = sum(d["lost"] for d in delta.values())
+        row["wire_loss_pct"] = round(100 * lost / got, 3) if got else None
+        # The wire is one Python thread: near 1.0 it, not TCP or the node, set the pace.
+        row["wire_cpu_util"] = round(wire_cpu / elapsed, 2)
+    return row
+
+
 def measure(
-    duration: float = 10.0,
+    duration: float = 5.0,
     *,
     scenarios: Sequence[Scenario] = SCENARIOS,
     ping_count: int = PING_COUNT,
+    runs: int = RUNS,
     say: Print = print,
 ) -> dict[str, Any]:
-    """Build the lab, run every scenario, tear down; return {"machine", "rows"}."""
-    rows = []
-    with Lab() as lab:
-        a, b = lab.add_host("a"), lab.add_host("b")
-        link = lab.connect(a, b)
-        say(f"lab {lab.id}: {a.ns} {a.address_on(link)} <-> {b.ns} {b.address_on(link)}")
-        overlay = Overlay(lab, name="bench")
-        alpha = overlay.add_node("alpha", a)
-        beta = overlay.add_node("beta", b)
-        if any(s.overlay for s in scenarios):
-            overlay.start()
-            overlay.wait_established(alpha, beta)
-            say(f"overlay up: alpha {alpha.address} <-> beta {beta.address}")
-        start_iperf3_server(b)
-        for sc in scenarios:
-            if sc.netem is not None:
-                raise LabError(f"scenario {sc.name}: netem is not supported yet")
-            if sc.overlay:
-                dst_b, dst_a = beta.address, alpha.address
-            else:
-                dst_b, dst_a = b.address_on(link), a.address_on(link)
-            say(f"{sc.name}: ping both ways ({ping_count} each)")
-            rtts = ping_rtts(a, dst_b, ping_count) + ping_rtts(b, dst_a, ping_count)
-            pids = [n.pid for n in (alpha, beta)] if sc.overlay else []
-            before = sum(cpu_seconds(pid) for pid in pids)
-            say(f"{sc.name}: iperf3 {duration:g}s, {sc.streams} stream(s)")
-            result = iperf3(a, dst_b, duration, streams=sc.streams)
-            cpu = sum(cpu_seconds(pid) for pid in pids) - before
-            gigabytes = result.bytes / 1e9
-            rows.append(
-                {
-                    "scenario": sc.name,
-                    "streams": sc.streams,
-                    "netem": sc.netem,
-                    "throughput_mbps": round(result.bits_per_second / 1e6, 1),
-                    "rtt_p50_ms": _round(percentile(rtts, 50), 3),
-                    "rtt_p99_ms": _round(percentile(rtts, 99), 3),
-                    "cpu_s_per_gb": round(cpu / gigabytes, 2) if pids and gigabytes else None,
-                    "rss_mb_max": round(max(peak_rss_mb(p) for p in pids), 1) if pids else None,
-                    "retransmits": result.retransmits,
-                }
-            )
-            if sc.overlay:
-                entry = overlay.peer_status(alpha, beta) or {}
-                if entry.get("mode") not in (None, sc.name):
-                    say(f"note: {sc.name} row ran over a link in mode {entry.get('mode')!r}")
-    return {"machine": machine_info(), "rows": rows}
+    """Build a lab per underlay (plain veth, each impairment), run its scenarios, tear it
+    down; return {"machine", "rows", "ratios"} with rows in `scenarios` order."""
+    rows: dict[int, dict[str, Any]] = {}
+    machine = machine_info()
+    for impair, group in _groups(scenarios):
+        todo = [(i, sc) for i, sc in group if sc.skipped is None]
+        for i, sc in group:
+            if sc.skipped is not None:
+                say(f"{sc.name} ×{sc.streams}: skipped, {sc.skipped}")
+                rows[i] = _skipped_row(sc)
+        if not todo:
+            continue
+        if impair is not None:
+            machine["wire"] = WIRE_MACHINE_NOTE
+        with Lab() as lab:
+            path = _build(lab, impair, say)
+            if any(sc.overlay for _, sc in todo):
+                path.overlay.start()
+                path.overlay.wait_established(path.alpha, path.beta)
+                say(f"overlay up: alpha {path.alpha.address} <-> beta {path.beta.address}")
+            start_iperf3_server(path.b)
+            rtt_cache: dict[str, list[float]] = {}
+            for i, sc in todo:
+                if sc.name not in rtt_cache:
+                    dst_b = path.beta.address if sc.overlay else path.underlay_b
+                    dst_a = path.alpha.address if sc.overlay else path.underlay_a
+                    say(f"{sc.name}: ping both ways ({ping_count} each)")
+                    rtt_cache[sc.name] = ping_rtts(path.a, dst_b, ping_count) + ping_rtts(
+                        path.b, dst_a, ping_count
+                    )
+                n = runs if sc.streams == 1 else 1
+                rows[i] = _measure_row(path, sc, rtt_cache[sc.name], duration, n, say)
+    ordered = [rows[i] for i in sorted(rows)]
+    return {"machine": machine, "rows": ordered, "ratios": ratios(ordered)}
+
+
+def _find(rows: Sequence[dict[str, Any]], name: str, netem: bool) -> dict[str, Any] | None:
+    for row in rows:
+        if (
+            row["scenario"] == name
+            and row["streams"] == 1
+            and (row["netem"] is not None) == netem
+            and row["throughput_mbps"] is not None
+        ):
+            return row
+    return None
+
+
+def _ratio(x: dict[str, Any] | None, y: dict[str, Any] | None) -> float | None:
+    if x is None or y is None or not y["throughput_mbps"]:
+        return None
+    return round(x["throughput_mbps"] / y["throughput_mbps"], 3)
+
+
+# Issue 6's targets, as (ratio key, comparison, bound).
+TARGETS = {
+    "secure_over_direct": (">=", 0.15),
+    "secure_over_plain": (">=", 0.9),
+    "secure_over_direct_lossy": (">=", 0.8),
+    "rtt_p50_overhead_ms": ("<=", 0.2),
+    "cpu_s_per_gb_max": ("<=", 4.0),
+    "rss_mb_max": ("<=", 80.0),
+}
+
+
+def ratios(rows: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+    """Issue 6's comparisons from single-stream rows (None where a side is missing)."""
+    direct, secure = _find(rows, "direct", False), _find(rows, "secure", False)
+    plain = _find(rows, "plain", False)
+    lossy_direct, lossy_secure = _find(rows, "direct", True), _find(rows, "secure", True)
+    overhead = None
+    if direct and secure and direct["rtt_p50_ms"] is not None and secure["rtt_p50_ms"] is not None:
+        overhead = round(secure["rtt_p50_ms"] - direct["rtt_p50_ms"], 3)
+    cpu = [r["cpu_s_per_gb"] for r in rows if r.get("cpu_s_per_gb") is not None]
+    rss = [r["rss_mb_max"] for r in rows if r.get("rss_mb_max") is not None]
+    return {
+        "secure_over_direct": _ratio(secure, direct),
+        "secure_over_plain": _ratio(secure, plain),
+        "secure_over_direct_lossy": _ratio(lossy_secure, lossy_direct),
+        "rtt_p50_overhead_ms": overhead,
+        "cpu_s_per_gb_max": max(cpu) if cpu else None,
+        "rss_mb_max": max(rss) if rss else None,
+    }
 
 
 _COLUMNS = (
     ("scenario", "scenario", "{}"),
     ("streams", "streams", "{}"),
+    ("netem", "underlay", "{}"),
     ("throughput_mbps", "Mbit/s", "{:.1f}"),
+    ("spread", "runs min-max", "{}"),
     ("rtt_p50_ms", "RTT p50 ms", "{:.3f}"),
     ("rtt_p99_ms", "RTT p99 ms", "{:.3f}"),
     ("cpu_s_per_gb", "CPU s/GB", "{:.2f}"),
@@ -259,25 +493,93 @@ _COLUMNS = (
     ("retransmits", "retrans", "{}"),
 )
 
+_TEXT = {"scenario", "netem"}  # left-aligned columns
+
+_RATIO_LINES = (
+    ("secure_over_direct", "secure / direct, 1 stream", "{:.3f}×"),
+    ("secure_over_plain", "secure / plain, 1 stream", "{:.3f}×"),
+    ("secure_over_direct_lossy", "secure / direct under loss, 1 stream", "{:.3f}×"),
+    ("rtt_p50_overhead_ms", "RTT p50 overhead, secure - direct", "{:+.3f} ms"),
+    ("cpu_s_per_gb_max", "tunnel CPU, worst row", "{:.2f} CPU-s/GB"),
+    ("rss_mb_max", "node peak RSS, worst row", "{:.1f} MB"),
+)
+
+
+def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    if key == "netem":
+        return row["netem"] or "veth"
+    if key == "spread":
+        runs = row.get("throughput_runs_mbps") or []
+        return f"{min(runs):.0f}-{max(runs):.0f}" if len(runs) > 1 else "-"
+    value = row.get(key)
+    return "-" if value is None else fmt.format(value)
+
 
 def format_table(result: dict[str, Any]) -> str:
-    """The bench rows as an aligned text table, with the machine line on top."""
+    """The bench rows as an aligned text table, the machine line on top, ratios below."""
     m = result["machine"]
     head = f"{m['cpu']} ×{m['nproc']}, Linux {m['kernel']}, Python {m['python']}"
+    if m.get("tcp_cc"):
+        head += f", TCP {m['tcp_cc']}"
     cells = [[title for _, title, _ in _COLUMNS]]
+    notes = []
     for row in result["rows"]:
-        cells.append(["-" if row.get(k) is None else fmt.format(row[k]) for k, _, fmt in _COLUMNS])
+        if row.get("skipped"):
+            notes.append(f"{row['scenario']} ×{row['streams']}: skipped, {row['skipped']}")
+            cells.append([_cell(row, k, f) for k, _, f in _COLUMNS[:3]] + ["skipped"])
+            cells[-1] += [""] * (len(_COLUMNS) - len(cells[-1]))
+            continue
+        cells.append([_cell(row, k, fmt) for k, _, fmt in _COLUMNS])
     widths = [max(len(r[i]) for r in cells) for i in range(len(_COLUMNS))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    lines = [
+        "  ".join(
+            c.ljust(w) if key in _TEXT else c.rjust(w)
+            for c, w, (key, _, _) in zip(r, widths, _COLUMNS, strict=True)
+        )
+        for r in cells
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join([head, *lines])
+    lines = [line.rstrip() for line in lines]
+    foot = [""]
+    ratio_values = result.get("ratios") or ratios(result["rows"])
+    label_w = max(len(label) for _, label, _ in _RATIO_LINES)
+    for key, label, fmt in _RATIO_LINES:
+        value = ratio_values.get(key)
+        text = "n/a" if value is None else fmt.format(value)
+        op, bound = TARGETS[key]
+        met = "" if value is None else ("  ok" if _meets(value, op, bound) else "  MISSED")
+        foot.append(f"{label.ljust(label_w)}  {text:>16}   (target {op} {bound:g}){met}")
+    if any(r.get("netem") for r in result["rows"]):
+        foot.append(
+            f"underlay impairment by {WIRE_NOTE} (a Python L2 relay; this kernel has no netem); "
+            "its CPU use per row (1.0 = one core: the wire set the pace):"
+        )
+        for row in result["rows"]:
+            if row.get("wire_cpu_util") is not None:
+                foot.append(
+                    f"  {row['scenario']} ×{row['streams']}: wire {row['wire_cpu_util']:.2f} "
+                    f"core, measured loss {row['wire_loss_pct']}%"
+                )
+    foot += notes
+    return "\n".join([head, *lines, *foot])
 
 
-def run_bench(duration: float = 10.0, json_path: str | Path | None = None) -> int:
-    """CLI entry point: measure, print the table, write JSON; return an exit code."""
+def _meets(value: float, op: str, bound: float) -> bool:
+    return value >= bound if op == ">=" else value <= bound
+
+
+def run_bench(
+    duration: float = 5.0, json_path: str | Path | None = None, *, quick: bool = False
+) -> int:
+    """CLI entry point: measure, print the table, write JSON; return an exit code.
+
+    `quick`: 1-second runs, one run per row, 20 pings each way (a smoke test, not a result)."""
     with sigterm_raises():
         try:
-            result = measure(duration)
+            if quick:
+                result = measure(min(duration, 1.0), ping_count=20, runs=1)
+            else:
+                result = measure(duration)
         except IpopError as exc:
             print(f"ipop-trio bench: {exc}", file=sys.stderr)
             return 1
