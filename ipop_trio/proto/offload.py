@@ -248,25 +248,40 @@ _BE16X2 = struct.Struct("!HH")
 _BE32 = struct.Struct("!I")
 
 
+def _runs_of(pieces: list[tuple[int, bytes]]) -> list[tuple[int, list[bytes]]]:
+    """Group (index, chunk) pieces, in index order, into runs of consecutive indices."""
+    runs: list[tuple[int, list[bytes]]] = []
+    for index, chunk in pieces:
+        if runs and runs[-1][0] + len(runs[-1][1]) == index:
+            runs[-1][1].append(chunk)
+        else:
+            runs.append((index, [chunk]))
+    return runs
+
+
 def _rebuild_segments(
     headers: bytes,
     key: tuple[int, ...],
     pieces: list[tuple[int, bytes]],
     out: list[bytes],
 ) -> None:
-    """Append pieces (index, chunk) of one TCP super-frame to `out` as stand-alone segment TAP
-    writes (gsoSplit in wireguard-go's tun/offload_linux.go, except that the TCP checksum is
-    left to the kernel: NEEDS_CSUM with the pseudo-header sum in the checksum field).
+    """Append the pieces (index, chunk) of one TCP super-frame that did arrive to `out` as
+    valid TAP writes: each run of consecutive pieces becomes one smaller super-frame (the
+    kernel segments it, as it would the original), a lone piece a stand-alone segment.
+    So one lost datagram costs two TAP writes, not one per surviving piece.
 
-    Per segment i: IPv4 total length, id + i and header checksum, or IPv6 payload length;
-    TCP seq + i * gso_size, FIN and PSH only on the last piece. `headers` and `key` were
-    validated by `_tcp_hdr_len` (csum_offset is 16), so every offset below is in range.
-    Checksums use 2**16 ≡ 1 (mod 0xFFFF): a big-endian integer's residue mod 0xFFFF is the
-    one's-complement sum of its 16-bit words (RFC 1071), and a non-zero sum folds to
-    1..0xFFFF (`or 0xFFFF`); every sum here has a non-zero word.
+    Per run starting at piece s: IPv4 total length, id + s and header checksum, or IPv6
+    payload length; TCP seq + s * gso_size, FIN and PSH only on the run holding the last
+    piece (wireguard-go's gsoSplit does the same per segment); the TCP checksum is left to
+    the kernel: NEEDS_CSUM with the pseudo-header sum of the run's length in the field.
+    `headers` and `key` were validated by `_tcp_hdr_len` (csum_offset is 16), so every
+    offset below is in range. Checksums use 2**16 ≡ 1 (mod 0xFFFF): a big-endian integer's
+    residue mod 0xFFFF is the one's-complement sum of its 16-bit words (RFC 1071), and a
+    non-zero sum folds to 1..0xFFFF (`or 0xFFFF`); every sum here has a non-zero word.
     """
     count, hdr_len, gso_size, gso_type, cs, csum_offset = key
-    vnet = VNET_HDR.pack(F_NEEDS_CSUM, GSO_NONE, 0, 0, cs, csum_offset)
+    vnet_one = VNET_HDR.pack(F_NEEDS_CSUM, GSO_NONE, 0, 0, cs, csum_offset)
+    vnet_run = VNET_HDR.pack(F_NEEDS_CSUM, gso_type, hdr_len, gso_size, cs, csum_offset)
     # TCP: ports | seq | ack, data offset | flags | window | checksum | urgent, options
     tcp_ports = headers[cs : cs + 4]
     seq0 = int.from_bytes(headers[cs + 4 : cs + 8], "big")
@@ -276,7 +291,8 @@ def _rebuild_segments(
     tcp_window = headers[cs + 14 : cs + 16]
     tcp_rest = headers[cs + 18 : hdr_len]
     tcp_hdr = hdr_len - cs
-    if gso_type == GSO_TCPV4:
+    v4 = gso_type == GSO_TCPV4
+    if v4:
         # Ethernet, version/IHL/TOS | total length, id | flags/frag, TTL, proto | checksum
         # | addresses, options (RFC 791 §3.1)
         ip_head = headers[:16]
@@ -285,56 +301,44 @@ def _rebuild_segments(
         ip_tail = headers[26:cs]
         ip_sum0 = int.from_bytes(headers[14:16], "big") + int.from_bytes(ip_mid + ip_tail, "big")
         pseudo0 = int.from_bytes(headers[26:34], "big") + IPPROTO_TCP
-        for index, chunk in pieces:
-            tcp_len = tcp_hdr + len(chunk)
-            total = cs - ETH_HLEN + tcp_len
-            ip_id = (id0 + index) & 0xFFFF
-            ip_sum = (ip_sum0 + total + ip_id) % 0xFFFF or 0xFFFF
-            out.append(
-                b"".join(
-                    (
-                        vnet,
-                        ip_head,
-                        _BE16X2.pack(total, ip_id),
-                        ip_mid,
-                        _BE16.pack(0xFFFF - ip_sum),
-                        ip_tail,
-                        tcp_ports,
-                        _BE32.pack((seq0 + index * gso_size) & 0xFFFFFFFF),
-                        tcp_ack,
-                        last_flags if index == count - 1 else mid_flags,
-                        tcp_window,
-                        _BE16.pack((pseudo0 + tcp_len) % 0xFFFF or 0xFFFF),
-                        tcp_rest,
-                        chunk,
-                    )
-                )
-            )
     else:
         # Ethernet, version/class/flow | payload length | next header ... addresses (RFC 8200)
         ip_head = headers[:18]
         ip_tail = headers[20:cs]
         pseudo0 = int.from_bytes(headers[22:54], "big") + IPPROTO_TCP  # RFC 8200 §8.1
-        for index, chunk in pieces:
-            tcp_len = tcp_hdr + len(chunk)
-            out.append(
-                b"".join(
-                    (
-                        vnet,
-                        ip_head,
-                        _BE16.pack(tcp_len),
-                        ip_tail,
-                        tcp_ports,
-                        _BE32.pack((seq0 + index * gso_size) & 0xFFFFFFFF),
-                        tcp_ack,
-                        last_flags if index == count - 1 else mid_flags,
-                        tcp_window,
-                        _BE16.pack((pseudo0 + tcp_len) % 0xFFFF or 0xFFFF),
-                        tcp_rest,
-                        chunk,
-                    )
+    for start, chunks in _runs_of(pieces):
+        payload = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        last = start + len(chunks) - 1
+        tcp_len = tcp_hdr + len(payload)
+        if v4:
+            total = cs - ETH_HLEN + tcp_len
+            ip_id = (id0 + start) & 0xFFFF
+            ip_sum = (ip_sum0 + total + ip_id) % 0xFFFF or 0xFFFF
+            ip: tuple[bytes, ...] = (
+                ip_head,
+                _BE16X2.pack(total, ip_id),
+                ip_mid,
+                _BE16.pack(0xFFFF - ip_sum),
+                ip_tail,
+            )
+        else:
+            ip = (ip_head, _BE16.pack(tcp_len), ip_tail)
+        out.append(
+            b"".join(
+                (
+                    vnet_one if len(chunks) == 1 else vnet_run,
+                    *ip,
+                    tcp_ports,
+                    _BE32.pack((seq0 + start * gso_size) & 0xFFFFFFFF),
+                    tcp_ack,
+                    last_flags if last == count - 1 else mid_flags,
+                    tcp_window,
+                    _BE16.pack((pseudo0 + tcp_len) % 0xFFFF or 0xFFFF),
+                    tcp_rest,
+                    payload,
                 )
             )
+        )
 
 
 class Reassembler:

@@ -135,6 +135,49 @@ def reassemble(payloads: Sequence[bytes | memoryview], r: Reassembler | None = N
 # --- checks on a rebuilt segment --------------------------------------------------------
 
 
+def kernel_split(write: bytes, gso_size: int) -> list[tuple[int, bytes]]:
+    """What the receiving kernel makes of a TAP write: a GSO write is cut into segments
+    (tcp_gso_segment: seq, IPv4 id/length/checksum, FIN/PSH on the last only, and the
+    checksum field re-seeded for each segment's length); a plain write passes as is.
+    Returns (piece index, segment write with a GSO_NONE NEEDS_CSUM header)."""
+    vh = VirtioHeader.parse(write)
+    frame = write[VNET_HDR_LEN:]
+    cs = vh.csum_start
+    hdr_len = cs + (frame[cs + 12] >> 4) * 4
+    seq = struct.unpack_from("!I", frame, cs + 4)[0]
+    if vh.gso_type == GSO_NONE:
+        return [(((seq - SEQ0) & 0xFFFFFFFF) // gso_size, write)]
+    v6 = frame[12:14] == b"\x86\xdd"
+    payload = frame[hdr_len:]
+    chunks = [payload[i : i + vh.gso_size] for i in range(0, len(payload), vh.gso_size)]
+    out = []
+    for j, chunk in enumerate(chunks):
+        seg = bytearray(frame[:hdr_len] + chunk)
+        tcp_len = len(seg) - cs
+        if v6:
+            struct.pack_into("!H", seg, 18, tcp_len)
+            src, dst = bytes(seg[22:38]), bytes(seg[38:54])
+        else:
+            ident = struct.unpack_from("!H", seg, 18)[0]
+            struct.pack_into("!HH", seg, 16, len(seg) - 14, (ident + j) & 0xFFFF)
+            struct.pack_into("!H", seg, 24, 0)
+            struct.pack_into("!H", seg, 24, 0xFFFF - rfc1071(bytes(seg[14:cs])))
+            src, dst = bytes(seg[26:30]), bytes(seg[30:34])
+        s = (seq + j * vh.gso_size) & 0xFFFFFFFF
+        struct.pack_into("!I", seg, cs + 4, s)
+        if j != len(chunks) - 1:
+            seg[cs + 13] &= ~(FIN | PSH) & 0xFF
+        struct.pack_into("!H", seg, cs + 16, rfc1071(pseudo_header(v6, src, dst, tcp_len)))
+        head = VirtioHeader(F_NEEDS_CSUM, GSO_NONE, 0, 0, cs, 16).pack()
+        out.append((((s - SEQ0) & 0xFFFFFFFF) // vh.gso_size, head + bytes(seg)))
+    return out
+
+
+def segments(writes: list[bytes], original: bytes) -> list[tuple[int, bytes]]:
+    gso_size = VirtioHeader.parse(original).gso_size
+    return [seg for w in writes for seg in kernel_split(w, gso_size)]
+
+
 def check_segment(write: bytes, original: bytes, index: int, count: int) -> None:
     """`write` must be piece `index` of the super-frame TAP read `original` as one valid
     segment, with a NEEDS_CSUM header the kernel can finish."""
@@ -234,7 +277,9 @@ def test_ip_options_and_no_tcp_options() -> None:
     r = Reassembler()
     out = reassemble(payloads[:1] + payloads[2:], r)
     r.flush(out)
-    for i, w in zip([0, 2, 3], out, strict=True):
+    segs = segments(out, read)
+    assert [i for i, _ in segs] == [0, 2, 3]
+    for i, w in segs:
         check_segment(w, read, i, 4)
 
 
@@ -324,12 +369,14 @@ def test_lost_middle_piece_flushes_valid_segments(v6: bool, flags: int) -> None:
     assert r.pending == count - 1
     r.flush(out)
     assert r.pending == 0
-    assert len(out) == count - 1
-    for i, w in zip([i for i in range(count) if i != lost], out, strict=True):
+    assert len(out) == 2  # the runs before and after the hole, each one TAP write
+    segs = segments(out, read)
+    assert [i for i, _ in segs] == [i for i in range(count) if i != lost]
+    for i, w in segs:
         check_segment(w, read, i, count)
     assert (r.frames_whole, r.frames_partial, r.segments_rebuilt) == (0, 1, count - 1)
     r.flush(out)  # nothing left
-    assert len(out) == count - 1
+    assert len(out) == 2
 
 
 def test_lost_piece_then_next_frame_flushes_and_late_piece_goes_alone() -> None:
@@ -342,8 +389,9 @@ def test_lost_piece_then_next_frame_flushes_and_late_piece_goes_alone() -> None:
     out = reassemble(a[:3] + a[4:], r)
     assert out == []
     out = reassemble(b[:1], r)  # a newer frame: a is flushed first
-    assert len(out) == count_a - 1
-    for i, w in zip([i for i in range(count_a) if i != 3], out, strict=True):
+    segs = segments(out, read_a)
+    assert [i for i, _ in segs] == [i for i in range(count_a) if i != 3]
+    for i, w in segs:
         check_segment(w, read_a, i, count_a)
     out = reassemble([a[3]], r)  # late: a was flushed; b stays pending
     assert len(out) == 1
@@ -381,8 +429,10 @@ def test_flush_after_last_piece_lost_only() -> None:
     out = reassemble(payloads[:-1], r)
     r.flush(out)
     count = len(payloads)
-    assert len(out) == count - 1
-    for i, w in enumerate(out):
+    assert len(out) == 1  # one run: every piece but the last
+    segs = segments(out, read)
+    assert [i for i, _ in segs] == list(range(count - 1))
+    for i, w in segs:
         check_segment(w, read, i, count)  # PSH and FIN cleared on all of them
         assert w[VNET_HDR_LEN + 34 + 13] == ACK
 
