@@ -45,5 +45,8 @@ bench: root deps venv
 	@mkdir -p out
 	$(BIN)/ipop-trio bench --json out/bench.json
 
-profile:
-	@echo "make profile: not there yet (see the profiling issue)"
+# A 10 s lab profile (two nodes, iperf3 through the overlay, py-spy on both):
+# out/profile/report.html, stages.json, NODE/flamegraph.svg, ... (see `ipop-trio profile -h`).
+# PROFILE_ARGS adds options, e.g. `make profile PROFILE_ARGS="--scalene --duration 5"`.
+profile: root deps venv
+	$(BIN)/ipop-trio profile --lab --duration 10 --out out/profile $(PROFILE_ARGS)
