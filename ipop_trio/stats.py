@@ -17,12 +17,15 @@ from typing import Any
 STAGES = (
     "tap_read",
     "switch",
+    "encode",  # TAP reads -> inner payloads (TSO split into pieces)
     "seal",
     "udp_send",
     "udp_recv",
-    "open",
+    "open",  # decrypt + replay check
+    "reassemble",  # pieces -> super-frames / segments, switch checks
     "tap_write",
 )
+CHANNELS = ("outbound", "tap_write")
 HIST_BUCKETS = 12  # batch sizes 1, 2-3, 4-7, ... 2048+
 
 now_ns = time.perf_counter_ns
@@ -48,6 +51,14 @@ class Stage:
         self.ns += now_ns() - started_ns
         self.hist[min(items.bit_length(), HIST_BUCKETS) - 1 if items else 0] += 1
 
+    def add(self, items: int, nbytes: int, ns: int) -> None:
+        """Like `record`, for a stage timed in pieces (the caller summed `ns`)."""
+        self.batches += 1
+        self.items += items
+        self.bytes += nbytes
+        self.ns += ns
+        self.hist[min(items.bit_length(), HIST_BUCKETS) - 1 if items else 0] += 1
+
     def snapshot(self) -> dict[str, Any]:
         return {
             "batches": self.batches,
@@ -58,12 +69,45 @@ class Stage:
         }
 
 
+class Channel:
+    """A bounded queue between two stages: depth now and at most, and how long batches
+    waited in it (stamped when put, summed when taken)."""
+
+    __slots__ = ("batches", "depth", "max_depth", "wait_ns")
+
+    def __init__(self) -> None:
+        self.depth = self.max_depth = self.batches = self.wait_ns = 0
+
+    def put(self) -> int:
+        """A batch went in; returns the stamp to hand to `taken`."""
+        self.depth += 1
+        if self.depth > self.max_depth:
+            self.max_depth = self.depth
+        return now_ns()
+
+    def taken(self, stamp: int) -> None:
+        self.depth -= 1
+        self.batches += 1
+        self.wait_ns += now_ns() - stamp
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "depth": self.depth,
+            "max_depth": self.max_depth,
+            "batches": self.batches,
+            "wait_seconds": self.wait_ns / 1e9,
+        }
+
+
 class NullStage(Stage):
     """A stage whose timer is off: `record` does nothing (to measure what timers cost)."""
 
     __slots__ = ()
 
     def record(self, items: int, nbytes: int, started_ns: int) -> None:
+        return None
+
+    def add(self, items: int, nbytes: int, ns: int) -> None:
         return None
 
 
@@ -81,6 +125,7 @@ class Stats:
         self.timers = timers
         kind = Stage if timers else NullStage
         self.stages = {name: kind(name) for name in STAGES}
+        self.channels = {name: Channel() for name in CHANNELS}
         self.drops: dict[str, int] = {}
         self.gauges: dict[str, int] = {}
         # Counters kept elsewhere (e.g. reassembly), read only when a snapshot is taken.
@@ -107,5 +152,6 @@ class Stats:
             "stages": {name: s.snapshot() for name, s in self.stages.items()},
             "drops": dict(self.drops),
             "gauges": dict(self.gauges),
+            "channels": {name: c.snapshot() for name, c in self.channels.items()},
             "counters": self.counters(),
         }

@@ -20,24 +20,23 @@ from ipop_trio.stats import HIST_BUCKETS, STAGES
 STAGE_LABELS: dict[str, str] = {
     "tap_read": "TAP read",
     "switch": "switch (route, ARP)",
-    "seal": "seal (encode + AEAD)",
+    "encode": "encode (TSO split into pieces)",
+    "seal": "seal (AEAD)",
     "udp_send": "UDP send (GSO)",
     "udp_recv": "UDP receive (GRO)",
     "open": "open + replay check",
+    "reassemble": "reassemble (pieces -> super-frames)",
     "tap_write": "TAP write",
 }
-OUTBOUND = ("tap_read", "switch", "seal", "udp_send")
-INBOUND = ("udp_recv", "open", "tap_write")
+OUTBOUND = ("tap_read", "switch", "encode", "seal", "udp_send")
+INBOUND = ("udp_recv", "open", "reassemble", "tap_write")
 
 # Sections a complete snapshot would carry for the report; absent ones are listed as missing.
 # `channels`: per channel {"depth", "max_depth", "wait_seconds", "batches"} (cumulative waits).
 WANTED_SECTIONS = {
     "channels": "channel depths and queue waits (per channel: depth, max depth, wait seconds)",
 }
-WANTED_GAUGES = {
-    "outbound_queue": "TAP reader -> outbound channel depth",
-    "tap_write_queue": "TAP writer thread queue depth",
-}
+WANTED_GAUGES: dict[str, str] = {}  # channel depths now live under `channels`
 
 
 def bucket_labels(n: int = HIST_BUCKETS) -> list[str]:

@@ -78,7 +78,8 @@ class Inbound:
         sessions = self.sessions
         payloads: list[bytes] = []
         writes: list[bytes] = []
-        nbytes = 0
+        nbytes = opened = 0
+        reassemble_ns = 0
         i, n = 0, len(datagrams)
         while i < n:
             d = datagrams[i]
@@ -97,6 +98,7 @@ class Inbound:
                 i += 1
                 continue
             j = session.open_batch_untrusted(datagrams, i, payloads)
+            t1 = now_ns()
             if j == i:  # not a datagram this session can open at all (type, pad, length)
                 j += 1
             refused = j - i - len(payloads)
@@ -111,6 +113,7 @@ class Inbound:
             if entry.confirm is not None:
                 entry.confirm()
             port.last_received = now
+            opened += len(payloads)
             reassembler = port.reassembler
             push = reassembler.push_untrusted
             data = False
@@ -129,7 +132,9 @@ class Inbound:
                 nbytes += self._accept(port, writes, out)
             if reassembler.pending:
                 self.pending.add(port)
-        stats["open"].record(n, nbytes, t0)
+            reassemble_ns += now_ns() - t1
+        stats["reassemble"].add(opened, nbytes, reassemble_ns)
+        stats["open"].add(n, sum(map(len, datagrams)), now_ns() - t0 - reassemble_ns)
 
     def _not_data(self, d: memoryview, addr: tuple[str, int]) -> None:
         if len(d) and DEMUX[d[0]] is Demux.HANDSHAKE:

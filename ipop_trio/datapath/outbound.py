@@ -50,17 +50,19 @@ class Outbound:
                 self.stats.drop("bad_tap_frame")
             frame_id = (frame_id + 1) & 0xFFFFFFFF
         port.frame_id = frame_id
+        stats = self.stats
+        t1 = now_ns()
+        stats["encode"].record(len(frames), 0, t0)
         iov: list[bytes] = []
         sizes: list[int] = []
         session.seal_iov(payloads, iov, sizes)  # type: ignore[attr-defined]
-        stats = self.stats
-        t1 = now_ns()
+        t2 = now_ns()
         nbytes = sum(sizes)
-        stats["seal"].record(len(sizes), nbytes, t0)
+        stats["seal"].record(len(sizes), nbytes, t1)
         dropped = self.udp.send_iov(iov, sizes, endpoint)
         if dropped:
             stats.drop("udp_send_failed", dropped)
-        stats["udp_send"].record(len(sizes), nbytes, t1)
+        stats["udp_send"].record(len(sizes), nbytes, t2)
         port.tx_packets += len(frames)
         port.tx_bytes += sum(map(len, frames)) - VNET * len(frames)
         port.last_sent = now

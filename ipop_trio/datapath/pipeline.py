@@ -24,8 +24,12 @@ TAP_BATCH = 64  # frames drained from the TAP per batch
 OUTBOUND_QUEUE = 16  # batches between TAP reader and outbound
 
 
-async def tap_reader(tap: Tap, send: trio.MemorySendChannel[list[bytes]], stats: Stats) -> None:
+Batch = tuple[int, list[bytes]]  # (stamp when queued, TAP reads)
+
+
+async def tap_reader(tap: Tap, send: trio.MemorySendChannel[Batch], stats: Stats) -> None:
     stage = stats["tap_read"]
+    channel = stats.channels["outbound"]
     async with send:
         while True:
             await tap.wait_readable()
@@ -35,19 +39,21 @@ async def tap_reader(tap: Tap, send: trio.MemorySendChannel[list[bytes]], stats:
                 continue
             stage.record(len(frames), sum(map(len, frames)), t0)
             try:
-                send.send_nowait(frames)
+                send.send_nowait((channel.put(), frames))
             except trio.WouldBlock:
+                channel.depth -= 1
                 stats.drop("outbound_queue_full", len(frames))
-            stats.gauges["outbound_queue"] = send.statistics().current_buffer_used
             if len(frames) >= TAP_BATCH:
                 await trio.lowlevel.checkpoint()  # let outbound drain before the next batch
 
 
 async def outbound_task(
-    outbound: Outbound, receive: trio.MemoryReceiveChannel[list[bytes]], writer: TapWriter
+    outbound: Outbound, receive: trio.MemoryReceiveChannel[Batch], writer: TapWriter
 ) -> None:
+    channel = outbound.stats.channels["outbound"]
     async with receive:
-        async for frames in receive:
+        async for stamp, frames in receive:
+            channel.taken(stamp)
             local = outbound.process(frames, time.time())
             if local:
                 writer.submit(local)
@@ -83,9 +89,9 @@ async def udp_receiver(udp: UdpSocket, inbound: Inbound, writer: TapWriter, stat
 
 
 def make_outbound_channel() -> tuple[
-    trio.MemorySendChannel[list[bytes]], trio.MemoryReceiveChannel[list[bytes]]
+    trio.MemorySendChannel[Batch], trio.MemoryReceiveChannel[Batch]
 ]:
-    return trio.open_memory_channel[list[bytes]](OUTBOUND_QUEUE)
+    return trio.open_memory_channel[Batch](OUTBOUND_QUEUE)
 
 
 __all__ = [

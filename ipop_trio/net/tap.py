@@ -126,9 +126,12 @@ class TapWriter:
     def __init__(self, tap: Tap, stats: Stats) -> None:
         self.tap = tap
         self.stats = stats
-        self.queue: queue.Queue[object] = queue.Queue(WRITE_QUEUE_BATCHES)
+        self.queue: queue.Queue[tuple[int, list[bytes]] | object] = queue.Queue(WRITE_QUEUE_BATCHES)
         self.submitted = 0
         self.completed = 0
+        # Depth is submitted - completed (each written by one thread); the writer thread
+        # adds the waits, so only depth/max_depth here are approximate between reads.
+        self.channel = stats.channels["tap_write"]
         self._thread = threading.Thread(
             target=self._run, name=f"tap-writer-{tap.name}", daemon=True
         )
@@ -138,11 +141,16 @@ class TapWriter:
             self._write(frames)
             return
         try:
-            self.queue.put_nowait(frames)
+            self.queue.put_nowait((now_ns(), frames))
         except queue.Full:
             self.stats.drop("tap_write_queue_full", len(frames))
             return
         self.submitted += 1
+        depth = self.submitted - self.completed
+        channel = self.channel
+        channel.depth = depth
+        if depth > channel.max_depth:
+            channel.max_depth = depth
 
     def _write(self, frames: list[bytes]) -> None:
         t0 = now_ns()
@@ -153,11 +161,16 @@ class TapWriter:
 
     def _run(self) -> None:
         get = self.queue.get
+        channel = self.channel
         while True:
-            frames = get()
-            if frames is _STOP:
+            item = get()
+            if item is _STOP:
                 return
-            assert isinstance(frames, list)
+            stamp: int
+            frames: list[bytes]
+            stamp, frames = item  # type: ignore[misc]
+            channel.batches += 1
+            channel.wait_ns += now_ns() - stamp
             self._write(frames)
             self.completed += 1
 
