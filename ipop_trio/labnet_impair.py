@@ -171,11 +171,14 @@ class WiredPair:
         raise LabError(f"host {host.name} is not an end of the wire")
 
 
-def offloads_off(host: Host, ifname: str) -> None:
-    """Turn off the offloads that would put super-frames on the wire."""
+def offloads_off(host: Host, ifname: str, *, endpoint: bool = False) -> None:
+    """Turn off the offloads that would put super-frames on the wire. An endpoint (a or b)
+    keeps receive GRO: it coalesces what *arrives* from the wire, as a real NIC would, and
+    never puts anything longer than the MTU on it."""
     argv = ["ethtool", "-K", ifname]
     for feature in OFFLOADS_OFF:
-        argv += [feature, "off"]
+        if not (endpoint and feature == "gro"):
+            argv += [feature, "off"]
     host.check(argv)
 
 
@@ -199,7 +202,7 @@ def build_wired_pair(
         (b, link_b.end(b).ifname),
     ]
     for host, ifname in ends:
-        offloads_off(host, ifname)
+        offloads_off(host, ifname, endpoint=host is not w)
         host.check(["ip", "addr", "flush", "dev", ifname])
     hosts = network.hosts()
     address_a, address_b = str(next(hosts)), str(next(hosts))
