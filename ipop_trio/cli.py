@@ -7,6 +7,7 @@ import json
 import logging
 import signal
 import sys
+from functools import partial
 from pathlib import Path
 
 from . import __version__
@@ -16,6 +17,7 @@ EPILOG = """\
 typical use:
   ipop-trio ca init --dir ca --name lab --network 10.77.0.0/24
   ipop-trio ca sign --ca ca --name alpha --address 10.77.0.1 --groups web --out alpha
+  ipop-trio signal --listen 0.0.0.0:8765 --ca ca/ca.crt
   ipop-trio run -c alpha/node.toml
   ipop-trio status -c alpha/node.toml
   ipop-trio demo            # a two-node overlay in network namespaces, explained
@@ -42,6 +44,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("-c", "--config", type=Path, required=True, help="node config file (TOML)")
     run.add_argument("--check", action="store_true", help="validate the config and exit")
+
+    sg = sub.add_parser(
+        "signal",
+        help="run the signalling server",
+        description="Run the signalling server: nodes connect over WebSocket, prove their "
+        "certificate's key, and are admitted to the overlay whose CA issued it; the server "
+        "announces joins and leaves and relays con_req/con_resp within each overlay. Serves "
+        "wss:// with --tls-cert/--tls-key, ws:// otherwise. Ctrl-C / SIGTERM stops it.",
+    )
+    sg.add_argument(
+        "--listen", default="0.0.0.0:8765", help="ADDRESS:PORT to listen on (default 0.0.0.0:8765)"
+    )
+    sg.add_argument(
+        "--ca",
+        type=Path,
+        action="append",
+        required=True,
+        help="an overlay CA certificate (repeat for several overlays)",
+    )
+    sg.add_argument("--tls-cert", type=Path, default=None, help="TLS certificate chain (PEM)")
+    sg.add_argument("--tls-key", type=Path, default=None, help="TLS private key (PEM)")
+    sg.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     st = sub.add_parser(
         "status",
@@ -85,9 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser(
         "demo",
-        help="a two-node overlay in network namespaces, explained",
-        description="Build two network namespaces joined by a veth link, start a node in each, "
-        "show ping, a short iperf3 and the status table, then clean everything up. Needs root.",
+        help="a signalling server and three nodes in network namespaces, explained",
+        description="Build network namespaces on a shared switch, start a signalling server "
+        "and three nodes that find each other through it, show the mesh forming, ping, a short "
+        "iperf3 and the status table, then clean everything up. Needs root.",
     )
     bench = sub.add_parser(
         "bench",
@@ -131,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "status":
             return cmd_status(args)
+        if args.command == "signal":
+            return cmd_signal(args)
         if args.command == "ca":
             from . import pki
 
@@ -187,6 +214,68 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     trio.run(main_task)
     return 0
+
+
+def cmd_signal(args: argparse.Namespace) -> int:
+    import ssl
+
+    import trio
+
+    from . import config, pki
+    from .errors import PkiError
+    from .signalling.server import SignallingServer, raise_fd_limit
+
+    listen = config.parse_endpoint("--listen", args.listen)
+    anchors = []
+    for i, path in enumerate(args.ca):
+        try:
+            anchors.append(pki.load_trust_anchor(path))
+        except PkiError as exc:
+            raise ConfigError(f"--ca[{i}]", f"{path}: {exc}") from None
+    names = [a.name for a in anchors]
+    if len(set(names)) != len(names):
+        raise ConfigError("--ca", f"two CAs name the same overlay: {sorted(names)}")
+    ssl_context = None
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ConfigError("--tls-cert", "give both --tls-cert and --tls-key, or neither")
+    if args.tls_cert is not None:
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError("--tls-cert", f"cannot load the TLS certificate/key: {exc}") from None
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    raise_fd_limit()
+    server = SignallingServer(anchors)
+
+    async def main_task() -> None:
+        async with trio.open_nursery() as nursery:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                await nursery.start(
+                    partial(server.serve, listen.host, listen.port, ssl_context=ssl_context)
+                )
+                print(f"ipop-trio signal: listening on {listen.host}:{server.port}", flush=True)
+                async for signum in signals:
+                    logging.getLogger("ipop_trio").info(
+                        "%s: shutting down", signal.Signals(signum).name
+                    )
+                    nursery.cancel_scope.cancel()
+                    break
+
+    try:
+        trio.run(main_task)
+    except* OSError as group:  # the address is taken or not ours: the operator's to fix
+        raise ConfigError("--listen", str(_first_leaf(group))) from None
+    return 0
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -21,6 +21,12 @@ are resolved against the config file's directory.
     name = "beta"
     cert = "beta.crt"           # or public_key = "<base64 X25519>"
     endpoint = "192.0.2.7:4600"
+
+    [signalling]                # optional: learn peers from a signalling server
+    url = "wss://signal.example.net:8765/"
+    ca = "signal-ca.pem"        # optional: TLS roots for wss (default: the system's)
+    max_links = 32              # cap on links learned from signalling
+    advertise = ["192.0.2.7:4600"]  # optional: host candidates (default: see README)
 """
 
 from __future__ import annotations
@@ -44,11 +50,14 @@ MIN_MTU = 576
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,63}$")
 _IFNAME = re.compile(r"^[A-Za-z0-9._-]{1,15}$")
 _KNOWN = {
-    "": {"node", "tap", "peer"},
+    "": {"node", "tap", "peer", "signalling"},
     "node": {"name", "cert", "key", "ca", "listen", "control", "cipher", "log_level"},
     "tap": {"name", "mtu", "offload"},
     "peer": {"name", "cert", "public_key", "endpoint"},
+    "signalling": {"url", "ca", "max_links", "advertise"},
 }
+DEFAULT_MAX_LINKS = 32
+MAX_ADVERTISE = 8
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -81,6 +90,14 @@ class TapConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SignallingConfig:
+    url: str  # ws://host:port/path or wss://...
+    ca: Path | None  # TLS trust roots for wss (None: the system's)
+    max_links: int = DEFAULT_MAX_LINKS
+    advertise: tuple[Endpoint, ...] = ()  # host candidates; empty: derived (README)
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     path: Path
     name: str | None
@@ -93,6 +110,7 @@ class NodeConfig:
     log_level: str
     tap: TapConfig
     peers: tuple[PeerConfig, ...]
+    signalling: SignallingConfig | None = None
 
 
 def load(path: Path) -> NodeConfig:
@@ -167,6 +185,8 @@ def parse(data: dict[str, Any], path: Path) -> NodeConfig:
             endpoint = parse_endpoint(f"{field}.endpoint", p["endpoint"], need_host=True)
         peers.append(PeerConfig(name=pname, cert=pcert, public_key=pkey, endpoint=endpoint))
 
+    signalling = _signalling(base, _table(data, "signalling", required=False))
+
     return NodeConfig(
         path=path,
         name=name,
@@ -179,7 +199,31 @@ def parse(data: dict[str, Any], path: Path) -> NodeConfig:
         log_level=log_level,
         tap=tap,
         peers=tuple(peers),
+        signalling=signalling,
     )
+
+
+def _signalling(base: Path, table: dict[str, Any]) -> SignallingConfig | None:
+    if not table:
+        return None
+    _unknown("signalling", table)
+    url = table.get("url")
+    if not isinstance(url, str) or not re.fullmatch(r"wss?://[^\s/?#]+(/[^\s]*)?", url):
+        raise ConfigError("signalling.url", 'must be a URL like "ws://192.0.2.1:8765/"')
+    ca = _file(base, "signalling.ca", table.get("ca"), required=False)
+    if ca is not None and not url.startswith("wss://"):
+        raise ConfigError("signalling.ca", "only used with a wss:// url")
+    max_links = _int("signalling.max_links", table.get("max_links", DEFAULT_MAX_LINKS), 1, 4096)
+    advertise_raw = table.get("advertise", [])
+    if not isinstance(advertise_raw, list) or len(advertise_raw) > MAX_ADVERTISE:
+        raise ConfigError(
+            "signalling.advertise", f"must be a list of up to {MAX_ADVERTISE} addresses"
+        )
+    advertise = tuple(
+        parse_endpoint(f"signalling.advertise[{i}]", a, need_host=True)
+        for i, a in enumerate(advertise_raw)
+    )
+    return SignallingConfig(url=url, ca=ca, max_links=max_links, advertise=advertise)
 
 
 def parse_endpoint(field: str, value: object, *, need_host: bool = False) -> Endpoint:

@@ -242,6 +242,23 @@ class Link:
         return b if self.end(host) is a else a
 
 
+class LabSwitch:
+    """An Ethernet segment: a bridge in its own namespace; hosts join it with `Lab.attach`,
+    each getting the next address of the switch's subnet."""
+
+    BRIDGE = "br0"
+
+    def __init__(self, index: int, host: Host, subnet: ipaddress.IPv4Network) -> None:
+        self.index = index
+        self.host = host  # the namespace holding the bridge
+        self.subnet = subnet
+        self.ports: list[Iface] = []
+        self._addresses = subnet.hosts()
+
+    def __repr__(self) -> str:
+        return f"LabSwitch({self.host.name!r}, {self.subnet})"
+
+
 class Host:
     """A network namespace in a lab. Processes run in it through ``ip netns exec``."""
 
@@ -326,6 +343,7 @@ class Lab:
         )
         self.hosts: dict[str, Host] = {}
         self.links: list[Link] = []
+        self.switches: list[LabSwitch] = []
         self._namespaces: list[str] = []  # registered before creation: teardown covers halves
         self._veths: list[tuple[str, str]] = []  # (namespace, ifname) of each pair's first end
         self._procs: list[subprocess.Popen[Any]] = []
@@ -445,6 +463,59 @@ class Lab:
         b.ifaces.append(link.ends[1])
         self.links.append(link)
         return link
+
+    def add_switch(self, name: str, *, mtu: int = UNDERLAY_MTU) -> LabSwitch:
+        """A bridge in a new namespace `name`, on subnet 10.199.(255 - n).0/24."""
+        host = self.add_host(name)
+        index = len(self.switches)
+        if index > 31:
+            raise LabError("the lab allocates at most 32 switches")
+        subnet = ipaddress.IPv4Network(f"10.199.{255 - index}.0/{LINK_PREFIXLEN}")
+        try:
+            with _iproute(host.ns) as ipr:
+                ipr.link("add", ifname=LabSwitch.BRIDGE, kind="bridge")
+                idx = ipr.link_lookup(ifname=LabSwitch.BRIDGE)[0]
+                ipr.link("set", index=idx, mtu=mtu, state="up")
+        except Exception as exc:
+            raise LabError(f"cannot create the bridge of switch {name}: {exc}") from exc
+        switch = LabSwitch(index, host, subnet)
+        self.switches.append(switch)
+        return switch
+
+    def attach(self, host: Host, switch: LabSwitch, *, mtu: int = UNDERLAY_MTU) -> Iface:
+        """Plug `host` into `switch` with a veth; the host end gets the next address."""
+        self._check_open()
+        n = len(switch.ports)
+        sw_end, host_end = f"{self.id}-s{switch.index}p{n}", f"{self.id}-s{switch.index}h{n}"
+        if len(sw_end) > IFNAMSIZ:
+            raise LabError(f"interface name {sw_end} is longer than {IFNAMSIZ}")
+        try:
+            address = ipaddress.IPv4Interface(f"{next(switch._addresses)}/{LINK_PREFIXLEN}")
+        except StopIteration:
+            raise LabError(f"switch {switch.host.name} is full") from None
+        self._veths.append((switch.host.ns, sw_end))
+        try:
+            with _iproute(switch.host.ns) as ipr:
+                ipr.link(
+                    "add",
+                    ifname=sw_end,
+                    kind="veth",
+                    peer={"ifname": host_end, "net_ns_fd": host.ns},
+                )
+                idx = ipr.link_lookup(ifname=sw_end)[0]
+                bridge = ipr.link_lookup(ifname=LabSwitch.BRIDGE)[0]
+                ipr.link("set", index=idx, mtu=mtu, master=bridge, state="up")
+            with _iproute(host.ns) as ipr:
+                idx = ipr.link_lookup(ifname=host_end)[0]
+                ipr.link("set", index=idx, mtu=mtu)
+                ipr.addr("add", index=idx, address=str(address.ip), prefixlen=LINK_PREFIXLEN)
+                ipr.link("set", index=idx, state="up")
+        except Exception as exc:
+            raise LabError(f"cannot attach {host.name} to {switch.host.name}: {exc}") from exc
+        iface = Iface(host, host_end, address)
+        host.ifaces.append(iface)
+        switch.ports.append(iface)
+        return iface
 
     def _track(self, proc: subprocess.Popen[Any]) -> subprocess.Popen[Any]:
         self._procs.append(proc)
@@ -635,6 +706,7 @@ class OverlayNode:
     cert_pem: bytes
     dir: Path
     peers: tuple[str, ...] | None  # names of configured peers; None: every other node
+    signalling: bool = False  # learns peers from the overlay's signalling server
     proc: subprocess.Popen[Any] | None = None
 
     @property
@@ -654,6 +726,24 @@ class OverlayNode:
         if self.proc is None:
             raise LabError(f"node {self.name} is not started")
         return self.proc.pid
+
+
+DEFAULT_SIGNAL_PORT = 8765
+
+
+@dataclass(slots=True, eq=False)
+class SignalServer:
+    """The overlay's `ipop-trio signal` process on a lab host."""
+
+    host: Host
+    port: int
+    dir: Path
+    url: str
+    proc: subprocess.Popen[Any] | None = None
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "signal.log"
 
 
 def _toml_str(value: str) -> str:
@@ -688,6 +778,7 @@ class Overlay:
         self.dir = lab.workdir / "overlay"
         self.dir.mkdir(exist_ok=True)
         self.ca = self.new_ca(name, network)
+        self.signal: SignalServer | None = None
 
     def new_ca(self, name: str, network: str | None = None) -> CA:
         """A fresh CA (the overlay's own, or a foreign one for refusal tests)."""
@@ -713,9 +804,12 @@ class Overlay:
         groups: Iterable[str] = (),
         ca: CA | None = None,
         peers: Iterable[str] | None = None,
+        signalling: bool = False,
     ) -> OverlayNode:
         """Issue a certificate for a node on `host` (next free overlay address unless given).
-        The node is configured and started by `start`."""
+        The node is configured and started by `start`. With `signalling`, it learns its peers
+        from the overlay's signalling server (`start_signalling`) and has no static peers
+        unless `peers` names some."""
         from ipop_trio import pki
 
         if name in self.nodes:
@@ -740,7 +834,8 @@ class Overlay:
             key_pem=key_pem,
             cert_pem=cert_pem,
             dir=self.dir / name,
-            peers=None if peers is None else tuple(peers),
+            peers=tuple(peers) if peers is not None else (() if signalling else None),
+            signalling=signalling,
         )
         self.nodes[name] = node
         return node
@@ -783,6 +878,10 @@ class Overlay:
             f"name = {_toml_str(node.tap)}",
             f"mtu = {self.tap_mtu}",
         ]
+        if node.signalling:
+            if self.signal is None:
+                raise LabError(f"node {node.name} uses signalling: call start_signalling first")
+            lines += ["", "[signalling]", f"url = {_toml_str(self.signal.url)}"]
         names = node.peers if node.peers is not None else [n for n in self.nodes if n != node.name]
         for peer_name in names:
             peer = self.nodes[peer_name]
@@ -892,6 +991,66 @@ class Overlay:
                 + self._tail(node)
             ) from exc
 
+    # -- the signalling server ----------------------------------------------------------------
+
+    def start_signalling(
+        self, host: Host | None = None, port: int = DEFAULT_SIGNAL_PORT, timeout: float = 15.0
+    ) -> SignalServer:
+        """Start `ipop-trio signal` on `host` (again: after `stop_signalling`, on the same host
+        and port) for this overlay's CA; wait until it listens."""
+        running = self.signal is not None and self.signal.proc is not None
+        if running and self.signal.proc.poll() is None:  # type: ignore[union-attr]
+            raise LabError("the signalling server is already running")
+        if host is None:
+            if self.signal is None:
+                raise LabError("start_signalling needs a host the first time")
+            host, port = self.signal.host, self.signal.port
+        directory = self.dir / "signal"
+        directory.mkdir(exist_ok=True)
+        ca = directory / "ca.crt"
+        ca.write_bytes(self.ca.cert_pem)
+        server = SignalServer(host, port, directory, f"ws://{host.address}:{port}/")
+        start = server.log.stat().st_size if server.log.exists() else 0
+        with open(server.log, "ab") as log:
+            server.proc = host.popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "ipop_trio",
+                    "signal",
+                    "--ca",
+                    str(ca),
+                    "--listen",
+                    f"0.0.0.0:{port}",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=directory,
+                env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            )
+        self.signal = server
+        deadline = time.monotonic() + timeout
+        while b"ipop-trio signal: listening" not in server.log.read_bytes()[start:]:
+            code = server.proc.poll()
+            if code is not None or time.monotonic() >= deadline:
+                tail = server.log.read_text(errors="replace")[-2000:]
+                raise LabError(f"signalling server did not start (exit {code}):\n{tail}")
+            time.sleep(POLL_INTERVAL)
+        return server
+
+    def stop_signalling(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        """Stop the signalling server; return its exit code."""
+        if self.signal is None or self.signal.proc is None:
+            raise LabError("no signalling server is running")
+        proc = self.signal.proc
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise LabError(f"signalling server still running {timeout:.0f}s after {sig}") from exc
+
     def log_tail(self, node: OverlayNode, lines: int = LOG_TAIL_LINES) -> str:
         """The last lines of the node's log (stdout and stderr)."""
         try:
@@ -910,9 +1069,11 @@ __all__ = [
     "Host",
     "Iface",
     "Lab",
+    "LabSwitch",
     "Link",
     "Overlay",
     "OverlayNode",
+    "SignalServer",
     "cleanup_stale",
     "control_request",
     "sigterm_raises",

@@ -6,7 +6,9 @@
     ├── tap reader ─[batches]→ outbound (route, seal, GSO send)
     ├── udp receiver        GRO, demux, open → tap writer; handshakes → handshake task
     ├── handshake task      initiations (DH) and responses → the owning peer's link task
-    └── links nursery       one run_link(peer) per configured peer
+    ├── links nursery       one run_link(peer) per configured or learned peer
+    ├── signalling client   ([signalling] only) membership and con_req/resp → controller
+    └── controller          membership → links added / removed in the links nursery
 
 `prepare()` does every check that can fail because of the configuration or the PKI, before
 anything on the system is touched; `run_node()` then owns the TAP and the socket and removes
@@ -28,6 +30,7 @@ import trio
 from . import pki
 from .config import NodeConfig, PeerConfig
 from .control.api import serve_control
+from .control.controller import EVENT_QUEUE, Controller, NodeLinks
 from .control.links import LinkManager
 from .datapath import pipeline
 from .datapath.inbound import Inbound, SessionEntry
@@ -102,6 +105,13 @@ def prepare(cfg: NodeConfig) -> Setup:
     keys = [p.public_key for p in peers]
     if len(set(keys)) != len(keys):
         raise ConfigError("peer", "two peers have the same key")
+    if cfg.signalling is not None and cfg.signalling.ca is not None:
+        import ssl
+
+        try:
+            ssl.create_default_context(cafile=str(cfg.signalling.ca))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError("signalling.ca", f"{cfg.signalling.ca}: {exc}") from None
     return Setup(cfg, anchor, private_key, identity, tuple(peers))
 
 
@@ -122,6 +132,8 @@ class Node:
         self.links = LinkManager(self)
         self.inbound = Inbound(self.switch, self.stats, self.sessions, self.links.on_handshake)
         self.started_wall = time.time()
+        self.signalling: Any = None  # SignallingClient, when [signalling] is configured
+        self.controller: Controller | None = None
 
     def allocate_index(self) -> int:
         while True:
@@ -157,6 +169,9 @@ class Node:
                 "gro": self.udp.gro,
             },
             "peers": self.links.status(),
+            "signalling": None
+            if self.signalling is None or self.controller is None
+            else {**self.signalling.status(), **self.controller.status()},
             "stats": self.stats.snapshot(),
         }
 
@@ -191,6 +206,8 @@ async def run_node(
             nursery.start_soon(pipeline.outbound_task, node.outbound, receive, node.writer)
             nursery.start_soon(pipeline.udp_receiver, udp, node.inbound, node.writer, node.stats)
             await nursery.start(node.links.serve)
+            if cfg.signalling is not None:
+                await nursery.start(_run_signalling, node)
             log.info(
                 "node %s up: %s on %s, listening on %s:%d, %d peers",
                 ident.name,
@@ -203,3 +220,39 @@ async def run_node(
     finally:
         udp.close()
         tap.close()
+
+
+async def _run_signalling(
+    node: Node, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """The signalling client and the controller it feeds (DESIGN.md §2)."""
+    from .signalling.client import ClientEvent, SignallingClient
+
+    cfg = node.setup.config.signalling
+    assert cfg is not None
+    ssl_context = None
+    if cfg.url.startswith("wss://"):
+        import ssl
+
+        ssl_context = ssl.create_default_context(cafile=None if cfg.ca is None else str(cfg.ca))
+    send, receive = trio.open_memory_channel[ClientEvent](EVENT_QUEUE)
+    client = SignallingClient(
+        cfg.url, node.setup.private_key, node.identity.der, send, ssl_context=ssl_context
+    )
+    controller = Controller(
+        own_key=node.identity.public_key,
+        cert_der=node.identity.der,
+        groups=node.identity.groups,
+        overlay=node.identity.overlay,
+        anchor=node.setup.anchor,
+        links=NodeLinks(node.links),
+        client=client,
+        config=cfg,
+        udp_port=node.udp.local[1],
+        listen_host=node.setup.config.listen.host,
+    )
+    node.signalling, node.controller = client, controller
+    async with trio.open_nursery() as nursery:
+        await nursery.start(controller.serve, receive)
+        await nursery.start(client.serve)
+        task_status.started()

@@ -31,7 +31,15 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
         f"node {node.get('name')}  overlay {node.get('overlay')}  address {node.get('address')}  "
         f"tap {node.get('tap')} ({node.get('mac')})  listen {node.get('listen')}",
     ]
-    header = ("PEER", "ADDRESS", "STATE", "MODE", "ENDPOINT", "TX", "RX", "DROPS", "HANDSHAKE")
+    sg = status.get("signalling")
+    if sg:
+        lines.append(
+            f"signalling {sg.get('url')}  {sg.get('state')}  members {sg.get('members')}  "
+            f"links {sg.get('learned_links')}/{sg.get('max_links')}"
+        )
+    header = (
+        "PEER", "ADDRESS", "STATE", "MODE", "LEARNED", "ENDPOINT", "TX", "RX", "DROPS", "HANDSHAKE"
+    )  # fmt: skip
     rows = [header]
     for p in status.get("peers", []):
         rows.append(
@@ -40,6 +48,7 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
                 str(p.get("address") or "-"),
                 str(p.get("state")),
                 str(p.get("mode") or "-"),
+                str(p.get("learned") or "-"),
                 str(p.get("endpoint") or "-"),
                 _bytes(int(p.get("tx_bytes", 0))),
                 _bytes(int(p.get("rx_bytes", 0))),

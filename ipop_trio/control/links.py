@@ -10,6 +10,11 @@ The data path never waits for the control plane and vice versa:
 One peer's failure (refused certificate, no answer) is logged, counted, retried with
 backoff; it never reaches the node's nursery.
 
+Peers come from the configuration (at start) or from the controller (`add_peer` /
+`remove_peer`, while running: peers learned through signalling). Each link task runs in its
+own cancel scope inside the links nursery, so removing a peer ends exactly its task, retires
+its sessions and takes its port out of the switch.
+
 Links run on wall-clock time (`time.time()`): certificate validity is wall-clock, and the
 Link's timers are tens of seconds, so a clock step costs at most one early rekey.
 """
@@ -18,14 +23,17 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
 
+from .. import pki
 from ..datapath.inbound import SessionEntry
 from ..datapath.switch import PeerPort
 from ..errors import BadPacket
 from ..proto import handshake
+from ..proto.cert import Identity
 from ..proto.link import (
     HandshakeFailed,
     Link,
@@ -49,9 +57,15 @@ RETRY_MIN, RETRY_MAX = 2.0, 60.0  # backoff after a failed or refused handshake
 class PeerRuntime:
     """A configured peer: its data-path port, its Link machine and its task's inbox."""
 
-    def __init__(self, node: Node, setup: PeerSetup) -> None:
+    def __init__(
+        self, node: Node, setup: PeerSetup, *, learned: str = "config", initiate: bool = True
+    ) -> None:
         self.setup = setup
         self.name = setup.config.name
+        self.learned = learned  # "config" or "signalling"
+        self.initiate = initiate  # start the handshake ourselves (else wait for the peer's)
+        self.scope = trio.CancelScope()
+        self.added = time.time()
         self.port: PeerPort = node.new_port(setup)
         if setup.config.endpoint is not None:
             self.port.endpoint = setup.config.endpoint.sockaddr
@@ -92,6 +106,11 @@ class LinkManager:
         )
         self.peers: list[PeerRuntime] = []
         self.by_key: dict[bytes, PeerRuntime] = {}
+        self._nursery: trio.Nursery | None = None
+        # The controller's say on an authenticated initiation from a peer we have no link for
+        # (it may have learned the peer from signalling a moment after the peer did): True
+        # when it added the peer (`add_peer`) and the initiation should be answered.
+        self.admit_unknown: Callable[[Identity, tuple[str, int]], bool] | None = None
 
     def index_in_use(self, index: int) -> bool:
         return any(index in p.indices for p in self.peers)
@@ -113,10 +132,63 @@ class LinkManager:
             self.peers.append(rt)
             self.by_key[setup.public_key] = rt
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self._handshake_task)
             for rt in self.peers:
-                nursery.start_soon(self._run_link, rt)
+                nursery.start_soon(self._run_link_scoped, rt)
             task_status.started()
+
+    # --- peers added and removed while running (the controller) --------------------------
+
+    def add_peer(self, setup: PeerSetup, *, learned: str, initiate: bool) -> PeerRuntime:
+        """Start a link to a new peer now (its task runs in the links nursery)."""
+        if self._nursery is None:
+            raise RuntimeError("LinkManager.add_peer before serve() started")
+        if setup.public_key in self.by_key:
+            raise ValueError(f"peer {setup.config.name} already has a link")
+        rt = PeerRuntime(self.node, setup, learned=learned, initiate=initiate)
+        self.peers.append(rt)
+        self.by_key[setup.public_key] = rt
+        self._nursery.start_soon(self._run_link_scoped, rt)
+        log.info("%s: link added (%s)", rt.name, learned)
+        return rt
+
+    def remove_peer(self, public_key: bytes, why: str) -> None:
+        """End the peer's link task, retire its sessions, take its port out of the switch."""
+        rt = self.by_key.pop(public_key, None)
+        if rt is None:
+            return
+        self.peers.remove(rt)
+        rt.scope.cancel()
+        rt.link.close()
+        while (ev := rt.link.next_event()) is not None:
+            if isinstance(ev, SessionRetired):
+                self.node.sessions.pop(ev.local_index, None)
+        for index in rt.indices:
+            self.node.sessions.pop(index, None)
+        rt.indices.clear()
+        port = rt.port
+        port.session = None
+        port.staged.clear()
+        # The switch (datapath/switch.py) has no remove yet: drop our port from its tables.
+        switch = self.node.switch
+        if switch.by_mac.get(port.mac) is port:
+            del switch.by_mac[port.mac]
+        if port.ip4 is not None and switch.by_ip4.get(port.ip4) is port:
+            del switch.by_ip4[port.ip4]
+        log.info("%s: link removed (%s)", rt.name, why)
+
+    def set_endpoint(self, rt: PeerRuntime, endpoint: tuple[str, int]) -> None:
+        """A (new) underlay address for the peer, e.g. from a con_req: try it now."""
+        if rt.port.endpoint != endpoint:
+            rt.port.endpoint = endpoint
+        if rt.initiate and rt.link.current is None:
+            rt.retry_at = None
+            rt.wake()
+
+    async def _run_link_scoped(self, rt: PeerRuntime) -> None:
+        with rt.scope:
+            await self._run_link(rt)
 
     async def _handshake_task(self) -> None:
         node = self.node
@@ -129,6 +201,9 @@ class LinkManager:
                         node.local, data, cipher, time.time()
                     )
                     rt = self.by_key.get(state.peer_static)
+                    admit = self.admit_unknown
+                    if rt is None and admit is not None and admit(state.peer, addr):
+                        rt = self.by_key.get(state.peer_static)
                     if rt is None:
                         self.stats.drop("handshake_unknown_peer")
                         log.info(
@@ -160,7 +235,7 @@ class LinkManager:
     async def _run_link(self, rt: PeerRuntime) -> None:
         link = rt.link
         port = rt.port
-        if port.endpoint is not None:
+        if port.endpoint is not None and rt.initiate:
             link.connect(time.time())
         while True:
             self._drain(rt)
@@ -286,7 +361,8 @@ class LinkManager:
                     "endpoint": None
                     if port.endpoint is None
                     else f"{port.endpoint[0]}:{port.endpoint[1]}",
-                    "learned": "config" if rt.setup.config.endpoint is not None else "handshake",
+                    "learned": rt.learned,
+                    "key": pki.encode_key(rt.setup.public_key),
                     "tx_bytes": port.tx_bytes,
                     "rx_bytes": port.rx_bytes,
                     "tx_packets": port.tx_packets,

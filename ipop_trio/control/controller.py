@@ -1,0 +1,369 @@
+"""The controller: from signalling membership to the links a node should have (DESIGN.md §2).
+
+    signalling client ──events──► Controller ──add_peer / remove_peer / set_endpoint──► links
+          ▲                            │
+          └──────── con_req / con_resp ┘
+
+Topology: full mesh, capped at `max_links` links learned from signalling. When the cap bites,
+each node prefers the peers whose pair hash SHA-256(min key || max key) is lowest: both ends
+of a pair compute the same number, so their preferences mostly agree.
+
+Meeting a peer (one link per pair, deterministically):
+  * the node with the lower public key sends the con_req (its candidates, certificate,
+    groups, policy); the other answers with a con_resp. Either message gives the receiver
+    the sender's candidates, and it adds the link (or updates its endpoint).
+  * if the higher node has heard no con_req RESPONDER_GRACE after learning of the peer (a
+    lost message, a peer that joined while we were away), it sends one itself. When both
+    requests cross, both are answered; links are keyed by peer key, so it is still one link.
+  * the lower key starts the Noise handshake; the higher waits for it (it starts one itself
+    only on its retry timer or when it has frames to send — the Link copes with both ends
+    initiating at once).
+  * an authenticated handshake initiation from a member we have no link for yet (its
+    con_resp is still in flight) is admitted at once (`admit`).
+Every certificate from signalling is verified against our own CA and must certify the key
+the server says the message is from: the server is a rendezvous, never trusted for identity.
+The link handshake then proves the key again.
+
+Tear-down: a peer that leaves (the server saw its connection end) is removed at once. While
+the server is away nothing is removed; after a reconnect, a learned peer that is not a member
+is removed only when its link is not established (so a server restart never interrupts a
+working link). A member whose link keeps failing gets a fresh con_req (new candidates) on a
+backoff, and the link task's own backoff retries the handshake. Nothing here raises into the
+node: bad input from the server or a peer is logged and counted.
+
+The decisions are synchronous methods fed `now` (`handle_event`, `tick`), so they are tested
+without sockets; `serve` is the task around them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import trio
+
+from ..config import PeerConfig, SignallingConfig
+from ..errors import CertificateRefused
+from ..proto import signalling as sig
+from ..proto.cert import Identity, TrustAnchor
+from ..proto.link import LinkState
+from ..signalling.client import ClientEvent, Connected, Disconnected
+
+if TYPE_CHECKING:
+    from .links import PeerRuntime
+
+log = logging.getLogger("ipop_trio.controller")
+
+TICK = 1.0  # the controller looks at its timers at least this often
+RESPONDER_GRACE = 3.0  # the higher key waits this long for the lower key's con_req
+REQUEST_RETRY_MIN, REQUEST_RETRY_MAX = 2.0, 60.0  # con_req retransmission backoff
+REFRESH_AFTER_FAILURES = 2  # a member's link failed this often: ask for fresh candidates
+EVENT_QUEUE = 256  # client → controller events (full: the client waits)
+POLICY = "always"  # selective security is a later issue: every link is secure
+
+
+class Links(Protocol):
+    """What the controller needs from the link manager (a fake in unit tests)."""
+
+    admit_unknown: Callable[[Identity, tuple[str, int]], bool] | None
+
+    def get(self, public_key: bytes) -> PeerRuntime | None: ...
+    def learned(self) -> list[PeerRuntime]: ...
+    def add(self, identity: Identity, endpoint: tuple[str, int] | None, initiate: bool) -> None: ...
+    def remove(self, public_key: bytes, why: str) -> None: ...
+    def set_endpoint(self, public_key: bytes, endpoint: tuple[str, int]) -> None: ...
+
+
+class Sender(Protocol):
+    def send(self, msg: sig.Message) -> bool: ...
+
+
+@dataclass(slots=True)
+class _Request:
+    request_id: str
+    next_at: float
+    attempts: int
+
+
+def pair_rank(a: bytes, b: bytes) -> bytes:
+    """The same number for (a, b) and (b, a): which pairs to prefer under the link cap."""
+    lo, hi = sorted((a, b))
+    return hashlib.sha256(b"ipop-trio pair" + lo + hi).digest()
+
+
+class Controller:
+    def __init__(
+        self,
+        *,
+        own_key: bytes,
+        cert_der: bytes,
+        groups: frozenset[str],
+        overlay: str,
+        anchor: TrustAnchor,
+        links: Links,
+        client: Sender,
+        config: SignallingConfig,
+        udp_port: int,
+        listen_host: str,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.own_key = own_key
+        self.cert_der = cert_der
+        self.groups = tuple(sorted(groups))
+        self.overlay = overlay
+        self.anchor = anchor
+        self.links = links
+        self.client = client
+        self.config = config
+        self.udp_port = udp_port
+        self.listen_host = listen_host
+        self.wall = wall
+        self.connected = False
+        self.local_address: str | None = None
+        self.members: dict[bytes, sig.Member] = {}
+        self.first_seen: dict[bytes, float] = {}
+        self.requests: dict[bytes, _Request] = {}
+        self.counters: dict[str, int] = {}
+        links.admit_unknown = self.admit
+
+    # --- decisions (sync, fed `now`) ------------------------------------------------------
+
+    def candidates(self) -> tuple[sig.Candidate, ...]:
+        """Host candidates: configured, else the listen address, else the address we reach
+        the signalling server from (ICE will add server-reflexive and relayed ones)."""
+        if self.config.advertise:
+            return tuple(sig.Candidate("host", e.host, e.port) for e in self.config.advertise)
+        host: str | None = self.listen_host
+        if host in ("0.0.0.0", "::"):
+            host = self.local_address
+        return (sig.Candidate("host", host, self.udp_port),) if host else ()
+
+    def desired(self) -> list[bytes]:
+        """Keys of the members we want links to (full mesh under the cap)."""
+        keys = [k for k in self.members if k != self.own_key]
+        if len(keys) > self.config.max_links:
+            keys.sort(key=lambda k: pair_rank(self.own_key, k))
+            keys = keys[: self.config.max_links]
+        return keys
+
+    def handle_event(self, ev: ClientEvent, now: float) -> None:
+        if isinstance(ev, Connected):
+            self.connected = True
+            self.local_address = ev.local
+            self.members = {m.key: m for m in ev.welcome.members if m.key != self.own_key}
+            self.requests.clear()
+            for key in self.members:
+                self.first_seen.setdefault(key, now)
+            self._prune(now)
+        elif isinstance(ev, Disconnected):
+            self.connected = False
+            self.requests.clear()
+        elif isinstance(ev, sig.Join):
+            if ev.member.key != self.own_key:
+                self.members[ev.member.key] = ev.member
+                self.first_seen[ev.member.key] = now
+        elif isinstance(ev, sig.Leave):
+            self.members.pop(ev.key, None)
+            self.first_seen.pop(ev.key, None)
+            self.requests.pop(ev.key, None)
+            rt = self.links.get(ev.key)
+            if rt is not None and rt.learned == "signalling":
+                self.links.remove(ev.key, "left the overlay")
+        elif isinstance(ev, sig.ConReq | sig.ConResp):
+            self._on_con(ev, now)
+        elif isinstance(ev, sig.Error):
+            self._count(f"server_error_{ev.code}")
+            for key, req in list(self.requests.items()):
+                if req.request_id == ev.request_id:
+                    del self.requests[key]
+            log.info("signalling error %s: %s", ev.code, ev.reason)
+        self.tick(now)
+
+    def tick(self, now: float) -> None:
+        """Send the con_reqs that are due; remove links the membership no longer supports."""
+        self._prune(now)
+        if not self.connected:
+            return
+        for key in self.desired():
+            rt = self.links.get(key)
+            if rt is not None and not self._wants_refresh(rt):
+                self.requests.pop(key, None)
+                continue
+            waited = now - self.first_seen.get(key, now)
+            if rt is None and key < self.own_key and waited < RESPONDER_GRACE:
+                continue  # the lower key asks first; give it time
+            req = self.requests.get(key)
+            if req is not None and now < req.next_at:
+                continue
+            attempts = 0 if req is None else req.attempts + 1
+            delay = min(REQUEST_RETRY_MAX, REQUEST_RETRY_MIN * 2**attempts)
+            request_id = secrets.token_hex(8)
+            self.requests[key] = _Request(request_id, now + delay, attempts)
+            self._send_con(sig.ConReq, key, request_id)
+
+    def admit(self, identity: Identity, addr: tuple[str, int]) -> bool:
+        """An authenticated initiation from a peer we have no link to: add it if it is a
+        member we want (see the module docstring)."""
+        key = identity.public_key
+        if key not in self.members or not self._room_for(key):
+            return False
+        self.links.add(identity, addr, initiate=self.own_key < key)
+        self._count("admitted_by_handshake")
+        return True
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _wants_refresh(self, rt: PeerRuntime) -> bool:
+        return (
+            rt.learned == "signalling"
+            and rt.link.state is not LinkState.ESTABLISHED
+            and rt.failures >= REFRESH_AFTER_FAILURES
+        )
+
+    def _room_for(self, key: bytes) -> bool:
+        if key in self.desired():
+            return True
+        return len(self.links.learned()) < self.config.max_links
+
+    def _prune(self, now: float) -> None:
+        learned = self.links.learned()
+        over = len(learned) - self.config.max_links
+        desired = set(self.desired()) if over > 0 else set()
+        for rt in learned:
+            key = rt.setup.public_key
+            if key in self.members:
+                if over > 0 and key not in desired:
+                    self.links.remove(key, "over max_links")
+                    over -= 1
+                continue
+            # Not a member (after a reconnect): keep it while its link works, or while the
+            # server is away and cannot tell us.
+            if self.connected and rt.link.state is not LinkState.ESTABLISHED:
+                self.links.remove(key, "no longer a member")
+
+    def _send_con(self, kind: type[sig.ConReq] | type[sig.ConResp], to: bytes, rid: str) -> None:
+        msg = kind(
+            sender=self.own_key,
+            to=to,
+            overlay=self.overlay,
+            request_id=rid,
+            candidates=self.candidates(),
+            cert=self.cert_der,
+            groups=self.groups,
+            policy=POLICY,
+        )
+        if not self.client.send(msg):
+            self._count("signalling_send_dropped")
+
+    def _on_con(self, msg: sig.ConReq | sig.ConResp, now: float) -> None:
+        what = "con_req" if isinstance(msg, sig.ConReq) else "con_resp"
+        try:
+            identity = self.anchor.verify_untrusted(msg.cert, self.wall())
+        except CertificateRefused as exc:
+            self._count("con_refused_certificate")
+            log.warning("%s refused: certificate: %s", what, exc)
+            return
+        key = identity.public_key
+        if key != msg.sender or msg.to != self.own_key or msg.overlay != self.overlay:
+            self._count("con_refused_mismatch")
+            log.warning("%s from %s refused: from/to/overlay do not match", what, identity.name)
+            return
+        endpoint = next(((c.address, c.port) for c in msg.candidates if c.type == "host"), None)
+        rt = self.links.get(key)
+        if rt is None:
+            if not self._room_for(key):
+                self._count("con_refused_cap")
+                log.info("%s from %s ignored: max_links reached", what, identity.name)
+                return
+            self.members.setdefault(key, sig.Member(key, identity.name, str(identity.address)))
+            self.first_seen.setdefault(key, now)
+            self.links.add(identity, endpoint, initiate=self.own_key < key)
+        elif endpoint is not None:
+            self.links.set_endpoint(key, endpoint)
+        self.requests.pop(key, None)
+        if isinstance(msg, sig.ConReq):
+            self._send_con(sig.ConResp, key, msg.request_id)
+
+    def _count(self, name: str) -> None:
+        self.counters[name] = self.counters.get(name, 0) + 1
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "connected": self.connected,
+            "members": len(self.members),
+            "learned_links": len(self.links.learned()),
+            "max_links": self.config.max_links,
+            "candidates": [f"{c.address}:{c.port}" for c in self.candidates()],
+            "counters": dict(self.counters),
+        }
+
+    # --- the task -------------------------------------------------------------------------
+
+    async def serve(
+        self,
+        events: trio.MemoryReceiveChannel[ClientEvent],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        task_status.started()
+        while True:
+            ev: ClientEvent | None = None
+            with trio.move_on_after(TICK):
+                ev = await events.receive()
+            now = trio.current_time()
+            if ev is None:
+                self.tick(now)
+            else:
+                self.handle_event(ev, now)
+
+
+class NodeLinks:
+    """`Links` over the node's LinkManager: learned peers become PeerSetups."""
+
+    def __init__(self, manager: Any) -> None:
+        self.manager = manager
+
+    @property
+    def admit_unknown(self) -> Callable[[Identity, tuple[str, int]], bool] | None:
+        hook: Callable[[Identity, tuple[str, int]], bool] | None = self.manager.admit_unknown
+        return hook
+
+    @admit_unknown.setter
+    def admit_unknown(self, hook: Callable[[Identity, tuple[str, int]], bool] | None) -> None:
+        self.manager.admit_unknown = hook
+
+    def get(self, public_key: bytes) -> PeerRuntime | None:
+        rt: PeerRuntime | None = self.manager.by_key.get(public_key)
+        return rt
+
+    def learned(self) -> list[PeerRuntime]:
+        return [rt for rt in self.manager.peers if rt.learned == "signalling"]
+
+    def add(self, identity: Identity, endpoint: tuple[str, int] | None, initiate: bool) -> None:
+        from ..config import Endpoint
+        from ..node import PeerSetup
+
+        config = PeerConfig(
+            name=identity.name,
+            cert=None,
+            public_key=identity.public_key,
+            endpoint=None if endpoint is None else Endpoint(*endpoint),
+        )
+        setup = PeerSetup(config, identity.public_key, identity)
+        self.manager.add_peer(setup, learned="signalling", initiate=initiate)
+
+    def remove(self, public_key: bytes, why: str) -> None:
+        self.manager.remove_peer(public_key, why)
+
+    def set_endpoint(self, public_key: bytes, endpoint: tuple[str, int]) -> None:
+        rt = self.get(public_key)
+        if rt is not None:
+            self.manager.set_endpoint(rt, endpoint)
+
+
+__all__ = ["Controller", "Links", "NodeLinks", "pair_rank"]

@@ -1,0 +1,522 @@
+"""The signalling server (`ipop-trio signal`): admission, membership, con_req/con_resp relay.
+
+Two layers, as h11 and its drivers:
+
+  * `ServerCore` is the protocol, sans-IO: `open(peer)` a connection, feed it every text
+    message with `receive_untrusted(conn, data, now)`, tell it `closed(conn)`; it queues
+    `Send(conn, text)` and `Close(conn, code, reason)` actions (`actions()`). It keeps the
+    overlays and their members, verifies certificates and possession proofs
+    (proto/signalling.py), rate-limits each connection (a token bucket fed by `now`), and
+    relays con_req / con_resp only between members of one overlay. It never sees a link
+    key: it handles certificates (public) and addresses.
+  * `serve_signalling` is the Trio driver: trio-websocket, one handler task per connection,
+    each with a bounded outbox and a writer task.
+
+Limits per client (`Limits`), and what happens when one is hit — always the offender is
+disconnected, nobody else waits:
+
+    message size     > MAX_CLIENT_MESSAGE: trio-websocket closes with 1009 while the frame
+                     is still arriving (it never buffers more than the limit)
+    message rate     token bucket (`rate`/s, `burst`): empty → close 1008 "rate limit"
+    queued bytes     the outbox is bounded in messages and bytes; a message that does not
+                     fit closes the connection ("too slow"): a client that stops reading
+                     costs at most `max_queued_bytes` of memory and never blocks a sender
+    send time        one WebSocket send taking longer than `send_timeout` closes it too
+    admission time   hello + auth must complete within `auth_timeout`
+    idle time        a member silent for `idle_timeout` (clients ping every 15 s) is dropped
+
+Ordering: a connection's messages leave in the order the core queued them, and the core is
+driven from one task at a time (Trio is single-threaded and the core never awaits), so every
+member sees joins and leaves in the same order the server admitted and lost members.
+
+This module must never forward a message between overlays, trust a "from" or "overlay" the
+client wrote (they must equal what it proved at admission), or let one client's slowness
+block another's messages.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import ssl
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    Endpoint,
+    WebSocketConnection,
+    WebSocketRequest,
+    serve_websocket,
+)
+
+from ..errors import BadPacket, CertificateRefused
+from ..proto import signalling as sig
+from ..proto.cert import Identity, TrustAnchor
+
+log = logging.getLogger("ipop_trio.signalling.server")
+
+# WebSocket close codes (RFC 6455 §7.4.1).
+CLOSE_NORMAL = 1000
+CLOSE_PROTOCOL = 1002
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_TRY_AGAIN = 1013
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-client limits (tuning knobs; the defaults serve thousands of nodes)."""
+
+    max_message: int = sig.MAX_CLIENT_MESSAGE
+    rate: float = 20.0  # messages per second, sustained
+    burst: float = 60.0  # messages allowed at once
+    max_queued_messages: int = 1024
+    max_queued_bytes: int = 1024 * 1024
+    send_timeout: float = 10.0
+    auth_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    max_clients: int = 100_000
+
+
+# --- Sans-IO core ----------------------------------------------------------------------------
+
+
+class ConnState(enum.Enum):
+    HELLO = "hello"  # waiting for hello
+    CHALLENGED = "challenged"  # waiting for auth
+    MEMBER = "member"  # admitted to an overlay
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    conn: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    conn: int
+    code: int
+    reason: str
+
+
+Action = Send | Close
+
+
+@dataclass(slots=True, eq=False)
+class Conn:
+    id: int
+    peer: str
+    opened: float
+    state: ConnState = ConnState.HELLO
+    tokens: float = 0.0
+    refilled: float = 0.0
+    challenge: sig.PendingChallenge | None = None
+    identity: Identity | None = None
+    member: sig.Member | None = None
+    received: int = 0
+    relayed: int = 0
+
+
+@dataclass(slots=True)
+class Overlay:
+    name: str
+    anchor: TrustAnchor
+    members: dict[bytes, Conn] = field(default_factory=dict)  # key → conn, in join order
+
+
+class ServerCore:
+    """The signalling protocol, fed messages and a clock; produces actions."""
+
+    def __init__(self, anchors: Iterable[TrustAnchor], limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self.overlays: dict[str, Overlay] = {}
+        for anchor in anchors:
+            if anchor.name in self.overlays:
+                raise ValueError(f"two CAs name the same overlay {anchor.name!r}")
+            self.overlays[anchor.name] = Overlay(anchor.name, anchor)
+        if not self.overlays:
+            raise ValueError("the server needs at least one overlay CA")
+        self.conns: dict[int, Conn] = {}
+        self._next_id = 1
+        self._actions: list[Action] = []
+        self.counters: dict[str, int] = {}
+
+    # -- driver API -------------------------------------------------------------------------
+
+    def open(self, peer: str, now: float) -> int:
+        """A transport connected; returns its id. Refuses (Close) beyond max_clients."""
+        conn = Conn(self._next_id, peer, now, tokens=self.limits.burst, refilled=now)
+        self._next_id += 1
+        self.conns[conn.id] = conn
+        if len(self.conns) > self.limits.max_clients:
+            self._close(conn, CLOSE_TRY_AGAIN, "server full")
+        return conn.id
+
+    def actions(self) -> list[Action]:
+        out, self._actions = self._actions, []
+        return out
+
+    def receive_timeout(self, conn_id: int, now: float) -> float:
+        """Seconds the driver may wait for this connection's next message."""
+        conn = self.conns.get(conn_id)
+        if conn is None:
+            return 0.0
+        if conn.state is ConnState.MEMBER:
+            return self.limits.idle_timeout
+        return max(0.0, conn.opened + self.limits.auth_timeout - now)
+
+    def timed_out(self, conn_id: int) -> None:
+        conn = self.conns.get(conn_id)
+        if conn is not None:
+            admitted = conn.state is ConnState.MEMBER
+            self._close(conn, CLOSE_POLICY, "idle" if admitted else "no auth in time")
+
+    def closed(self, conn_id: int) -> None:
+        """The transport is gone (either side closed it): forget the connection."""
+        conn = self.conns.pop(conn_id, None)
+        if conn is None:
+            return
+        self._leave(conn)
+        conn.state = ConnState.CLOSED
+
+    def receive_untrusted(self, conn_id: int, data: str | bytes, now: float) -> None:
+        """One message from a client. Bad input closes that client; nothing raises."""
+        conn = self.conns.get(conn_id)
+        if conn is None or conn.state is ConnState.CLOSED:
+            return
+        if not self._take_token(conn, now):
+            self.count("closed_rate")
+            self._close(conn, CLOSE_POLICY, "rate limit exceeded")
+            return
+        conn.received += 1
+        try:
+            msg = sig.decode_untrusted(data, max_size=self.limits.max_message)
+        except BadPacket as exc:
+            self.count("closed_bad_message")
+            self._close(conn, CLOSE_PROTOCOL, f"bad message: {exc}"[:120])
+            return
+        if conn.state is ConnState.HELLO:
+            self._on_hello(conn, msg, now)
+        elif conn.state is ConnState.CHALLENGED:
+            self._on_auth(conn, msg)
+        else:
+            self._on_member_message(conn, msg)
+
+    def stats(self) -> dict[str, object]:
+        return {
+            "connections": len(self.conns),
+            "overlays": {name: len(o.members) for name, o in self.overlays.items()},
+            "counters": dict(self.counters),
+        }
+
+    # -- states ---------------------------------------------------------------------------
+
+    def _on_hello(self, conn: Conn, msg: sig.Message, now: float) -> None:
+        if not isinstance(msg, sig.Hello):
+            self._close(conn, CLOSE_PROTOCOL, "expected hello")
+            return
+        if msg.version != sig.VERSION:
+            self._close(conn, CLOSE_PROTOCOL, f"unsupported version {msg.version}")
+            return
+        identity, why = self._verify(msg.cert, now)
+        if identity is None:
+            self.count("refused_certificate")
+            self._send(conn, sig.Error("certificate_refused", why[: sig.MAX_REASON]))
+            self._close(conn, CLOSE_POLICY, "certificate refused")
+            return
+        conn.identity = identity
+        conn.challenge = sig.PendingChallenge()
+        conn.state = ConnState.CHALLENGED
+        self._send(conn, conn.challenge.challenge)
+
+    def _verify(self, cert: bytes, now: float) -> tuple[Identity | None, str]:
+        """The certificate's overlay is the CA it chains to (tried in turn: a handful)."""
+        reasons = []
+        for overlay in self.overlays.values():
+            try:
+                return overlay.anchor.verify_untrusted(cert, now), ""
+            except CertificateRefused as exc:
+                reasons.append(str(exc))
+        return None, "; ".join(reasons) if len(reasons) == 1 else "no overlay CA accepts it"
+
+    def _on_auth(self, conn: Conn, msg: sig.Message) -> None:
+        assert conn.identity is not None and conn.challenge is not None
+        if not isinstance(msg, sig.Auth):
+            self._close(conn, CLOSE_PROTOCOL, "expected auth")
+            return
+        ident = conn.identity
+        ok = conn.challenge.verify(ident.public_key, ident.der, msg)
+        conn.challenge = None
+        if not ok:
+            self.count("refused_proof")
+            self._send(conn, sig.Error("auth_failed", "wrong answer to the challenge"))
+            self._close(conn, CLOSE_POLICY, "auth failed")
+            return
+        overlay = self.overlays[ident.overlay]
+        member = sig.Member(ident.public_key, ident.name, str(ident.address))
+        old = overlay.members.pop(ident.public_key, None)
+        if old is not None:  # the node reconnected before we noticed its old connection die
+            old.state = ConnState.CLOSED
+            self._close(old, CLOSE_NORMAL, "replaced by a newer connection")
+        others = tuple(c.member for c in overlay.members.values() if c.member is not None)
+        conn.member = member
+        conn.state = ConnState.MEMBER
+        overlay.members[ident.public_key] = conn
+        self.count("admitted")
+        self._send(conn, sig.Welcome(overlay.name, member, others))
+        self._broadcast(overlay, sig.encode(sig.Join(member)), skip=conn)
+
+    def _on_member_message(self, conn: Conn, msg: sig.Message) -> None:
+        assert conn.identity is not None and conn.member is not None
+        if isinstance(msg, sig.Ping):
+            self._send(conn, sig.Pong(msg.seq))
+            return
+        if not isinstance(msg, sig.ConReq | sig.ConResp):
+            self._close(conn, CLOSE_PROTOCOL, f"unexpected {type(msg).__name__.lower()}")
+            return
+        ident = conn.identity
+        if msg.sender != ident.public_key or msg.overlay != ident.overlay or msg.cert != ident.der:
+            # A client may only speak for itself, in its own overlay, with its own certificate.
+            self.count("closed_spoofed")
+            self._close(conn, CLOSE_POLICY, "from/overlay/cert differ from the admitted ones")
+            return
+        target = self.overlays[ident.overlay].members.get(msg.to)
+        if target is None or target is conn:
+            self.count("relay_no_peer")
+            self._send(conn, sig.Error("unknown_peer", "no such member", msg.request_id))
+            return
+        conn.relayed += 1
+        self.count("relayed")
+        self._send(target, msg)
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _leave(self, conn: Conn) -> None:
+        if conn.state is not ConnState.MEMBER or conn.identity is None or conn.member is None:
+            return
+        overlay = self.overlays[conn.identity.overlay]
+        if overlay.members.get(conn.member.key) is conn:
+            del overlay.members[conn.member.key]
+            self._broadcast(overlay, sig.encode(sig.Leave(conn.member.key, conn.member.name)))
+
+    def _take_token(self, conn: Conn, now: float) -> bool:
+        lim = self.limits
+        conn.tokens = min(lim.burst, conn.tokens + max(0.0, now - conn.refilled) * lim.rate)
+        conn.refilled = now
+        if conn.tokens < 1.0:
+            return False
+        conn.tokens -= 1.0
+        return True
+
+    def _send(self, conn: Conn, msg: sig.Message) -> None:
+        self._actions.append(Send(conn.id, sig.encode(msg)))
+
+    def _broadcast(self, overlay: Overlay, text: str, skip: Conn | None = None) -> None:
+        for c in overlay.members.values():
+            if c is not skip:
+                self._actions.append(Send(c.id, text))
+
+    def _close(self, conn: Conn, code: int, reason: str) -> None:
+        """Ask the driver to close; the member leaves at once (not when the socket is gone),
+        so nothing more is relayed to or from it."""
+        self._leave(conn)
+        conn.state = ConnState.CLOSED
+        self._actions.append(Close(conn.id, code, reason))
+
+    def count(self, name: str) -> None:
+        self.counters[name] = self.counters.get(name, 0) + 1
+
+
+# --- Trio driver ---------------------------------------------------------------------------
+
+
+class _Client:
+    """One connection's driver state: its bounded outbox and the scope that ends it.
+
+    Outbox policy when full (messages or bytes): the client is disconnected; senders never
+    wait for it."""
+
+    def __init__(self, conn_id: int, limits: Limits) -> None:
+        self.id = conn_id
+        self.limits = limits
+        self.out_send, self.out_receive = trio.open_memory_channel[str](limits.max_queued_messages)
+        self.queued_bytes = 0
+        self.scope = trio.CancelScope()
+        self.close_code = CLOSE_NORMAL
+        self.close_reason: str | None = None
+
+    def enqueue(self, text: str) -> bool:
+        """Queue one message without waiting. Full (in messages or bytes) → False."""
+        size = len(text)
+        if self.queued_bytes + size > self.limits.max_queued_bytes:
+            return False
+        try:
+            self.out_send.send_nowait(text)
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            return False
+        self.queued_bytes += size
+        return True
+
+    def close(self, code: int, reason: str, *, flush: bool) -> None:
+        """End the connection: with `flush`, the writer first sends what is queued (an
+        error message), for at most FLUSH_TIME; without, at once."""
+        if self.close_reason is None:
+            self.close_code, self.close_reason = code, reason
+        self.out_send.close()
+        grace = FLUSH_TIME if flush else 0.0
+        self.scope.deadline = min(self.scope.deadline, trio.current_time() + grace)
+
+
+FLUSH_TIME = 1.0  # how long a closing connection may take to send its last messages
+
+
+class SignallingServer:
+    """Runs a `ServerCore` behind trio-websocket. `serve` is the service."""
+
+    def __init__(
+        self,
+        anchors: Sequence[TrustAnchor],
+        limits: Limits | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.core = ServerCore(anchors, limits)
+        self.limits = self.core.limits
+        self.clients: dict[int, _Client] = {}
+        self.now = clock
+        self.port: int | None = None
+
+    async def serve(
+        self,
+        host: str | None,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen until cancelled; `started(port)` once accepting connections."""
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(
+                partial(
+                    serve_websocket,
+                    self._handle,
+                    host,
+                    port,
+                    ssl_context,
+                    handler_nursery=nursery,
+                    max_message_size=self.limits.max_message,
+                    message_queue_size=1,
+                )
+            )
+            self.port = int(server.port)
+            log.info(
+                "signalling server listening on %s:%d (%s), overlays: %s",
+                host or "*",
+                self.port,
+                "wss" if ssl_context else "ws",
+                ", ".join(sorted(self.core.overlays)),
+            )
+            task_status.started(self.port)
+
+    def _dispatch(self) -> None:
+        for action in self.core.actions():
+            client = self.clients.get(action.conn)
+            if client is None:
+                continue
+            if isinstance(action, Send):
+                if not client.enqueue(action.text):
+                    self.core.count("closed_slow")
+                    client.close(CLOSE_POLICY, "too slow: send queue full", flush=False)
+                    self.core.closed(client.id)  # leaves now; its leave goes to the others
+                    self._dispatch()
+            else:
+                client.close(action.code, action.reason, flush=True)
+
+    async def _handle(self, request: WebSocketRequest) -> None:
+        try:
+            ws = await request.accept()
+        except ConnectionClosed:
+            return
+        remote = ws.remote
+        peer = f"{remote.address}:{remote.port}" if isinstance(remote, Endpoint) else str(remote)
+        conn_id = self.core.open(peer, self.now())
+        client = _Client(conn_id, self.limits)
+        self.clients[conn_id] = client
+        try:
+            self._dispatch()
+            with client.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer, ws, client)
+                    await self._reader(ws, client)
+                    client.out_send.close()  # the peer closed: let the writer finish
+        finally:
+            self.clients.pop(conn_id, None)
+            self.core.closed(conn_id)
+            self._dispatch()
+            with trio.CancelScope(shield=True), trio.move_on_after(FLUSH_TIME):
+                await ws.aclose(client.close_code, client.close_reason)
+            if client.close_reason is not None:
+                log.info("closed %s: %s", peer, client.close_reason)
+
+    async def _reader(self, ws: WebSocketConnection, client: _Client) -> None:
+        core = self.core
+        while client.close_reason is None:
+            with trio.move_on_after(core.receive_timeout(client.id, self.now())):
+                try:
+                    data = await ws.get_message()
+                except ConnectionClosed as exc:
+                    if exc.reason is not None and exc.reason.code == CLOSE_TOO_BIG:
+                        core.count("closed_too_big")
+                        client.close(CLOSE_TOO_BIG, "message too big", flush=False)
+                    return
+                core.receive_untrusted(client.id, data, self.now())
+                self._dispatch()
+                continue
+            core.timed_out(client.id)
+            self._dispatch()
+
+    async def _writer(self, ws: WebSocketConnection, client: _Client) -> None:
+        try:
+            async for text in client.out_receive:
+                with trio.move_on_after(self.limits.send_timeout) as cs:
+                    await ws.send_message(text)
+                client.queued_bytes -= len(text)
+                if cs.cancelled_caught:
+                    self.core.count("closed_send_timeout")
+                    client.close(CLOSE_POLICY, "too slow: send timed out", flush=False)
+                    return
+        except ConnectionClosed:
+            pass
+        client.scope.cancel()  # the outbox is closed and sent, or the socket broke
+
+
+def raise_fd_limit() -> int:
+    """A server holds one descriptor per client: lift the soft limit to the hard one.
+    Returns the limit now in force (0 if unknown)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return int(min(hard, 1 << 30))
+    except (ImportError, ValueError, OSError):
+        return 0
+
+
+__all__ = [
+    "Action",
+    "Close",
+    "ConnState",
+    "Limits",
+    "Send",
+    "ServerCore",
+    "SignallingServer",
+    "raise_fd_limit",
+]
