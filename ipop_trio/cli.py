@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--duration", type=float, default=5.0, help="seconds per iperf3 run")
     bench.add_argument("--json", type=Path, default=None, help="write results as JSON here")
+    bench.add_argument(
+        "--quick", action="store_true", help="1 s runs, one per row: a smoke test, not a result"
+    )
     _register_plugins(sub)
     return p
 
@@ -173,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from .bench import run_bench
 
-            return run_bench(duration=args.duration, json_path=args.json)
+            return run_bench(duration=args.duration, json_path=args.json, quick=args.quick)
         parser.print_help()
         return 2
     except ConfigError as exc:

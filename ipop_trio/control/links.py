@@ -170,12 +170,7 @@ class LinkManager:
         port = rt.port
         port.session = None
         port.staged.clear()
-        # The switch (datapath/switch.py) has no remove yet: drop our port from its tables.
-        switch = self.node.switch
-        if switch.by_mac.get(port.mac) is port:
-            del switch.by_mac[port.mac]
-        if port.ip4 is not None and switch.by_ip4.get(port.ip4) is port:
-            del switch.by_ip4[port.ip4]
+        self.node.switch.remove(port)
         log.info("%s: link removed (%s)", rt.name, why)
 
     def set_endpoint(self, rt: PeerRuntime, endpoint: tuple[str, int]) -> None:

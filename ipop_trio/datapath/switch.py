@@ -93,6 +93,13 @@ class Switch:
         if port.ip4 is not None:
             self.by_ip4[port.ip4] = port
 
+    def remove(self, port: PeerPort) -> None:
+        """Forget a peer (its link was torn down): frames to it become unknown unicast."""
+        if self.by_mac.get(port.mac) is port:
+            del self.by_mac[port.mac]
+        if port.ip4 is not None and self.by_ip4.get(port.ip4) is port:
+            del self.by_ip4[port.ip4]
+
     def set_ip4(self, port: PeerPort, ip4: bytes) -> None:
         if port.ip4 is not None and self.by_ip4.get(port.ip4) is port:
             del self.by_ip4[port.ip4]

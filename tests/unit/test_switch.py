@@ -77,3 +77,12 @@ def test_inbound_checks_source_mac_destination_and_source_ip() -> None:
     assert not sw.accept_inbound(b, ipv4_frame(OWN, B_MAC, C_IP, OWN_IP))  # claims C's IP
     assert not sw.accept_inbound(b, ipv4_frame(C_MAC, B_MAC, B_IP, C_IP))  # not for us
     assert stats.drops == {"spoofed_source": 1, "spoofed_ip": 1, "not_for_us": 1}
+
+
+def test_removed_peer_is_unknown_unicast_and_its_arp_floods() -> None:
+    sw, b, c, stats = make()
+    sw.remove(b)
+    out, local = sw.route_outbound([ipv4_frame(B_MAC, OWN, OWN_IP, B_IP), arp_request(B_IP)])
+    assert b not in out and local == []
+    assert out == {c: [arp_request(B_IP)]}
+    assert stats.drops == {"unknown_unicast": 1}
