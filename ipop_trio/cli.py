@@ -9,6 +9,7 @@ import signal
 import sys
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .errors import ConfigError, IpopError
@@ -204,19 +205,42 @@ def cmd_run(args: argparse.Namespace) -> int:
         level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
 
+    log = logging.getLogger("ipop_trio")
+
     async def main_task() -> None:
         async with trio.open_nursery() as nursery:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                await nursery.start(run_node, setup)
-                async for signum in signals:
-                    logging.getLogger("ipop_trio").info(
-                        "%s: shutting down", signal.Signals(signum).name
-                    )
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
+                node = await nursery.start(run_node, setup)
+                async for signum in sigs:
+                    if signum == signal.SIGHUP:
+                        _reload(node, args.config, log)
+                        continue
+                    log.info("%s: shutting down", signal.Signals(signum).name)
                     nursery.cancel_scope.cancel()
                     break
 
     trio.run(main_task)
     return 0
+
+
+def _reload(node: Any, path: Path, log: logging.Logger) -> None:
+    """SIGHUP: re-read the config and certificate; a broken one is logged, never fatal."""
+    from . import config
+    from .node import prepare
+
+    try:
+        new = prepare(config.load(path))
+    except IpopError as exc:
+        log.error("SIGHUP: keeping the running configuration: %s", exc)
+        return
+    rekeyed = node.reload(new)
+    log.info(
+        "SIGHUP: reloaded %s (policy %s, groups %s); %d link(s) re-keyed",
+        path,
+        new.policy.value,
+        ", ".join(sorted(new.groups)) or "none",
+        rekeyed,
+    )
 
 
 def cmd_signal(args: argparse.Namespace) -> int:

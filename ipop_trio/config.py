@@ -11,6 +11,8 @@ are resolved against the config file's directory.
     listen = "0.0.0.0:4600"     # underlay UDP address
     control = "/run/ipop-trio/alpha.sock"
     cipher = "aes-256-gcm"      # or "chacha20-poly1305"
+    security = "always"         # or "groups": plain links to peers sharing no group
+    groups = ["web"]            # optional: narrows the certificate's groups, never widens
 
     [tap]
     name = "ipop0"
@@ -38,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .control.policy import SecurityPolicy
 from .errors import ConfigError
 from .proto.session import Cipher
 
@@ -51,7 +54,18 @@ _NAME = re.compile(r"^[A-Za-z0-9._-]{1,63}$")
 _IFNAME = re.compile(r"^[A-Za-z0-9._-]{1,15}$")
 _KNOWN = {
     "": {"node", "tap", "peer", "signalling"},
-    "node": {"name", "cert", "key", "ca", "listen", "control", "cipher", "log_level"},
+    "node": {
+        "name",
+        "cert",
+        "key",
+        "ca",
+        "listen",
+        "control",
+        "cipher",
+        "log_level",
+        "security",
+        "groups",
+    },
     "tap": {"name", "mtu", "offload"},
     "peer": {"name", "cert", "public_key", "endpoint"},
     "signalling": {"url", "ca", "max_links", "advertise"},
@@ -111,6 +125,8 @@ class NodeConfig:
     tap: TapConfig
     peers: tuple[PeerConfig, ...]
     signalling: SignallingConfig | None = None
+    security: SecurityPolicy = SecurityPolicy.ALWAYS
+    groups: tuple[str, ...] | None = None  # narrows the certified groups; None: all of them
 
 
 def load(path: Path) -> NodeConfig:
@@ -156,6 +172,18 @@ def parse(data: dict[str, Any], path: Path) -> NodeConfig:
     except ValueError:
         choices = ", ".join(c.value for c in Cipher)
         raise ConfigError("node.cipher", f"{cipher_raw!r} is not one of: {choices}") from None
+    security_raw = node.get("security", SecurityPolicy.ALWAYS.value)
+    try:
+        security = SecurityPolicy(security_raw)
+    except ValueError:
+        choices = ", ".join(p.value for p in SecurityPolicy)
+        raise ConfigError("node.security", f"{security_raw!r} is not one of: {choices}") from None
+    groups = None
+    if "groups" in node:
+        raw_groups = node["groups"]
+        if not isinstance(raw_groups, list) or not all(isinstance(g, str) for g in raw_groups):
+            raise ConfigError("node.groups", 'must be a list of group names, e.g. ["web"]')
+        groups = tuple(_name(f"node.groups[{i}]", g) for i, g in enumerate(raw_groups))
     log_level = node.get("log_level", "info")
     if log_level not in LOG_LEVELS:
         raise ConfigError("node.log_level", f"{log_level!r} is not one of: {', '.join(LOG_LEVELS)}")
@@ -200,6 +228,8 @@ def parse(data: dict[str, Any], path: Path) -> NodeConfig:
         tap=tap,
         peers=tuple(peers),
         signalling=signalling,
+        security=security,
+        groups=groups,
     )
 
 

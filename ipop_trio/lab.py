@@ -707,6 +707,7 @@ class OverlayNode:
     dir: Path
     peers: tuple[str, ...] | None  # names of configured peers; None: every other node
     signalling: bool = False  # learns peers from the overlay's signalling server
+    security: str | None = None  # [node] security ("always" / "groups"); None: the default
     proc: subprocess.Popen[Any] | None = None
 
     @property
@@ -805,6 +806,7 @@ class Overlay:
         ca: CA | None = None,
         peers: Iterable[str] | None = None,
         signalling: bool = False,
+        security: str | None = None,
     ) -> OverlayNode:
         """Issue a certificate for a node on `host` (next free overlay address unless given).
         The node is configured and started by `start`. With `signalling`, it learns its peers
@@ -836,9 +838,30 @@ class Overlay:
             dir=self.dir / name,
             peers=tuple(peers) if peers is not None else (() if signalling else None),
             signalling=signalling,
+            security=security,
         )
         self.nodes[name] = node
         return node
+
+    def reissue(self, node: OverlayNode, groups: Iterable[str]) -> None:
+        """A new certificate for the node's same key, with other groups, written where the
+        node reads it: a SIGHUP (or restart) makes the node use it."""
+        from ipop_trio import pki
+
+        public = pki.public_key_of(pki.load_private_key_bytes(node.key_pem))
+        node.groups = tuple(groups)
+        _, node.cert_pem = pki.issue_node(
+            node.ca.key_pem,
+            node.ca.cert_pem,
+            node.name,
+            node.address,
+            node.groups,
+            self.days,
+            time.time(),
+            public_key=public,
+        )
+        if node.dir.exists():
+            (node.dir / "node.crt").write_bytes(node.cert_pem)
 
     def public_key(self, node: OverlayNode) -> str:
         """The node's raw X25519 public key, base64 (as in a config's ``public_key``)."""
@@ -873,6 +896,7 @@ class Overlay:
             f"control = {_toml_str(str(node.control))}",
             f"cipher = {_toml_str(self.cipher)}",
             f"log_level = {_toml_str(self.log_level)}",
+            *([f"security = {_toml_str(node.security)}"] if node.security else []),
             "",
             "[tap]",
             f"name = {_toml_str(node.tap)}",

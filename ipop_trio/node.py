@@ -32,6 +32,7 @@ from .config import NodeConfig, PeerConfig
 from .control.api import serve_control
 from .control.controller import EVENT_QUEUE, Controller, NodeLinks
 from .control.links import LinkManager
+from .control.policy import SecurityPolicy, effective_groups
 from .datapath import pipeline
 from .datapath.inbound import Inbound, SessionEntry
 from .datapath.outbound import Outbound
@@ -61,6 +62,11 @@ class Setup:
     private_key: bytes
     identity: Identity
     peers: tuple[PeerSetup, ...]
+    groups: frozenset[str] = frozenset()  # certified groups, narrowed by the config
+
+    @property
+    def policy(self) -> SecurityPolicy:
+        return self.config.security
 
 
 def prepare(cfg: NodeConfig) -> Setup:
@@ -112,7 +118,17 @@ def prepare(cfg: NodeConfig) -> Setup:
             ssl.create_default_context(cafile=str(cfg.signalling.ca))
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError("signalling.ca", f"{cfg.signalling.ca}: {exc}") from None
-    return Setup(cfg, anchor, private_key, identity, tuple(peers))
+    if cfg.groups is not None:
+        extra = sorted(set(cfg.groups) - identity.groups)
+        if extra:
+            certified = ", ".join(sorted(identity.groups)) or "none"
+            raise ConfigError(
+                "node.groups",
+                f"{', '.join(extra)} not in the certificate (certified: {certified}); "
+                "the config may narrow the certified groups, never widen them",
+            )
+    groups = effective_groups(identity.groups, cfg.groups)
+    return Setup(cfg, anchor, private_key, identity, tuple(peers), groups)
 
 
 class Node:
@@ -134,6 +150,19 @@ class Node:
         self.started_wall = time.time()
         self.signalling: Any = None  # SignallingClient, when [signalling] is configured
         self.controller: Controller | None = None
+
+    def reload(self, setup: Setup) -> int:
+        """Apply a re-read configuration (SIGHUP): a new certificate, security policy or
+        groups re-key the links whose mode changes; the others keep running. Changes to the
+        TAP, the listen address or the peer list take effect at the next start."""
+        self.setup = setup
+        self.identity = setup.identity
+        self.local = handshake.LocalIdentity(setup.private_key, setup.identity.der, setup.anchor)
+        if self.controller is not None:
+            self.controller.cert_der = setup.identity.der
+            self.controller.groups = tuple(sorted(setup.groups))
+            self.controller.policy = setup.policy.value
+        return self.links.reconfigure(self.local, setup.policy, setup.groups)
 
     def allocate_index(self) -> int:
         while True:
@@ -242,7 +271,8 @@ async def _run_signalling(
     controller = Controller(
         own_key=node.identity.public_key,
         cert_der=node.identity.der,
-        groups=node.identity.groups,
+        groups=node.setup.groups,
+        policy=node.setup.policy.value,
         overlay=node.identity.overlay,
         anchor=node.setup.anchor,
         links=NodeLinks(node.links),

@@ -59,6 +59,14 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for r in rows:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    why = [
+        f"  {p.get('name')}: {p['mode']}, {p['mode_reason']}"
+        for p in status.get("peers", [])
+        if p.get("mode") and p.get("mode_reason")
+    ]
+    if why:
+        lines.append("link modes (selective security):")
+        lines += why
     drops = status.get("stats", {}).get("drops", {})
     if drops:
         lines.append("drops: " + ", ".join(f"{k}={v}" for k, v in sorted(drops.items())))

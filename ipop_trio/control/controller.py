@@ -64,7 +64,6 @@ RESPONDER_GRACE = 3.0  # the higher key waits this long for the lower key's con_
 REQUEST_RETRY_MIN, REQUEST_RETRY_MAX = 2.0, 60.0  # con_req retransmission backoff
 REFRESH_AFTER_FAILURES = 2  # a member's link failed this often: ask for fresh candidates
 EVENT_QUEUE = 256  # client → controller events (full: the client waits)
-POLICY = "always"  # selective security is a later issue: every link is secure
 
 
 class Links(Protocol):
@@ -103,6 +102,7 @@ class Controller:
         own_key: bytes,
         cert_der: bytes,
         groups: frozenset[str],
+        policy: str,
         overlay: str,
         anchor: TrustAnchor,
         links: Links,
@@ -115,6 +115,9 @@ class Controller:
         self.own_key = own_key
         self.cert_der = cert_der
         self.groups = tuple(sorted(groups))
+        # Informational for peers: the mode is decided from certified groups inside the
+        # authenticated handshake, never from what signalling says (control/policy.py).
+        self.policy = policy
         self.overlay = overlay
         self.anchor = anchor
         self.links = links
@@ -255,7 +258,7 @@ class Controller:
             candidates=self.candidates(),
             cert=self.cert_der,
             groups=self.groups,
-            policy=POLICY,
+            policy=self.policy,
         )
         if not self.client.send(msg):
             self._count("signalling_send_dropped")

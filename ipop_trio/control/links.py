@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -34,6 +34,7 @@ from ..datapath.switch import PeerPort
 from ..errors import BadPacket
 from ..proto import handshake
 from ..proto.cert import Identity
+from ..proto.handshake import LocalIdentity
 from ..proto.link import (
     HandshakeFailed,
     Link,
@@ -42,6 +43,7 @@ from ..proto.link import (
     SessionRetired,
 )
 from ..proto.wire import Kind
+from .policy import Decision, SecurityPolicy, advertise, decide
 
 if TYPE_CHECKING:
     from ..node import Node, PeerSetup
@@ -74,6 +76,7 @@ class PeerRuntime:
         self.refused: str | None = None
         self.failures = 0
         self.retry_at: float | None = None
+        self.decision: Decision | None = None  # the mode chosen at the last handshake, and why
         self.link = Link(
             node.local,
             setup.public_key,
@@ -81,9 +84,17 @@ class PeerRuntime:
             cipher=node.setup.config.cipher,
             expect_address=None if setup.identity is None else setup.identity.address,
             expect_name=setup.config.name,
+            ext=node.links.advertised(),
+            decide_secure=self._decide,
         )
+        self._manager = node.links
         self._node_allocate = node.allocate_index
         self.port.wake = self.wake
+
+    def _decide(self, peer: Identity, peer_ext: Mapping[str, Any]) -> bool:
+        """Secure or plain, for a session being made now (selective security)."""
+        self.decision = self._manager.decide(peer, peer_ext)
+        return self.decision.secure
 
     def _allocate(self) -> int:
         index = self._node_allocate()
@@ -107,10 +118,45 @@ class LinkManager:
         self.peers: list[PeerRuntime] = []
         self.by_key: dict[bytes, PeerRuntime] = {}
         self._nursery: trio.Nursery | None = None
+        self.policy = node.setup.policy
+        self.groups = node.setup.groups
         # The controller's say on an authenticated initiation from a peer we have no link for
         # (it may have learned the peer from signalling a moment after the peer did): True
         # when it added the peer (`add_peer`) and the initiation should be answered.
         self.admit_unknown: Callable[[Identity, tuple[str, int]], bool] | None = None
+
+    # --- selective security -----------------------------------------------------------------
+
+    def advertised(self) -> dict[str, Any]:
+        """What our handshakes say of our policy and groups (authenticated by the handshake;
+        peers believe the groups only where our certificate agrees)."""
+        return advertise(self.policy, self.groups)
+
+    def decide(self, peer: Identity, peer_ext: Mapping[str, Any]) -> Decision:
+        return decide(self.policy, self.groups, peer_ext, peer.groups)
+
+    def reconfigure(
+        self, local: LocalIdentity, policy: SecurityPolicy, groups: frozenset[str]
+    ) -> int:
+        """New certificate / policy / groups (SIGHUP): every link uses them from its next
+        handshake; links whose mode changes are re-keyed now, the others keep their
+        sessions. Returns how many links were re-keyed."""
+        self.policy, self.groups = policy, groups
+        ext = self.advertised()
+        now = time.time()
+        rekeyed = 0
+        for rt in self.peers:
+            link = rt.link
+            new_cert = link.local.cert_der != local.cert_der
+            link.reconfigure(local=local, ext=ext)
+            session, peer = link.current, link.peer
+            if session is None or peer is None:
+                continue
+            if new_cert or self.decide(peer, link.peer_ext).secure != session.secure:
+                link.rekey(now)
+                rt.wake()
+                rekeyed += 1
+        return rekeyed
 
     def index_in_use(self, index: int) -> bool:
         return any(index in p.indices for p in self.peers)
@@ -353,6 +399,7 @@ class LinkManager:
                     "groups": None if peer is None else sorted(peer.groups),
                     "state": link.state.value,
                     "mode": None if session is None else ("secure" if session.secure else "plain"),
+                    "mode_reason": None if rt.decision is None else rt.decision.reason,
                     "endpoint": None
                     if port.endpoint is None
                     else f"{port.endpoint[0]}:{port.endpoint[1]}",

@@ -295,6 +295,30 @@ class Link:
         if self._pending is None:
             self._start_handshake(now)
 
+    def reconfigure(
+        self,
+        *,
+        local: LocalIdentity | None = None,
+        ext: Mapping[str, Any] | None = None,
+        decide_secure: Callable[[Identity, Mapping[str, Any]], bool] | None = None,
+    ) -> None:
+        """A new certificate, new extension fields (policy, groups) or a new rule for the
+        session mode (SIGHUP): the next handshake uses them; `rekey` applies them now."""
+        if local is not None:
+            self.local = local
+        if ext is not None:
+            self._ext = dict(ext)
+        if decide_secure is not None:
+            self._decide_secure = decide_secure
+
+    def rekey(self, now: float) -> None:
+        """Start a fresh handshake now even while established (the link's mode or our
+        certificate changed). The current sessions carry traffic until it completes; a
+        handshake already in flight is abandoned, since it carries the old settings."""
+        if self._pending is not None:
+            self._abandon_handshake()
+        self._start_handshake(now)
+
     def receive_initiation(self, state: ResponderState, now: float) -> None:
         """Answer an initiation the node verified (`consume_initiation_untrusted`) and
         routed here by `state.peer_static`.

@@ -80,6 +80,7 @@ def make(node: ids.Node, max_links: int = 32) -> tuple[Controller, FakeLinks, Fa
         own_key=node.public_key,
         cert_der=node.bundle.cert_der,
         groups=ident.groups,
+        policy="always",
         overlay=ident.overlay,
         anchor=node.local.anchor,
         links=links,
