@@ -18,6 +18,7 @@ never runs anything outside the lab's namespaces.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import os
@@ -63,7 +64,12 @@ WIRE_MACHINE_NOTE = (
     "on the four wire-side interfaces, checksum offload kept (virtio_net_hdr relayed)"
 )
 # Scenarios the node cannot run yet, and why. Reported as skipped rows, never faked.
-UNAVAILABLE = {"plain": "plain: not yet available (selective security, issue 5)"}
+UNAVAILABLE: dict[str, str] = {}
+# Plain rows run over a second pair of nodes with `security = "groups"` and no common group
+# (selective security), beside the secure pair on the same hosts: an overlay of its own, so
+# its TAPs' subnet does not overlap the secure pair's.
+PLAIN_GROUPS = (("bench-a",), ("bench-b",))
+PLAIN_NETWORK = "10.78.0.0/24"
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +274,14 @@ class _Path:
     alpha: OverlayNode
     beta: OverlayNode
     wire: WireProcess | None = None  # on impaired paths
+    plain: tuple[OverlayNode, OverlayNode] | None = None  # the plain pair, when a row needs it
+
+    def nodes(self, sc: Scenario) -> tuple[OverlayNode, OverlayNode]:
+        """The two nodes a scenario's traffic crosses."""
+        if sc.name == "plain":
+            assert self.plain is not None
+            return self.plain
+        return self.alpha, self.beta
 
 
 def _groups(
@@ -294,8 +308,9 @@ def _skipped_row(sc: Scenario) -> dict[str, Any]:
     }
 
 
-def _build(lab: Lab, impair: Impairment | None, say: Print) -> _Path:
-    """Two hosts on a veth (or on the wire, when impaired) and a node on each (not started)."""
+def _build(lab: Lab, impair: Impairment | None, say: Print, *, plain: bool = False) -> _Path:
+    """Two hosts on a veth (or on the wire, when impaired) and a node on each (not started);
+    with `plain`, a second pair of nodes whose link selective security makes plain."""
     if impair is None:
         a, b = lab.add_host("a"), lab.add_host("b")
         link = lab.connect(a, b)
@@ -308,15 +323,40 @@ def _build(lab: Lab, impair: Impairment | None, say: Print) -> _Path:
         overlay = WiredOverlay(pair, name="bench")
         under_a, under_b = pair.address_a, pair.address_b
         say(f"lab {lab.id}: {a.ns} {under_a} <-> wire ({impair.netem}) <-> {b.ns} {under_b}")
-    alpha = overlay.add_node("alpha", a)
-    beta = overlay.add_node("beta", b)
-    return _Path(a, b, under_a, under_b, overlay, alpha, beta, wire=wire)
+    alpha = overlay.add_node("alpha", a, peers=("beta",))
+    beta = overlay.add_node("beta", b, peers=("alpha",))
+    plain_pair = None
+    if plain:
+        ga, gb = PLAIN_GROUPS
+        ca = overlay.new_ca("bench-plain", PLAIN_NETWORK)
+        hosts = ipaddress.ip_network(PLAIN_NETWORK).hosts()
+        plain_pair = (
+            overlay.add_node(
+                "alpha-p",
+                a,
+                address=str(next(hosts)),
+                ca=ca,
+                groups=ga,
+                security="groups",
+                peers=("beta-p",),
+            ),
+            overlay.add_node(
+                "beta-p",
+                b,
+                address=str(next(hosts)),
+                ca=ca,
+                groups=gb,
+                security="groups",
+                peers=("alpha-p",),
+            ),
+        )
+    return _Path(a, b, under_a, under_b, overlay, alpha, beta, wire=wire, plain=plain_pair)
 
 
-def _node_drops(path: _Path) -> dict[str, dict[str, int]]:
+def _node_drops(path: _Path, sc: Scenario) -> dict[str, dict[str, int]]:
     return {
         n.name: dict(path.overlay.status(n).get("stats", {}).get("drops", {}))
-        for n in (path.alpha, path.beta)
+        for n in path.nodes(sc)
     }
 
 
@@ -328,12 +368,13 @@ def _measure_row(
     runs: int,
     say: Print,
 ) -> dict[str, Any]:
-    dst = path.beta.address if sc.overlay else path.underlay_b
-    pids = [n.pid for n in (path.alpha, path.beta)] if sc.overlay else []
+    alpha, beta = path.nodes(sc)
+    dst = beta.address if sc.overlay else path.underlay_b
+    pids = [n.pid for n in (alpha, beta)] if sc.overlay else []
     wire = path.wire
     wire_before = wire.counters() if wire is not None else None
     before = sum(cpu_seconds(pid) for pid in pids)
-    drops_before = _node_drops(path) if pids else {}
+    drops_before = _node_drops(path, sc) if pids else {}
     wire_cpu, started = cpu_seconds(wire.proc.pid) if wire else 0.0, time.monotonic()
     results = []
     for i in range(runs):
@@ -362,8 +403,8 @@ def _measure_row(
         "pings": len(rtts),
     }
     if pids:
-        row["rss_mb"] = {n.name: round(peak_rss_mb(n.pid), 1) for n in (path.alpha, path.beta)}
-        entry = path.overlay.peer_status(path.alpha, path.beta) or {}
+        row["rss_mb"] = {n.name: round(peak_rss_mb(n.pid), 1) for n in (alpha, beta)}
+        entry = path.overlay.peer_status(alpha, beta) or {}
         row["mode"] = entry.get("mode")
         # Datagrams/frames the nodes themselves dropped during the runs, by node and reason.
         row["node_drops"] = {
@@ -372,7 +413,7 @@ def _measure_row(
                 for k, n in reasons.items()
                 if n != drops_before[node].get(k, 0)
             }
-            for node, reasons in _node_drops(path).items()
+            for node, reasons in _node_drops(path, sc).items()
         }
         if entry.get("mode") not in (None, sc.name):
             say(f"note: {sc.name} row ran over a link in mode {entry.get('mode')!r}")
@@ -410,17 +451,21 @@ def measure(
         if impair is not None:
             machine["wire"] = WIRE_MACHINE_NOTE
         with Lab() as lab:
-            path = _build(lab, impair, say)
+            path = _build(lab, impair, say, plain=any(sc.name == "plain" for _, sc in todo))
             if any(sc.overlay for _, sc in todo):
                 path.overlay.start()
                 path.overlay.wait_established(path.alpha, path.beta)
                 say(f"overlay up: alpha {path.alpha.address} <-> beta {path.beta.address}")
+                if path.plain is not None:
+                    path.overlay.wait_established(*path.plain)
+                    say(f"plain pair up: {path.plain[0].address} <-> {path.plain[1].address}")
             start_iperf3_server(path.b)
             rtt_cache: dict[str, list[float]] = {}
             for i, sc in todo:
                 if sc.name not in rtt_cache:
-                    dst_b = path.beta.address if sc.overlay else path.underlay_b
-                    dst_a = path.alpha.address if sc.overlay else path.underlay_a
+                    alpha, beta = path.nodes(sc)
+                    dst_b = beta.address if sc.overlay else path.underlay_b
+                    dst_a = alpha.address if sc.overlay else path.underlay_a
                     say(f"{sc.name}: ping both ways ({ping_count} each)")
                     rtt_cache[sc.name] = ping_rtts(path.a, dst_b, ping_count) + ping_rtts(
                         path.b, dst_a, ping_count
