@@ -201,3 +201,31 @@ def test_max_links_caps_the_mesh() -> None:
     ctl.tick(RESPONDER_GRACE + 1)
     asked = {m.to for m in client.sent if isinstance(m, sig.ConReq)}
     assert len(asked) == 2 and asked == set(ctl.desired())
+
+
+def test_groups_claimed_in_signalling_never_reach_the_mode_decision() -> None:
+    """Issue 5: carol is certified {ops}; her con_req claims {eng}. The link is set up with
+    her *certified* identity, so with security=groups an {eng} node still finds no common
+    group (plain), exactly as if she had claimed nothing."""
+    from ipop_trio.control.policy import SecurityPolicy, advertise, decide
+
+    alice, carol = ids.alice(), ids.carol()
+    ctl, links, _ = make(alice)
+    ctl.handle_event(connected(alice, carol), 0.0)
+    claim = sig.ConReq(
+        sender=carol.public_key,
+        to=alice.public_key,
+        overlay="lab",
+        request_id="r9",
+        candidates=(),
+        cert=carol.bundle.cert_der,
+        groups=("eng",),  # not in her certificate
+        policy="groups",
+    )
+    ctl.handle_event(claim, 1.0)
+    rt = links.rts[carol.public_key]
+    assert rt.identity.groups == frozenset({"ops"})
+    # What the link decides from (the handshake's claims and the certified groups):
+    handshake_ext = advertise(SecurityPolicy.GROUPS, frozenset({"eng"}))  # she claims it there too
+    d = decide(SecurityPolicy.GROUPS, frozenset({"eng"}), handshake_ext, rt.identity.groups)
+    assert not d.secure and d.reason == "no common group"
