@@ -5,7 +5,7 @@ Not a test. Run:  .venv/bin/python -m profiling.bench_session [--rounds R] [--ba
 The unit of work is one GSO batch: 45 datagrams of 1400-byte payloads packed back to back in a
 64 KiB buffer (what one UDP_SEGMENT send or one UDP_GRO receive carries), kept warm in cache as
 the data path's buffers are. For each cipher (and plain links) it times seal, seal_into,
-seal_batch_into, open_untrusted and open_into_untrusted, plus the bare AEAD call (the
+seal_iov, open_untrusted and open_into_untrusted, plus the bare AEAD call (the
 difference is the session's Python overhead) and ReplayWindow.update. Metrics are measured in
 interleaved rounds so that a slow phase of a noisy VM hits all of them alike; the table gives
 the best round, and the median in brackets. Numbers are relative to the machine.
@@ -58,9 +58,8 @@ def mode_metrics(cipher: Cipher, secure: bool) -> dict[str, Metric]:
     payload = bytes(range(256)) * (PAYLOAD_SIZE // 256) + bytes(PAYLOAD_SIZE % 256)
     payloads = [payload] * PER_BATCH
     sender, _ = make_pair(cipher, secure)
-    gso = bytearray(GSO_BUFFER)
-    end = sender.seal_batch_into(gso, 0, payloads)
-    size = end // PER_BATCH
+    gso = bytearray(b"".join(sender.seal(p) for p in payloads))
+    size = len(gso) // PER_BATCH
     datagrams = [memoryview(gso)[i * size : (i + 1) * size] for i in range(PER_BATCH)]
     out = memoryview(bytearray(2048))
     buf = bytearray(GSO_BUFFER)
@@ -86,12 +85,12 @@ def mode_metrics(cipher: Cipher, secure: bool) -> dict[str, Metric]:
 
         return run
 
-    def seal_batch_into(batches: int) -> Callable[[], None]:
-        s = make_pair(cipher, secure)[0].seal_batch_into
+    def seal_iov(batches: int) -> Callable[[], None]:
+        s = make_pair(cipher, secure)[0].seal_iov
 
         def run() -> None:
             for _ in range(batches):
-                s(buf, 0, payloads)
+                s(payloads, [], [])
 
         return run
 
@@ -119,7 +118,7 @@ def mode_metrics(cipher: Cipher, secure: bool) -> dict[str, Metric]:
     metrics: dict[str, Metric] = {
         "seal": seal,
         "seal_into": seal_into,
-        "seal_batch_into": seal_batch_into,
+        "seal_iov": seal_iov,
         "open": open_,
         "open_into": open_into,
     }
@@ -182,7 +181,7 @@ def main() -> None:
     columns = [
         "seal",
         "seal_into",
-        "seal_batch_into",
+        "seal_iov",
         "open",
         "open_into",
         "aead.encrypt_into",

@@ -341,52 +341,13 @@ class Session:
         self.tx_bytes += n
         return end - offset
 
-    def seal_batch_into(
-        self, out: bytearray | memoryview, offset: int, payloads: Sequence[bytes | memoryview]
-    ) -> int:
-        """`seal_into` each payload in turn, back to back from `offset`; return the end offset.
-
-        Same datagrams as a loop of `seal_into`, ~0.5 µs per datagram cheaper (lookups
-        hoisted out of the loop; profiling/bench_session.py). `out` must not overlap the
-        payloads. All or nothing: raises LocalProtocolError, using no counter and writing
-        nothing, if `out` or the counter space cannot take them all."""
-        count = len(payloads)
-        first = self._send
-        if first + count > REJECT_AFTER_MESSAGES:
-            raise LocalProtocolError(_EXHAUSTED)
-        per_datagram = _HEADER_SIZE + self._tag_size
-        total = sum(map(len, payloads)) + count * per_datagram
-        if offset + total > len(out):
-            raise LocalProtocolError("seal_batch_into: buffer too small for the datagrams")
-        self._send = first + count
-        self.tx_bytes += total - count * per_datagram
-        view = memoryview(out)
-        pack_header = DATA_HEADER.pack_into
-        pack_nonce = _NONCE.pack
-        kind = self._kind
-        remote = self.remote_index
-        aead = self._aead
-        encrypt_into = aead.encrypt_into if aead is not None else None
-        counter = first
-        for payload in payloads:
-            start = offset + _HEADER_SIZE
-            pack_header(view, offset, kind, remote, counter)
-            if encrypt_into is None:
-                offset = start + len(payload)
-                view[start:offset] = payload
-            else:
-                end = start + len(payload) + TAG_SIZE
-                encrypt_into(pack_nonce(counter), payload, view[offset:start], view[start:end])
-                offset = end
-            counter += 1
-        return offset
-
     def seal_iov(self, payloads: Sequence[bytes], iov: list[bytes], sizes: list[int]) -> None:
         """Seal each payload into its own datagram, appending its two parts (header, then
         ciphertext and tag) to `iov` and its length to `sizes`: the scatter-gather list a
-        UDP GSO `sendmsg` takes as is. Same datagrams as `seal`; cheaper than
-        `seal_batch_into` here (measured), because `encrypt` returning new bytes costs less
-        than the three buffer acquisitions of `encrypt_into`, and nothing is copied after.
+        UDP GSO `sendmsg` takes as is. Same datagrams as `seal`; cheaper than a `seal_into`
+        loop into one buffer here (1.72 vs 1.95 µs per 1.4 KB, measured), because `encrypt`
+        returning new bytes costs less than the three buffer acquisitions of `encrypt_into`,
+        and nothing is copied after.
         All or nothing on counter exhaustion (LocalProtocolError, no counter used)."""
         count = len(payloads)
         first = self._send

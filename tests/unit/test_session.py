@@ -186,33 +186,16 @@ def test_seal_into_matches_seal_and_packs_a_gso_buffer(cipher: Cipher, secure: b
     assert by_open.rx_bytes == by_open_into.rx_bytes
 
 
-@pytest.mark.parametrize(("cipher", "secure"), MODES, ids=MODE_IDS)
-def test_seal_batch_into_matches_seal(cipher: Cipher, secure: bool) -> None:
-    by_seal = make_sender(cipher, secure)
-    by_batch = make_sender(cipher, secure)
-    payloads: list[bytes | memoryview] = [b"a" * 1400, b"", memoryview(b"b" * 77), b"c" * 1400]
-    buf = bytearray(b"\xee" * 4000)
-    end = by_batch.seal_batch_into(buf, 7, payloads)
-    expected = b"".join(by_seal.seal(p) for p in payloads)
-    assert end == 7 + len(expected)
-    assert bytes(buf[7:end]) == expected
-    assert buf[:7] == b"\xee" * 7
-    assert buf[end:] == b"\xee" * (len(buf) - end)
-    assert by_batch.send_counter == by_seal.send_counter == len(payloads)
-    assert by_batch.tx_bytes == by_seal.tx_bytes
-    assert by_batch.seal_batch_into(buf, 0, []) == 0
-    # All or nothing: no room for the last datagram means nothing written, no counter used.
-    before = bytes(buf)
+def test_seal_iov_is_all_or_nothing_at_the_counter_limit() -> None:
+    tx, _ = pair()
+    tx._send = REJECT_AFTER_MESSAGES - 2
+    iov: list[bytes] = []
+    sizes: list[int] = []
     with pytest.raises(LocalProtocolError):
-        by_batch.seal_batch_into(buf, 0, [b"x" * 1000] * 4)
-    assert by_batch.send_counter == len(payloads)
-    assert bytes(buf) == before
-    by_batch._send = REJECT_AFTER_MESSAGES - 2
-    with pytest.raises(LocalProtocolError):
-        by_batch.seal_batch_into(buf, 0, [b"x", b"y", b"z"])
-    assert by_batch.send_counter == REJECT_AFTER_MESSAGES - 2
-    assert by_batch.seal_batch_into(buf, 0, [b"x", b"y"]) == 2 * (1 + by_batch.overhead())
-    assert by_batch.send_counter == REJECT_AFTER_MESSAGES
+        tx.seal_iov([b"x", b"y", b"z"], iov, sizes)
+    assert tx.send_counter == REJECT_AFTER_MESSAGES - 2 and iov == [] and sizes == []
+    tx.seal_iov([b"x", b"y"], iov, sizes)
+    assert tx.send_counter == REJECT_AFTER_MESSAGES and len(iov) == 4
 
 
 def test_seal_into_memoryview_out_and_exact_fit() -> None:
