@@ -59,10 +59,11 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for r in rows:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    # Only worth a line when selective security is in play (not just our `always` policy).
     why = [
         f"  {p.get('name')}: {p['mode']}, {p['mode_reason']}"
         for p in status.get("peers", [])
-        if p.get("mode") and p.get("mode_reason")
+        if p.get("mode") and p.get("mode_reason") not in (None, "policy always (this node)")
     ]
     if why:
         lines.append("link modes (selective security):")
