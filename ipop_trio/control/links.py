@@ -44,13 +44,21 @@ from ..proto.link import (
 )
 from ..proto.wire import Kind
 from .policy import Decision, SecurityPolicy, advertise, decide
+from .ratelimit import RateLimiter
 
 if TYPE_CHECKING:
     from ..node import Node, PeerSetup
 
 log = logging.getLogger("ipop_trio.links")
 
-HANDSHAKE_QUEUE = 64  # handshake datagrams waiting for the handshake task
+HANDSHAKE_QUEUE = 64
+# Handshake initiations accepted for processing (a legitimate peer sends one per 5 s at most,
+# or a few when both ends restart); the excess is a counted drop.
+INIT_RATE_PER_SOURCE, INIT_BURST_PER_SOURCE = 5.0, 10.0
+INIT_RATE_TOTAL, INIT_BURST_TOTAL = (
+    200.0,
+    400.0,
+)  # handshake datagrams waiting for the handshake task
 INBOX_SIZE = 16  # messages waiting for one link task
 IDLE_WAKE = 1.0  # link tasks look at the data path's timestamps at least this often
 RETRY_MIN, RETRY_MAX = 2.0, 60.0  # backoff after a failed or refused handshake
@@ -120,6 +128,8 @@ class LinkManager:
         self._nursery: trio.Nursery | None = None
         self.policy = node.setup.policy
         self.groups = node.setup.groups
+        self.init_per_source = RateLimiter(INIT_RATE_PER_SOURCE, INIT_BURST_PER_SOURCE)
+        self.init_all = RateLimiter(INIT_RATE_TOTAL, INIT_BURST_TOTAL, max_keys=1)
         # The controller's say on an authenticated initiation from a peer we have no link for
         # (it may have learned the peer from signalling a moment after the peer did): True
         # when it added the peer (`add_peer`) and the initiation should be answered.
@@ -238,6 +248,14 @@ class LinkManager:
             kind = data[0]
             try:
                 if kind == Kind.HANDSHAKE_INIT:
+                    # An initiation costs two X25519 operations and a certificate check:
+                    # limit them per source address and overall before doing any of it.
+                    now = time.monotonic()
+                    if not (
+                        self.init_per_source.allow(addr[0], now) and self.init_all.allow(0, now)
+                    ):
+                        self.stats.drop("handshake_rate_limited")
+                        continue
                     state = handshake.consume_initiation_untrusted(
                         node.local, data, cipher, time.time()
                     )
