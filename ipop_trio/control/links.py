@@ -94,7 +94,9 @@ class PeerRuntime:
             expect_name=setup.config.name,
             ext=node.links.advertised(),
             decide_secure=self._decide,
+            replay_floor=node.links.replay_floor.get(setup.public_key, -1),
         )
+        self.reply_to: tuple[str, int] | None = None  # answer one handshake here, not at endpoint
         self._manager = node.links
         self._node_allocate = node.allocate_index
         self.port.wake = self.wake
@@ -128,6 +130,8 @@ class LinkManager:
         self._nursery: trio.Nursery | None = None
         self.policy = node.setup.policy
         self.groups = node.setup.groups
+        # Newest initiation timestamp per peer key, kept when a peer is removed and re-added.
+        self.replay_floor: dict[bytes, int] = {}
         self.init_per_source = RateLimiter(INIT_RATE_PER_SOURCE, INIT_BURST_PER_SOURCE)
         self.init_all = RateLimiter(INIT_RATE_TOTAL, INIT_BURST_TOTAL, max_keys=1)
         # The controller's say on an authenticated initiation from a peer we have no link for
@@ -216,6 +220,7 @@ class LinkManager:
             return
         self.peers.remove(rt)
         rt.scope.cancel()
+        self.node.inbound.pending.discard(rt.port)  # no late flush of its pieces
         rt.link.close()
         while (ev := rt.link.next_event()) is not None:
             if isinstance(ev, SessionRetired):
@@ -249,7 +254,10 @@ class LinkManager:
             try:
                 if kind == Kind.HANDSHAKE_INIT:
                     # An initiation costs two X25519 operations and a certificate check:
-                    # limit them per source address and overall before doing any of it.
+                    # limit them per source address and overall before doing any of it,
+                    # but only those that pass the cheap mac1 check, so junk cannot spend
+                    # the budget of real peers.
+                    handshake.check_initiation_mac1_untrusted(node.local, data)
                     now = time.monotonic()
                     if not (
                         self.init_per_source.allow(addr[0], now) and self.init_all.allow(0, now)
@@ -328,7 +336,15 @@ class LinkManager:
             if kind == "init":
                 _, state, addr = msg
                 link.receive_initiation(state, now)
-                port.endpoint = addr  # authenticated: the peer is reachable there
+                self.replay_floor[rt.setup.public_key] = link.last_initiation_ts
+                plain = rt.decision is not None and not rt.decision.secure
+                if port.endpoint is None or not plain:
+                    port.endpoint = addr  # the peer proved its key; secure data re-checks it
+                elif port.endpoint != addr:
+                    # An initiation can be replayed, and a plain link's only guard is its
+                    # path: answer there, but move the path only through a handshake we
+                    # initiated (answered with our fresh ephemeral) or through signalling.
+                    rt.reply_to = addr
             elif kind == "resp":
                 _, data, addr = msg
                 link.receive_response_untrusted(data, now)
@@ -382,9 +398,11 @@ class LinkManager:
                 log.warning("%s: %s; retrying in %.0f s", rt.name, ev.reason, backoff)
         port.session = link.current
         out = link.datagrams_to_send()
-        if out and port.endpoint is not None:
+        dest = rt.reply_to or port.endpoint
+        rt.reply_to = None
+        if out and dest is not None:
             for d in out:
-                if not self.node.udp.send_one(d, port.endpoint):
+                if not self.node.udp.send_one(d, dest):
                     self.stats.drop("handshake_send_failed")
         if port.session is not None and port.staged:
             frames = list(port.staged)

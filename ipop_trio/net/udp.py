@@ -30,18 +30,6 @@ _GSO_CMSG = struct.Struct("=H")
 _GRO_CMSG = struct.Struct("=i")
 
 Address = tuple[str, int]
-# Errors that lose this send but say nothing about the next (no route yet, full buffers,
-# an ICMP error from an earlier datagram).
-_TRANSIENT = frozenset(
-    (
-        errno.ENETUNREACH,
-        errno.EHOSTUNREACH,
-        errno.ECONNREFUSED,
-        errno.EMSGSIZE,
-        errno.ENOBUFS,
-        errno.EPERM,
-    )
-)
 
 
 class UdpSocket:
@@ -139,10 +127,11 @@ class UdpSocket:
                     # refused the size (EINVAL): GSO off for good, resend this run plainly.
                     self.gso = False
                     dropped += self._send_each(parts, addr)
-                elif exc.errno in _TRANSIENT:
-                    dropped += count
                 else:
-                    raise
+                    # No route, a full buffer, or an address the kernel refuses (wrong
+                    # family, broadcast): the peer's endpoint came from the network, so this
+                    # is a counted loss of the run, never the data path's death.
+                    dropped += count
         return dropped
 
     def _send_each(self, parts: list[bytes], addr: Address) -> int:
@@ -158,7 +147,7 @@ class UdpSocket:
         """Send a control datagram (handshake, keepalive); False if it could not go out."""
         try:
             self.sock.sendto(datagram, addr)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: an address the socket cannot even parse
             return False
         return True
 

@@ -512,6 +512,18 @@ def _check_mac1_untrusted(key: bytes, data: bytes) -> None:
         raise BadPacket("handshake mac1 does not verify")
 
 
+def check_initiation_mac1_untrusted(local: LocalIdentity, data: bytes | memoryview) -> None:
+    """The cheap first check of an initiation (no DH): right size, right type, mac1 keyed by
+    our static public key. Raises only BadPacket. Lets the node refuse junk before it spends
+    any rate-limit budget or X25519 work on it."""
+    data = bytes(data)
+    if len(data) < MIN_INITIATION_SIZE or len(data) > MAX_HANDSHAKE_SIZE:
+        raise BadPacket("handshake initiation of impossible length")
+    if data[0] != Kind.HANDSHAKE_INIT or data[1:4] != _PAD:
+        raise BadPacket("not a handshake initiation")
+    _check_mac1_untrusted(local._mac1_key, data)
+
+
 def consume_initiation_untrusted(
     local: LocalIdentity, data: bytes | memoryview, cipher: Cipher, now_wall: float
 ) -> ResponderState:

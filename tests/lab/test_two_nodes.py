@@ -228,14 +228,26 @@ def test_a_flood_of_junk_and_initiations_is_counted_and_the_link_survives(pair: 
             break
         assert time.monotonic() < deadline, f"drops seen: {grown}"
         time.sleep(0.1)
-    # Every handshake-type datagram is a counted drop: the bounded queue overflows, the
-    # per-source budget stops most of the rest, and only a burst's worth reaches the
-    # (mac1, then X25519) checks at all.
+    # Every handshake-type datagram is a counted drop: the bounded queue overflows and junk
+    # initiations fail the cheap mac1 check, so they never spend the rate-limit budget that
+    # real peers behind the same address need.
     handshake = sum(v for k, v in grown.items() if k.startswith("handshake_"))
     assert handshake >= 550, grown
-    assert grown.get("handshake_rate_limited", 0) > 0, grown
-    assert grown.get("handshake_refused", 0) <= 20, grown
+    assert grown.get("handshake_rate_limited", 0) == 0, grown
     assert grown.get("unknown_session", 0) >= 250, grown
     assert grown.get("unhandled_drop", 0) >= 250, grown
+    # A real handshake from the flooded address still goes through right after: alpha gets a
+    # new certificate (same groups) and re-keys on SIGHUP.
+    beta_view = pair.overlay.peer_status(pair.beta, pair.alpha) or {}
+    before_hs = beta_view.get("last_handshake") or 0
+    pair.overlay.reissue(pair.alpha, pair.alpha.groups)
+    assert pair.alpha.proc is not None
+    pair.alpha.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 15
+    while (
+        (pair.overlay.peer_status(pair.beta, pair.alpha) or {}).get("last_handshake") or 0
+    ) <= before_hs:
+        assert time.monotonic() < deadline, "no new handshake after the flood"
+        time.sleep(0.1)
     rtts = ping_rtts(a, pair.beta.address, count=5, interval=0.1)
     assert len(rtts) == 5, "the link must survive the flood"
