@@ -85,6 +85,12 @@ REKEY_TIMEOUT_JITTER = 0.333
 MAX_SESSIONS = 6
 
 
+# An initiation whose timestamp is older than this (wall clock, seconds) is refused: a replay
+# recorded earlier cannot be used after the receiver restarted or re-added the peer. It is
+# generous, since the two clocks only need to agree to within certificate tolerances.
+MAX_INITIATION_AGE = 600.0
+
+
 class LinkState(enum.Enum):
     IDLE = "idle"  # no session to send on, no handshake in flight
     HANDSHAKING = "handshaking"  # no session to send on, an initiation is in flight
@@ -162,6 +168,7 @@ class Link:
         ext: Mapping[str, Any] | None = None,
         decide_secure: Callable[[Identity, Mapping[str, Any]], bool] | None = None,
         rng: random.Random | None = None,
+        replay_floor: int = -1,
     ) -> None:
         if len(peer_static) != 32:
             raise LocalProtocolError("peer static key must be 32 raw bytes")
@@ -187,7 +194,9 @@ class Link:
         self._retransmit_at = 0.0
         self._last_ts_sent = 0  # our initiation timestamps, strictly increasing
         # Handshake as responder: replay protection.
-        self._last_ts_accepted = -1
+        # The newest initiation timestamp accepted from this peer; the node keeps it across
+        # Link objects (`replay_floor`), so re-adding a peer does not reopen old initiations.
+        self._last_ts_accepted = replay_floor
 
         self._current: _Keypair | None = None
         self._next: _Keypair | None = None  # the unconfirmed responder session
@@ -222,6 +231,11 @@ class Link:
     def sessions(self) -> tuple[Session, ...]:
         """Every live session (older, current, next): all accept datagrams."""
         return tuple(kp.session for kp in self._live())
+
+    @property
+    def last_initiation_ts(self) -> int:
+        """The newest initiation timestamp accepted from the peer (-1: none)."""
+        return self._last_ts_accepted
 
     @property
     def handshaking(self) -> bool:
@@ -331,6 +345,8 @@ class Link:
         if state.cipher is not self.cipher:
             raise LocalProtocolError("initiation consumed with another cipher than the link's")
         ts = state.timestamp_ns
+        if ts < (now - MAX_INITIATION_AGE) * 1e9:
+            raise RemoteProtocolError("stale handshake initiation (older than its time limit)")
         if ts <= self._last_ts_accepted:
             raise RemoteProtocolError("replayed handshake initiation (timestamp not newer)")
         self._last_ts_accepted = ts

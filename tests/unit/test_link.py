@@ -25,6 +25,7 @@ from ipop_trio.proto.handshake import (
     response_receiver_index_untrusted,
 )
 from ipop_trio.proto.link import (
+    MAX_INITIATION_AGE,
     MAX_SESSIONS,
     HandshakeFailed,
     Link,
@@ -631,3 +632,31 @@ def test_frequent_rekeys_are_capped() -> None:
 def test_bad_peer_key_is_a_local_error() -> None:
     with pytest.raises(LocalProtocolError):
         Link(alice().local, b"short", allocate_index=lambda: 1)
+
+
+def test_a_re_created_link_keeps_refusing_old_initiations() -> None:
+    """The node seeds a new Link for a re-added peer with the newest timestamp it accepted,
+    so an initiation recorded before cannot be replayed to it."""
+    wire = _pair()
+    a, b = wire.a, wire.b
+    a.link.connect(NOW)
+    (init,) = a.link.datagrams_to_send()
+    state = consume_initiation_untrusted(b.me.local, init, Cipher.AES_256_GCM, NOW + 1)
+    b.link.receive_initiation(state, NOW + 1)
+    floor = b.link.last_initiation_ts
+    assert floor > 0
+    fresh = _pair(b_kw={"replay_floor": floor}).b  # the peer removed and added again
+    again = consume_initiation_untrusted(fresh.me.local, init, Cipher.AES_256_GCM, NOW + 2)
+    with pytest.raises(RemoteProtocolError, match="replayed"):
+        fresh.link.receive_initiation(again, NOW + 2)
+
+
+def test_a_stale_initiation_is_refused_even_by_a_new_link() -> None:
+    wire = _pair()
+    a, b = wire.a, wire.b
+    a.link.connect(NOW)
+    (init,) = a.link.datagrams_to_send()
+    late = NOW + MAX_INITIATION_AGE + 1  # e.g. replayed after the receiver restarted
+    state = consume_initiation_untrusted(b.me.local, init, Cipher.AES_256_GCM, late)
+    with pytest.raises(RemoteProtocolError, match="stale"):
+        b.link.receive_initiation(state, late)
