@@ -162,11 +162,24 @@ class Switch:
         if frame[VNET : VNET + 6] != self.own_mac and not frame[VNET] & 1:
             self.stats.drop("not_for_us")
             return False
-        if (
-            frame[VNET + 12 : VNET + 14] == ETH_P_IP
-            and port.ip4 is not None
-            and frame[VNET + 26 : VNET + 30] != port.ip4
-        ):
-            self.stats.drop("spoofed_ip")
+        ethertype = frame[VNET + 12 : VNET + 14]
+        if ethertype == ETH_P_IP:
+            if port.ip4 is not None and frame[VNET + 26 : VNET + 30] != port.ip4:
+                self.stats.drop("spoofed_ip")
+                return False
+        elif ethertype == ETH_P_ARP:
+            # An ARP from a peer may only speak for the peer itself: otherwise one member
+            # could claim another's address in our neighbour table (ARP poisoning).
+            if len(frame) < VNET + 14 + _ARP.size:
+                self.stats.drop("runt_arp")
+                return False
+            _hdr, sha, spa, _tha, _tpa = _ARP.unpack_from(frame, VNET + 14)
+            if sha != port.mac or (port.ip4 is not None and spa != port.ip4):
+                self.stats.drop("spoofed_arp")
+                return False
+        else:
+            # IPv6 and other protocols carry source addresses this switch does not check
+            # (overlay addresses are IPv4): refuse rather than let a peer spoof them.
+            self.stats.drop("unchecked_ethertype")
             return False
         return True

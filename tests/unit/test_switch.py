@@ -86,3 +86,17 @@ def test_removed_peer_is_unknown_unicast_and_its_arp_floods() -> None:
     assert b not in out and local == []
     assert out == {c: [arp_request(B_IP)]}
     assert stats.drops == {"unknown_unicast": 1}
+
+
+def arp_reply_from(sender_mac: bytes, sender_ip: bytes) -> bytes:
+    arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 2, sender_mac, sender_ip, OWN, OWN_IP)
+    return ZERO_VNET + OWN + sender_mac + ETH_P_ARP + arp
+
+
+def test_a_peer_may_only_speak_arp_for_itself_and_ipv6_is_refused() -> None:
+    sw, b, _c, stats = make()
+    assert sw.accept_inbound(b, arp_reply_from(B_MAC, B_IP))
+    assert not sw.accept_inbound(b, arp_reply_from(B_MAC, C_IP))  # claims C's address
+    ipv6 = ZERO_VNET + OWN + B_MAC + b"\x86\xdd" + bytes(40)
+    assert not sw.accept_inbound(b, ipv6)
+    assert stats.drops == {"spoofed_arp": 1, "unchecked_ethertype": 1}
