@@ -219,7 +219,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                     nursery.cancel_scope.cancel()
                     break
 
-    trio.run(main_task)
+    try:
+        trio.run(main_task)
+    except* IpopError as group:  # e.g. no TAP without root: one clear error, not a tree
+        raise group.exceptions[0] from None
     return 0
 
 

@@ -22,7 +22,7 @@ import logging
 import os
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -59,7 +59,7 @@ class PeerSetup:
 class Setup:
     config: NodeConfig
     anchor: TrustAnchor
-    private_key: bytes
+    private_key: bytes = field(repr=False)
     identity: Identity
     peers: tuple[PeerSetup, ...]
     groups: frozenset[str] = frozenset()  # certified groups, narrowed by the config

@@ -84,8 +84,9 @@ class Tap:
             pass
         return frames
 
-    def write_frames(self, frames: list[bytes]) -> int:
-        """Blocking write of a batch (writer thread only). Returns frames the kernel refused."""
+    def write_frames(self, frames: list[bytes], *, block: bool = True) -> int:
+        """Write a batch; returns frames the kernel refused. `block` (the writer thread) waits
+        out a full TAP queue; the Trio thread's inline writes never wait: they drop."""
         refused = 0
         write = os.write
         fd = self.fd
@@ -95,6 +96,9 @@ class Tap:
                     write(fd, frame)
                     break
                 except BlockingIOError:
+                    if not block:
+                        refused += 1
+                        break
                     select.select([], [fd], [], 1.0)
                 except OSError:
                     refused += 1  # e.g. EINVAL for a malformed frame: the kernel's verdict
@@ -138,7 +142,7 @@ class TapWriter:
 
     def submit(self, frames: list[bytes]) -> None:
         if len(frames) <= INLINE_BATCH and self.submitted == self.completed:
-            self._write(frames)
+            self._write(frames, block=False)
             return
         try:
             self.queue.put_nowait((now_ns(), frames))
@@ -152,9 +156,9 @@ class TapWriter:
         if depth > channel.max_depth:
             channel.max_depth = depth
 
-    def _write(self, frames: list[bytes]) -> None:
+    def _write(self, frames: list[bytes], *, block: bool = True) -> None:
         t0 = now_ns()
-        refused = self.tap.write_frames(frames)
+        refused = self.tap.write_frames(frames, block=block)
         if refused:
             self.stats.drop("tap_write_refused", refused)
         self.stats["tap_write"].record(len(frames), sum(map(len, frames)), t0)
@@ -173,6 +177,7 @@ class TapWriter:
             channel.wait_ns += now_ns() - stamp
             self._write(frames)
             self.completed += 1
+            channel.depth = self.submitted - self.completed
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the writer thread for the lifetime of this task."""
