@@ -16,11 +16,14 @@ never install a signal handler on its own (CLI entry points wrap their work in
 ``python -m ipop_trio run -c ...`` in the host's namespace, readiness and status through the
 node's control socket.
 
-Topology now: hosts and point-to-point veth links addressed from 10.199.0.0/16. Planned
-(issue: NAT traversal), in the same shape so teardown needs nothing new: ``add_switch(name)``
-(a bridge in its own namespace, the "internet"), ``add_router(name)`` (a host with forwarding
-on), ``add_nat(router, inside, outside, mapping="endpoint-independent"|"symmetric")``
-(nftables in the router's namespace) and ``add_turn(host)`` (coturn, a tracked process).
+Topology: hosts and point-to-point veth links addressed from 10.199.0.0/16; switches
+(``add_switch``: a bridge in its own namespace, e.g. the "internet", 10.199.(255 - n).0/24 unless
+given a subnet) that hosts join with ``attach``. NAT (issue 4, built in `ipop_trio.labnat` on this
+module's public API, so teardown needs nothing new): ``add_nat(name, internet, mapping="eim" |
+"symmetric")`` (a router namespace with nftables masquerade and a private LAN switch,
+192.168.N.0/24), ``add_host_behind(router, name)`` and ``add_turn(host, users=...)`` (coturn, a
+tracked process with its config in the lab's workdir). ``Host.udp_socket`` gives the lab's own
+process a socket inside a host's namespace (for STUN/TURN probes without helper processes).
 """
 
 from __future__ import annotations
@@ -43,11 +46,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyroute2 import IPRoute, netns
 
 from ipop_trio.errors import LabError
+
+if TYPE_CHECKING:
+    from ipop_trio.labnat import NatMapping, NatRouter, TurnServer
 
 # Underlay addresses: link n gets 10.199.n.0/24 (first end .1, second end .2).
 LAB_NETWORK = ipaddress.IPv4Network("10.199.0.0/16")
@@ -322,6 +328,25 @@ class Host:
         """Processes currently inside this namespace."""
         return _pids_in([self.ns]).get(self.ns, [])
 
+    def udp_socket(self, bind: tuple[str, int] = ("0.0.0.0", 0)) -> socket.socket:
+        """A bound IPv4 UDP socket that lives in this host's namespace, for the lab's own
+        process to talk from inside the lab (STUN / TURN probes) without a helper process.
+
+        Made like `_iproute`'s socket: created after setns() on this thread, which goes
+        straight back; a socket keeps the namespace it was made in. The caller closes it."""
+        self.lab._check_open()
+        netns.pushns(self.ns)
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        finally:
+            netns.popns()
+        try:
+            sock.bind(bind)
+        except OSError as exc:
+            sock.close()
+            raise LabError(f"{self.name}: cannot bind a UDP socket to {bind}: {exc}") from exc
+        return sock
+
     def add_route(self, destination: str, via: str) -> None:
         """Route `destination` (CIDR or "default") through `via` (for routers, later NATs)."""
         dst = "0.0.0.0/0" if destination == "default" else destination
@@ -464,13 +489,21 @@ class Lab:
         self.links.append(link)
         return link
 
-    def add_switch(self, name: str, *, mtu: int = UNDERLAY_MTU) -> LabSwitch:
-        """A bridge in a new namespace `name`, on subnet 10.199.(255 - n).0/24."""
-        host = self.add_host(name)
+    def add_switch(
+        self, name: str, *, mtu: int = UNDERLAY_MTU, subnet: str | None = None
+    ) -> LabSwitch:
+        """A bridge in a new namespace `name`, on subnet 10.199.(255 - n).0/24 unless given
+        another /24 (a NAT's private LAN)."""
         index = len(self.switches)
         if index > 31:
             raise LabError("the lab allocates at most 32 switches")
-        subnet = ipaddress.IPv4Network(f"10.199.{255 - index}.0/{LINK_PREFIXLEN}")
+        if subnet is None:
+            net = ipaddress.IPv4Network(f"10.199.{255 - index}.0/{LINK_PREFIXLEN}")
+        else:
+            net = ipaddress.IPv4Network(subnet)
+            if net.prefixlen != LINK_PREFIXLEN:
+                raise LabError(f"switch subnet {subnet} must be a /{LINK_PREFIXLEN}")
+        host = self.add_host(name)
         try:
             with _iproute(host.ns) as ipr:
                 ipr.link("add", ifname=LabSwitch.BRIDGE, kind="bridge")
@@ -478,9 +511,49 @@ class Lab:
                 ipr.link("set", index=idx, mtu=mtu, state="up")
         except Exception as exc:
             raise LabError(f"cannot create the bridge of switch {name}: {exc}") from exc
-        switch = LabSwitch(index, host, subnet)
+        switch = LabSwitch(index, host, net)
         self.switches.append(switch)
         return switch
+
+    # -- NAT and TURN (issue 4; built by ipop_trio.labnat) --------------------------------
+
+    def add_nat(
+        self,
+        name: str,
+        internet: LabSwitch,
+        *,
+        mapping: NatMapping = "eim",
+        lan: str | None = None,
+    ) -> NatRouter:
+        """A NAT router `name` between `internet` and a new private LAN switch (``lan``,
+        default 192.168.N.0/24); see `ipop_trio.labnat.add_nat`."""
+        from ipop_trio import labnat
+
+        return labnat.add_nat(self, name, internet, mapping=mapping, lan=lan)
+
+    def add_host_behind(self, router: NatRouter, name: str) -> Host:
+        """A new host on `router`'s LAN, default route through the router."""
+        from ipop_trio import labnat
+
+        return labnat.add_host_behind(self, router, name)
+
+    def add_turn(
+        self,
+        host: Host,
+        *,
+        users: dict[str, str],
+        realm: str = "ipop",
+        port: int = 3478,
+        aux_ports: Sequence[int] = (3479,),
+        timeout: float = 10.0,
+    ) -> TurnServer:
+        """Start coturn on `host` (STUN and TURN with long-term credentials for `users`) and
+        wait until it answers a STUN Binding; see `ipop_trio.labnat.add_turn`."""
+        from ipop_trio import labnat
+
+        return labnat.add_turn(
+            self, host, users=users, realm=realm, port=port, aux_ports=aux_ports, timeout=timeout
+        )
 
     def attach(self, host: Host, switch: LabSwitch, *, mtu: int = UNDERLAY_MTU) -> Iface:
         """Plug `host` into `switch` with a veth; the host end gets the next address."""
