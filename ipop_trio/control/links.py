@@ -15,8 +15,10 @@ Peers come from the configuration (at start) or from the controller (`add_peer` 
 own cancel scope inside the links nursery, so removing a peer ends exactly its task, retires
 its sessions and takes its port out of the switch.
 
-Links run on wall-clock time (`time.time()`): certificate validity is wall-clock, and the
-Link's timers are tens of seconds, so a clock step costs at most one early rekey.
+Links and the data path's timestamps run on the monotonic clock, so a wall-clock step
+never stretches a retransmission or a session's lifetime; each Link is told the current
+wall-clock offset (`wall_offset`) for the two things that need real time: certificate
+validity and initiation timestamps.
 """
 
 from __future__ import annotations
@@ -62,6 +64,13 @@ INIT_RATE_TOTAL, INIT_BURST_TOTAL = (
 INBOX_SIZE = 16  # messages waiting for one link task
 IDLE_WAKE = 1.0  # link tasks look at the data path's timestamps at least this often
 RETRY_MIN, RETRY_MAX = 2.0, 60.0  # backoff after a failed or refused handshake
+
+
+def _clock(link: Link) -> float:
+    """The Link's timer clock (monotonic) now, with its wall-clock offset refreshed."""
+    mono = time.monotonic()
+    link.wall_offset = time.time() - mono
+    return mono
 
 
 class PeerRuntime:
@@ -157,10 +166,10 @@ class LinkManager:
         sessions. Returns how many links were re-keyed."""
         self.policy, self.groups = policy, groups
         ext = self.advertised()
-        now = time.time()
         rekeyed = 0
         for rt in self.peers:
             link = rt.link
+            now = _clock(link)
             new_cert = link.local.cert_der != local.cert_der
             link.reconfigure(local=local, ext=ext)
             session, peer = link.current, link.peer
@@ -303,10 +312,10 @@ class LinkManager:
         link = rt.link
         port = rt.port
         if port.endpoint is not None and rt.initiate:
-            link.connect(time.time())
+            link.connect(_clock(link))
         while True:
             self._drain(rt)
-            now = time.time()
+            now = _clock(link)
             deadline = link.next_deadline()
             wake_in = IDLE_WAKE if deadline is None else min(IDLE_WAKE, max(0.0, deadline - now))
             if rt.retry_at is not None:
@@ -314,7 +323,7 @@ class LinkManager:
             msg: tuple[Any, ...] | None = None
             with trio.move_on_after(wake_in):
                 msg = await rt.inbox.receive()
-            now = time.time()
+            now = _clock(link)
             if msg is not None:
                 self._handle(rt, msg, now)
             if port.last_sent and port.last_sent != link.last_sent:
@@ -391,7 +400,7 @@ class LinkManager:
             elif isinstance(ev, HandshakeFailed | PeerRefused):
                 rt.failures += 1
                 backoff = min(RETRY_MAX, RETRY_MIN * 2 ** (rt.failures - 1))
-                rt.retry_at = time.time() + backoff
+                rt.retry_at = time.monotonic() + backoff
                 if isinstance(ev, PeerRefused):
                     rt.refused = ev.reason
                     self.stats.drop("peer_refused")
@@ -407,14 +416,14 @@ class LinkManager:
         if port.session is not None and port.staged:
             frames = list(port.staged)
             port.staged.clear()
-            self.node.outbound.send(port, frames, time.time())
+            self.node.outbound.send(port, frames, time.monotonic())
 
     def _confirmer(self, rt: PeerRuntime, index: int) -> Any:
         def confirm() -> None:
             entry = self.node.sessions.get(index)
             if entry is not None:
                 entry.confirm = None
-            if rt.link.confirm(index, time.time()):
+            if rt.link.confirm(index, _clock(rt.link)):
                 rt.port.session = rt.link.current
                 rt.wake()
 
@@ -447,12 +456,14 @@ class LinkManager:
                     "rx_packets": port.rx_packets,
                     "staged": len(port.staged),
                     "drops": port.drops,
-                    "last_handshake": link.last_handshake,
+                    "last_handshake": None
+                    if link.last_handshake is None
+                    else link.last_handshake + link.wall_offset,  # wall clock, for people
                     "refused": rt.refused,
                     "failures": rt.failures,
                     "retry_in": None
                     if rt.retry_at is None
-                    else max(0.0, rt.retry_at - time.time()),
+                    else max(0.0, rt.retry_at - time.monotonic()),
                 }
             )
         return out

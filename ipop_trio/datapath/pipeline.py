@@ -54,7 +54,7 @@ async def outbound_task(
     async with receive:
         async for stamp, frames in receive:
             channel.taken(stamp)
-            local = outbound.process(frames, time.time())
+            local = outbound.process(frames, time.monotonic())
             if local:
                 writer.submit(local)
 
@@ -73,7 +73,7 @@ async def udp_receiver(udp: UdpSocket, inbound: Inbound, writer: TapWriter, stat
                 continue
         else:
             await udp.wait_readable()
-        now = time.time()
+        now = time.monotonic()  # the links' timer clock (control/links.py)
         out = []
         for _ in range(MAX_RECV_CALLS):
             t0 = now_ns()

@@ -194,6 +194,10 @@ class Link:
         self._retransmit_at = 0.0
         self._last_ts_sent = 0  # our initiation timestamps, strictly increasing
         # Handshake as responder: replay protection.
+        # `now` in every call is the timers' clock (monotonic in the node); adding this gives
+        # wall-clock time, for certificate validity and initiation timestamps only. The node
+        # refreshes it before each call, so a wall-clock step never stretches a timer.
+        self.wall_offset = 0.0
         # The newest initiation timestamp accepted from this peer; the node keeps it across
         # Link objects (`replay_floor`), so re-adding a peer does not reopen old initiations.
         self._last_ts_accepted = replay_floor
@@ -345,7 +349,7 @@ class Link:
         if state.cipher is not self.cipher:
             raise LocalProtocolError("initiation consumed with another cipher than the link's")
         ts = state.timestamp_ns
-        if ts < (now - MAX_INITIATION_AGE) * 1e9:
+        if ts < (now + self.wall_offset - MAX_INITIATION_AGE) * 1e9:
             raise RemoteProtocolError("stale handshake initiation (older than its time limit)")
         if ts <= self._last_ts_accepted:
             raise RemoteProtocolError("replayed handshake initiation (timestamp not newer)")
@@ -374,7 +378,7 @@ class Link:
         if pending is None:
             raise BadPacket("handshake response but no handshake pending")
         try:
-            keys = consume_response_untrusted(pending, data, now)
+            keys = consume_response_untrusted(pending, data, now + self.wall_offset)
         except CertificateRefused as exc:
             # Only the holder of the peer's static key can produce a response that
             # decrypts, so this is the peer's certificate, not a forgery.
@@ -450,7 +454,8 @@ class Link:
         if self._handshake_index is None:
             self._handshake_index = self._allocate()
         # Strictly increasing even when the wall clock stalls or steps back.
-        ts = max(int(now * 1e9), self._last_ts_sent + 1)
+        wall = now + self.wall_offset
+        ts = max(int(wall * 1e9), self._last_ts_sent + 1)
         self._last_ts_sent = ts
         message, state = create_initiation(
             self.local,
@@ -458,7 +463,7 @@ class Link:
             self._handshake_index,
             self.cipher,
             self._ext,
-            now,
+            wall,
             timestamp_ns=ts,
         )
         self._pending = state

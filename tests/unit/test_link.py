@@ -660,3 +660,21 @@ def test_a_stale_initiation_is_refused_even_by_a_new_link() -> None:
     state = consume_initiation_untrusted(b.me.local, init, Cipher.AES_256_GCM, late)
     with pytest.raises(RemoteProtocolError, match="stale"):
         b.link.receive_initiation(state, late)
+
+
+def test_timers_on_a_monotonic_clock_with_the_wall_offset_for_certificates() -> None:
+    """The node drives Links with monotonic `now` (small numbers) and tells them the offset
+    to wall-clock time: certificates are checked, and initiations stamped, at now + offset."""
+    wire = _pair()
+    a, b = wire.a, wire.b
+    mono = 10.0  # seconds since boot, say: certificates are not valid "at" 10.0
+    for p in (a, b):
+        p.link.wall_offset = NOW - mono
+    a.link.connect(mono)
+    (init,) = a.link.datagrams_to_send()
+    state = consume_initiation_untrusted(b.me.local, init, Cipher.AES_256_GCM, NOW)
+    assert abs(state.timestamp_ns / 1e9 - NOW) < 1  # stamped with wall time
+    b.link.receive_initiation(state, mono)
+    (resp,) = b.link.datagrams_to_send()
+    a.link.receive_response_untrusted(resp, mono)  # certificate checked at wall time
+    assert a.link.current is not None and a.link.current.created == mono
