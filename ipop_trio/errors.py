@@ -42,10 +42,6 @@ class PkiError(IpopError):
     """A CA or certificate operation failed (missing file, refusing to overwrite, ...)."""
 
 
-class LinkFailed(IpopError):
-    """A link to one peer failed; the node goes on."""
-
-
 class LabError(IpopError):
     """The namespace lab could not be built or a lab command failed."""
 
