@@ -207,11 +207,13 @@ def test_a_lossy_underlay_costs_single_datagrams_not_super_frames(
     for reason in ("bad_datagram", "bad_inner_payload", "unknown_session"):
         assert delta(s_beta, e_beta, drop_count, reason) == 0, (reason, e_beta["stats"]["drops"])
     assert delta(s_beta, e_beta, stage_items, "open") == received, report
-    # The inner TCP resent about as many segments as datagrams were lost; a lost super-frame
-    # would cost all its segments (sent / tap_frames of them, ~20 here). Under a loaded lab
-    # RACK/TLP add some spurious ones, hence the slack.
+    # The inner TCP resent a few segments per lost datagram; a lost super-frame would cost
+    # all its segments (sent / tap_frames of them, ~20-25 here). Under a loaded lab RACK/TLP
+    # add spurious ones: 1.7x to 4x the losses were seen in CI-like runs, so the bound sits
+    # between that and whole-super-frame loss, relative to the measured frame size.
     assert result.retransmits is not None
-    assert result.retransmits <= 3 * lost_on_wire + 50, report
+    per_frame = sent / max(1, tap_frames)
+    assert result.retransmits <= 0.5 * per_frame * lost_on_wire + 100, report
     # The receiver wrote incomplete super-frames as the segments that arrived. The node's
     # reassembler counts this; the check runs once the status exposes those counters.
     for key in ("frames_partial", "segments_rebuilt"):
