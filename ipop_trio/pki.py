@@ -21,9 +21,10 @@ import datetime
 import ipaddress
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -42,6 +43,8 @@ from ipop_trio.proto.cert import (
     usable_address,
     valid_name,
 )
+
+T = TypeVar("T")
 
 DEFAULT_CA_DAYS = 3650
 DEFAULT_NODE_DAYS = 365
@@ -470,31 +473,27 @@ def _read(path: Path, what: str) -> bytes:
         raise PkiError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
 
 
-def load_certificate_der(path: Path) -> bytes:
-    """The certificate in `path` (PEM or DER) as DER."""
-    data = _read(path, "certificate")
+def _parse(path: Path, parse: Callable[[bytes], T], data: bytes) -> T:
+    """`parse(data)`, with the file named in its PkiError."""
     try:
-        return load_certificate_der_bytes(data)
+        return parse(data)
     except PkiError as exc:
         raise PkiError(f"{path}: {exc}") from exc
+
+
+def load_certificate_der(path: Path) -> bytes:
+    """The certificate in `path` (PEM or DER) as DER."""
+    return _parse(path, load_certificate_der_bytes, _read(path, "certificate"))
 
 
 def load_trust_anchor(path: Path) -> TrustAnchor:
     """The overlay CA certificate in `path` (PEM or DER)."""
-    der = load_certificate_der(path)
-    try:
-        return TrustAnchor(der)
-    except PkiError as exc:
-        raise PkiError(f"{path}: {exc}") from exc
+    return _parse(path, TrustAnchor, load_certificate_der(path))
 
 
 def load_private_key(path: Path) -> bytes:
     """The node's X25519 private key in `path`, as raw 32 bytes."""
-    data = _read(path, "private key")
-    try:
-        return load_private_key_bytes(data)
-    except PkiError as exc:
-        raise PkiError(f"{path}: {exc}") from exc
+    return _parse(path, load_private_key_bytes, _read(path, "private key"))
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:

@@ -15,22 +15,8 @@ This module must never:
 
 A Session has a single owner: it is not thread-safe.
 
-Data datagram (wire.py owns the layout; secure links 0xA4, plain links 0xA5):
-
-     0                   1                   2                   3
-     0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
-    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
-    |  type 0xA4/A5 |                 pad (zero)                    |
-    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
-    |                 receiver_index (u32, little endian)           |
-    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
-    |                 counter (u64, little endian)                  |
-    |                                                               |
-    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
-    |  ciphertext (secure) or plaintext (plain) ...                 |
-    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
-    |  tag (16 bytes, secure links only)                            |
-    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+Data datagram: type(1) pad(3) receiver_index(4) counter(8) | payload | tag(16, secure only),
+drawn in wire.py, which owns the layout (secure links 0xA4, plain links 0xA5):
 
     secure: ciphertext||tag = AEAD(send_key, nonce, payload, aad = the 16 header bytes)
     nonce (12 bytes)        = 4 zero bytes || counter (u64, little endian)   (§5.4.6)
