@@ -29,6 +29,13 @@ are resolved against the config file's directory.
     ca = "signal-ca.pem"        # optional: TLS roots for wss (default: the system's)
     max_links = 32              # cap on links learned from signalling
     advertise = ["192.0.2.7:4600"]  # optional: host candidates (default: see README)
+
+    [ice]                       # optional: NAT traversal for peers learned through signalling
+    stun = ["stun:198.51.100.1:3478"]  # "stun:IP[:PORT]" (RFC 7064) or "IP:PORT"; port 3478
+    turn = [{url = "turn:198.51.100.1:3478?transport=udp", username = "alice", password = "s3"}]
+    ignore_interfaces = ["docker0"]  # no host candidates from these (the TAP never gives any)
+
+Servers are literal IP addresses: resolving names would make startup depend on DNS.
 """
 
 from __future__ import annotations
@@ -36,13 +43,14 @@ from __future__ import annotations
 import ipaddress
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .control.policy import SecurityPolicy
-from .errors import ConfigError
+from .errors import ConfigError, LocalProtocolError
 from .proto.session import Cipher
+from .proto.stun import saslprep
 
 DEFAULT_PORT = 4600
 DEFAULT_MTU = 1400
@@ -53,7 +61,7 @@ MIN_MTU = 576
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,63}$")
 _IFNAME = re.compile(r"^[A-Za-z0-9._-]{1,15}$")
 _KNOWN = {
-    "": {"node", "tap", "peer", "signalling"},
+    "": {"node", "tap", "peer", "signalling", "ice"},
     "node": {
         "name",
         "cert",
@@ -69,10 +77,20 @@ _KNOWN = {
     "tap": {"name", "mtu", "offload"},
     "peer": {"name", "cert", "public_key", "endpoint"},
     "signalling": {"url", "ca", "max_links", "advertise"},
+    "ice": {"stun", "turn", "ignore_interfaces"},
+    "ice.turn": {"url", "username", "password"},
 }
 DEFAULT_MAX_LINKS = 32
 MAX_ADVERTISE = 8
 LOG_LEVELS = ("debug", "info", "warning", "error")
+STUN_PORT = 3478  # RFC 8489 §18.6, also TURN's (RFC 8656 §19)
+MAX_STUN_SERVERS = 8
+MAX_TURN_SERVERS = 8
+MAX_CREDENTIAL = 256  # characters of a TURN username or password
+# What follows "stun:" / "turn:": an IPv6 literal in brackets or an IPv4 literal, then ":PORT".
+_SERVER_HOSTPORT = re.compile(
+    r"\[(?P<v6>[^\]]*)\](?::(?P<p6>\d+))?|(?P<v4>[^\[\]:/?#@\s]+)(?::(?P<p4>\d+))?"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +130,20 @@ class SignallingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TurnServerConfig:
+    server: Endpoint  # literal IP:port of the TURN server (UDP)
+    username: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class IceConfig:
+    stun: tuple[Endpoint, ...] = ()
+    turn: tuple[TurnServerConfig, ...] = ()
+    ignore_interfaces: tuple[str, ...] = ()  # no host candidates; the TAP never gives any
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     path: Path
     name: str | None
@@ -127,6 +159,7 @@ class NodeConfig:
     signalling: SignallingConfig | None = None
     security: SecurityPolicy = SecurityPolicy.ALWAYS
     groups: tuple[str, ...] | None = None  # narrows the certified groups; None: all of them
+    ice: IceConfig = IceConfig()
 
 
 def load(path: Path) -> NodeConfig:
@@ -214,6 +247,7 @@ def parse(data: dict[str, Any], path: Path) -> NodeConfig:
         peers.append(PeerConfig(name=pname, cert=pcert, public_key=pkey, endpoint=endpoint))
 
     signalling = _signalling(base, _table(data, "signalling", required=False))
+    ice = _ice(_table(data, "ice", required=False))
 
     return NodeConfig(
         path=path,
@@ -230,6 +264,7 @@ def parse(data: dict[str, Any], path: Path) -> NodeConfig:
         signalling=signalling,
         security=security,
         groups=groups,
+        ice=ice,
     )
 
 
@@ -254,6 +289,99 @@ def _signalling(base: Path, table: dict[str, Any]) -> SignallingConfig | None:
         for i, a in enumerate(advertise_raw)
     )
     return SignallingConfig(url=url, ca=ca, max_links=max_links, advertise=advertise)
+
+
+def _ice(table: dict[str, Any]) -> IceConfig:
+    _unknown("ice", table)
+    stun_raw = _list("ice.stun", table.get("stun", []), MAX_STUN_SERVERS, "STUN server URLs")
+    stun = tuple(
+        _server_url(f"ice.stun[{i}]", url, "stun", plain=True) for i, url in enumerate(stun_raw)
+    )
+    turn_raw = _list("ice.turn", table.get("turn", []), MAX_TURN_SERVERS, "TURN server tables")
+    turn = tuple(_turn(f"ice.turn[{i}]", t) for i, t in enumerate(turn_raw))
+    ifaces_raw = _list("ice.ignore_interfaces", table.get("ignore_interfaces", []), None, "names")
+    ifaces = tuple(_ifname(f"ice.ignore_interfaces[{i}]", n) for i, n in enumerate(ifaces_raw))
+    return IceConfig(stun=stun, turn=turn, ignore_interfaces=ifaces)
+
+
+def _turn(where: str, table: object) -> TurnServerConfig:
+    if not isinstance(table, dict):
+        raise ConfigError(where, "must be a table like {url = ..., username = ..., password = ...}")
+    _unknown("ice.turn", table, where)
+    server = _server_url(f"{where}.url", table.get("url"), "turn", plain=False)
+    username = _credential(f"{where}.username", table.get("username"))
+    password = _credential(f"{where}.password", table.get("password"))
+    # RFC 8489 §9.2.2: the long-term key hashes SASLprep(password); refuse what it refuses now.
+    try:
+        prepared = saslprep(password)
+    except LocalProtocolError as exc:
+        raise ConfigError(
+            f"{where}.password", f"not allowed by SASLprep (RFC 4013): {exc}"
+        ) from None
+    if not prepared:
+        raise ConfigError(f"{where}.password", "is empty after SASLprep (RFC 4013)")
+    return TurnServerConfig(server=server, username=username, password=password)
+
+
+def _credential(where: str, value: object) -> str:
+    if value is None:
+        raise ConfigError(where, "missing (a string)")
+    if not isinstance(value, str) or not value or len(value) > MAX_CREDENTIAL:
+        raise ConfigError(where, f"must be a string of 1-{MAX_CREDENTIAL} characters")
+    return value
+
+
+def _server_url(where: str, value: object, scheme: str, *, plain: bool) -> Endpoint:
+    """A STUN (RFC 7064) or TURN (RFC 7065) URL with a literal IP address, as an endpoint.
+
+    `plain` also allows a bare "IP:PORT". Only UDP: no "stuns:"/"turns:", no other transport."""
+    example = f'"{scheme}:192.0.2.1:{STUN_PORT}"'
+    if value is None:
+        raise ConfigError(where, f"missing (a URL like {example})")
+    if not isinstance(value, str):
+        raise ConfigError(where, f"must be a string like {example}")
+    text = value.strip()
+    lowered = text.lower()
+    if lowered.startswith(f"{scheme}s:"):
+        what = "TLS TURN (turns:)" if scheme == "turn" else "STUN over TLS (stuns:)"
+        raise ConfigError(where, f"{what} is not supported; use {scheme}: over UDP")
+    if lowered.startswith(f"{scheme}:"):
+        rest, sep, query = text[len(scheme) + 1 :].partition("?")
+    elif plain and not lowered.startswith(("stun:", "stuns:", "turn:", "turns:")):
+        rest, sep, query = text, "", ""
+    else:
+        raise ConfigError(where, f"{value!r} is not a {scheme}: URL like {example}")
+    if sep:
+        key, eq, transport = query.partition("=")
+        if scheme != "turn" or key.lower() != "transport" or not eq:
+            allowed = '"?transport=udp"' if scheme == "turn" else "none"
+            raise ConfigError(where, f"unexpected {'?' + query!r} (parameters allowed: {allowed})")
+        if transport.lower() != "udp":
+            raise ConfigError(where, f"transport={transport}: only UDP is supported")
+    m = _SERVER_HOSTPORT.fullmatch(rest)
+    if not m:
+        raise ConfigError(where, f'{value!r} is not like {example} (IPv6 as "[ADDR]:PORT")')
+    host = m["v6"] if m["v6"] is not None else m["v4"]
+    port = m["p6"] or m["p4"]
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        addr = None
+    if addr is None or "%" in host or (m["v6"] is not None) != (addr.version == 6):
+        raise ConfigError(
+            where, f"{host!r} is not a literal IP address (DNS names are not supported)"
+        )
+    if port is None and not lowered.startswith(f"{scheme}:"):
+        raise ConfigError(where, f'{value!r} needs a port ("IP:PORT") or a "{scheme}:" prefix')
+    hostport = f"[{addr}]" if addr.version == 6 else str(addr)
+    return parse_endpoint(where, f"{hostport}:{port or STUN_PORT}", need_host=True)
+
+
+def _list(where: str, value: object, most: int | None, what: str) -> list[Any]:
+    if not isinstance(value, list) or (most is not None and len(value) > most):
+        limit = f"up to {most} " if most is not None else ""
+        raise ConfigError(where, f"must be a list of {limit}{what}")
+    return value
 
 
 def parse_endpoint(field: str, value: object, *, need_host: bool = False) -> Endpoint:

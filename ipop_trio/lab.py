@@ -781,6 +781,8 @@ class OverlayNode:
     peers: tuple[str, ...] | None  # names of configured peers; None: every other node
     signalling: bool = False  # learns peers from the overlay's signalling server
     security: str | None = None  # [node] security ("always" / "groups"); None: the default
+    stun: tuple[str, ...] = ()  # [ice] stun URLs
+    turn: tuple[tuple[str, str, str], ...] = ()  # [ice] turn servers: (url, username, password)
     proc: subprocess.Popen[Any] | None = None
 
     @property
@@ -880,11 +882,14 @@ class Overlay:
         peers: Iterable[str] | None = None,
         signalling: bool = False,
         security: str | None = None,
+        stun: Iterable[str] = (),
+        turn: Iterable[tuple[str, str, str]] = (),
     ) -> OverlayNode:
         """Issue a certificate for a node on `host` (next free overlay address unless given).
         The node is configured and started by `start`. With `signalling`, it learns its peers
         from the overlay's signalling server (`start_signalling`) and has no static peers
-        unless `peers` names some."""
+        unless `peers` names some. `stun` URLs and `turn` servers, as (url, username,
+        password), go into the node's [ice] section."""
         from ipop_trio import pki
 
         if name in self.nodes:
@@ -912,6 +917,8 @@ class Overlay:
             peers=tuple(peers) if peers is not None else (() if signalling else None),
             signalling=signalling,
             security=security,
+            stun=tuple(stun),
+            turn=tuple(turn),
         )
         self.nodes[name] = node
         return node
@@ -979,6 +986,18 @@ class Overlay:
             if self.signal is None:
                 raise LabError(f"node {node.name} uses signalling: call start_signalling first")
             lines += ["", "[signalling]", f"url = {_toml_str(self.signal.url)}"]
+        if node.stun or node.turn:
+            turn = (
+                f"{{url = {_toml_str(url)}, username = {_toml_str(user)}, "
+                f"password = {_toml_str(password)}}}"
+                for url, user, password in node.turn
+            )
+            lines += [
+                "",
+                "[ice]",
+                f"stun = [{', '.join(_toml_str(url) for url in node.stun)}]",
+                f"turn = [{', '.join(turn)}]",
+            ]
         names = node.peers if node.peers is not None else [n for n in self.nodes if n != node.name]
         for peer_name in names:
             peer = self.nodes[peer_name]

@@ -77,3 +77,137 @@ def test_not_toml_and_missing_file(files: Path) -> None:
         config.load(write(files, "[node"))
     with pytest.raises(ConfigError, match="cannot read"):
         config.load(files / "nope.toml")
+
+
+# --- [ice] ---------------------------------------------------------------------------------
+
+ICE = """
+[ice]
+stun = ["stun:198.51.100.1:3478"]
+turn = [{url = "turn:198.51.100.2?transport=udp", username = "alice", password = "secret"}]
+ignore_interfaces = ["docker0"]
+"""
+
+
+def test_ice_defaults_to_nothing(files: Path) -> None:
+    assert config.load(write(files, GOOD)).ice == config.IceConfig((), (), ())
+    assert config.load(write(files, GOOD + "[ice]\n")).ice == config.IceConfig()
+
+
+def test_ice_section_parses(files: Path) -> None:
+    ice = config.load(write(files, GOOD + ICE)).ice
+    assert ice.stun == (config.Endpoint("198.51.100.1", 3478),)
+    assert ice.turn == (
+        config.TurnServerConfig(config.Endpoint("198.51.100.2", 3478), "alice", "secret"),
+    )
+    assert ice.ignore_interfaces == ("docker0",)
+    assert "secret" not in repr(ice)
+
+
+@pytest.mark.parametrize(
+    ("url", "endpoint"),
+    [
+        ("stun:198.51.100.1", ("198.51.100.1", 3478)),
+        ("stun:198.51.100.1:19302", ("198.51.100.1", 19302)),
+        ("STUN:198.51.100.1:1", ("198.51.100.1", 1)),
+        ("stun:[2001:db8::1]:3479", ("2001:db8::1", 3479)),
+        ("stun:[2001:DB8:0::1]", ("2001:db8::1", 3478)),
+        ("198.51.100.1:3478", ("198.51.100.1", 3478)),
+        ("[2001:db8::1]:5000", ("2001:db8::1", 5000)),
+    ],
+)
+def test_each_stun_url_form(files: Path, url: str, endpoint: tuple[str, int]) -> None:
+    ice = config.load(write(files, GOOD + f'[ice]\nstun = ["{url}"]\n')).ice
+    assert ice.stun == (config.Endpoint(*endpoint),)
+
+
+@pytest.mark.parametrize(
+    ("url", "endpoint"),
+    [
+        ("turn:198.51.100.1", ("198.51.100.1", 3478)),
+        ("turn:198.51.100.1:80", ("198.51.100.1", 80)),
+        ("turn:198.51.100.1:80?transport=udp", ("198.51.100.1", 80)),
+        ("turn:198.51.100.1?transport=UDP", ("198.51.100.1", 3478)),
+        ("turn:[2001:db8::2]:3478?transport=udp", ("2001:db8::2", 3478)),
+    ],
+)
+def test_each_turn_url_form(files: Path, url: str, endpoint: tuple[str, int]) -> None:
+    turn = f'turn = [{{url = "{url}", username = "u", password = "p"}}]\n'
+    ice = config.load(write(files, GOOD + "[ice]\n" + turn)).ice
+    assert ice.turn == (config.TurnServerConfig(config.Endpoint(*endpoint), "u", "p"),)
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "why"),
+    [
+        (('stun = ["stun:198.51.100.1:3478"]', 'stun = "stun:198.51.100.1"'), "ice.stun", "list"),
+        (("stun:198.51.100.1:3478", "stun:stun.example.org:3478"), "ice.stun[0]", "DNS"),
+        (("stun:198.51.100.1:3478", "stun.example.org:3478"), "ice.stun[0]", "DNS"),
+        (("stun:198.51.100.1:3478", "stun:198.51.100.1:99999"), "ice.stun[0]", "range"),
+        (("stun:198.51.100.1:3478", "stun:0.0.0.0:3478"), "ice.stun[0]", "reachable"),
+        (("stun:198.51.100.1:3478", "stun:2001:db8::1"), "ice.stun[0]", "IPv6"),
+        (("stun:198.51.100.1:3478", "stun:[fe80::1%eth0]:1"), "ice.stun[0]", "literal IP"),
+        (("stun:198.51.100.1:3478", "stun:[198.51.100.1]:1"), "ice.stun[0]", "literal IP"),
+        (("stun:198.51.100.1:3478", "198.51.100.1"), "ice.stun[0]", "needs a port"),
+        (("stun:198.51.100.1:3478", "stuns:198.51.100.1"), "ice.stun[0]", "TLS"),
+        (("stun:198.51.100.1:3478", "turn:198.51.100.1"), "ice.stun[0]", "stun: URL"),
+        (("stun:198.51.100.1:3478", "stun:198.51.100.1?transport=udp"), "ice.stun[0]", "none"),
+        (("stun:198.51.100.1:3478", "http://198.51.100.1/"), "ice.stun[0]", "is not like"),
+        (('stun = ["stun:198.51.100.1:3478"]', "stun = [3478]"), "ice.stun[0]", "string"),
+        (("turn:198.51.100.2?", "turns:198.51.100.2?"), "ice.turn[0].url", "TLS TURN"),
+        (("transport=udp", "transport=tcp"), "ice.turn[0].url", "only UDP"),
+        (("transport=udp", "proto=udp"), "ice.turn[0].url", "transport=udp"),
+        (("turn:198.51.100.2?", "turn:turn.example.org?"), "ice.turn[0].url", "DNS"),
+        (("turn:198.51.100.2?transport=udp", "198.51.100.2:3478"), "ice.turn[0].url", "turn:"),
+        (('url = "turn:198.51.100.2?transport=udp", ', ""), "ice.turn[0].url", "missing"),
+        ((' username = "alice",', ""), "ice.turn[0].username", "missing"),
+        ((', password = "secret"', ""), "ice.turn[0].password", "missing"),
+        (('username = "alice"', 'username = ""'), "ice.turn[0].username", "1-256"),
+        (('username = "alice"', f'username = "{"a" * 257}"'), "ice.turn[0].username", "1-256"),
+        (('password = "secret"', f'password = "{"p" * 257}"'), "ice.turn[0].password", "1-256"),
+        (('password = "secret"', "password = 1234"), "ice.turn[0].password", "string"),
+        (('password = "secret"', 'password = "a\\u0007b"'), "ice.turn[0].password", "SASLprep"),
+        (('password = "secret"', 'password = "\\u00ad"'), "ice.turn[0].password", "empty after"),
+        (('username = "alice"', 'username = "alice", realm = "x"'), "ice.turn[0].realm", "unknown"),
+        (("turn = [{", "turn = ['x', {"), "ice.turn[0]", "table"),
+        (('["docker0"]', '["docker0", "no spaces"]'), "ice.ignore_interfaces[1]", "interface"),
+        (('["docker0"]', '"docker0"'), "ice.ignore_interfaces", "list"),
+        (("[ice]", "[ice]\nlite = true"), "ice.lite", "unknown"),
+    ],
+)
+def test_each_ice_error_names_its_field(
+    files: Path, change: tuple[str, str], field: str, why: str
+) -> None:
+    text = (GOOD + ICE).replace(*change)
+    assert text != GOOD + ICE
+    with pytest.raises(ConfigError) as exc:
+        config.load(write(files, text))
+    assert exc.value.field == field, exc.value
+    assert why in exc.value.why, exc.value
+
+
+def test_more_ice_servers_than_one_are_numbered(files: Path) -> None:
+    text = GOOD + '[ice]\nstun = ["198.51.100.1:1", "stun:example.org"]\n'
+    with pytest.raises(ConfigError) as exc:
+        config.load(write(files, text))
+    assert exc.value.field == "ice.stun[1]"
+    turn = '{url = "turn:198.51.100.2", username = "u", password = "p"}'
+    bad = turn.replace(', password = "p"', "")
+    text = GOOD + f"[ice]\nturn = [{turn}, {bad}]\n"
+    with pytest.raises(ConfigError) as exc:
+        config.load(write(files, text))
+    assert exc.value.field == "ice.turn[1].password"
+
+
+@pytest.mark.parametrize("n", [8, 9])
+def test_at_most_eight_servers_of_each_kind(files: Path, n: int) -> None:
+    stun = ", ".join([f'"198.51.100.1:{port}"' for port in range(1, n + 1)])
+    turn = ", ".join(['{url = "turn:198.51.100.2", username = "u", password = "p"}'] * n)
+    for line, field in ((f"stun = [{stun}]", "ice.stun"), (f"turn = [{turn}]", "ice.turn")):
+        path = write(files, f"{GOOD}[ice]\n{line}\n")
+        if n == 8:
+            assert len(getattr(config.load(path).ice, field[4:])) == 8
+        else:
+            with pytest.raises(ConfigError, match="up to 8") as exc:
+                config.load(path)
+            assert exc.value.field == field
