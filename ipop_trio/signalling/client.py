@@ -235,8 +235,12 @@ class SignallingClient:
             welcome.overlay,
             len(welcome.members),
         )
+        # The outbox exists before the controller hears of the connection, so the con_reqs
+        # it sends in answer to the welcome are queued, not dropped (and retried 2 s later).
+        outbox_send, outbox_receive = trio.open_memory_channel[str](OUTBOX_SIZE)
+        self._outbox = outbox_send
         await self.events.send(Connected(welcome, None if local is None else str(local)))
-        return await self._run(ws)
+        return await self._run(ws, outbox_send, outbox_receive)
 
     async def _receive(self, ws: WebSocketConnection) -> sig.Message:
         return sig.decode_untrusted(await ws.get_message(), max_size=sig.MAX_SERVER_MESSAGE)
@@ -256,9 +260,12 @@ class SignallingClient:
             raise BadPacket(f"expected a welcome, got {type(msg).__name__}")
         return msg
 
-    async def _run(self, ws: WebSocketConnection) -> str:
-        outbox_send, outbox_receive = trio.open_memory_channel[str](OUTBOX_SIZE)
-        self._outbox = outbox_send
+    async def _run(
+        self,
+        ws: WebSocketConnection,
+        outbox_send: trio.MemorySendChannel[str],
+        outbox_receive: trio.MemoryReceiveChannel[str],
+    ) -> str:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._writer, ws, outbox_receive, nursery.cancel_scope)
             try:
