@@ -372,6 +372,22 @@ def turn_config(turn: TurnServer, relay_ports: tuple[int, int] = TURN_RELAY_PORT
     return "\n".join(lines) + "\n"
 
 
+def add_void_route(host: Host) -> None:
+    """A default route into a dummy interface in `host`'s namespace: datagrams to addresses
+    nobody in the lab has (a peer's private LAN address, say) vanish, as they do on the
+    Internet, instead of failing the send. coturn ends an allocation whose relay gets a
+    send error (ENETUNREACH), and ICE does pair a relayed candidate with the peer's private
+    host candidate, so without this every allocation died at the first check."""
+    # No dummy driver on every lab kernel: a veth pair inside the namespace, and a next hop
+    # with a fixed MAC nobody has, so the frames leave without ARP and are dropped.
+    host.check(["ip", "link", "add", "void0", "type", "veth", "peer", "name", "void1"])
+    host.check(["ip", "link", "set", "void0", "up"])
+    host.check(["ip", "link", "set", "void1", "up"])
+    gateway = "169.254.255.1"
+    host.check(["ip", "neigh", "add", gateway, "lladdr", "02:00:00:00:00:01", "dev", "void0"])
+    host.check(["ip", "route", "add", "default", "via", gateway, "dev", "void0", "onlink"])
+
+
 def add_turn(
     lab: Lab,
     host: Host,
@@ -390,6 +406,7 @@ def add_turn(
         raise LabError("coturn needs at least one user for long-term credentials")
     directory = lab.workdir / f"turn-{host.name}"
     directory.mkdir()
+    add_void_route(host)
     turn = TurnServer(host, host.address, port, tuple(aux_ports), realm, dict(users), directory)
     turn.config.write_text(turn_config(turn))
     with open(directory / "turnserver.out", "ab") as out:
@@ -500,6 +517,7 @@ __all__ = [
     "add_nat",
     "add_nat_pair",
     "add_turn",
+    "add_void_route",
     "block",
     "nat_ruleset",
     "nft",
