@@ -7,6 +7,7 @@
     ├── udp receiver        GRO, demux, open → tap writer; handshakes → handshake task
     ├── handshake task      initiations (DH) and responses → the owning peer's link task
     ├── links nursery       one run_link(peer) per configured or learned peer
+    ├── ICE service         ([signalling] only) candidates: host, STUN, TURN (control/ice.py)
     ├── signalling client   ([signalling] only) membership and con_req/resp → controller
     └── controller          membership → links added / removed in the links nursery
 
@@ -31,6 +32,7 @@ from . import pki
 from .config import NodeConfig, PeerConfig
 from .control.api import serve_control
 from .control.controller import EVENT_QUEUE, Controller, NodeLinks
+from .control.ice import IceService
 from .control.links import LinkManager
 from .control.policy import SecurityPolicy, effective_groups
 from .datapath import pipeline
@@ -146,7 +148,20 @@ class Node:
         self.writer = TapWriter(tap, self.stats)
         self.outbound = Outbound(self.switch, udp, self.stats)
         self.links = LinkManager(self)
-        self.inbound = Inbound(self.switch, self.stats, self.sessions, self.links.on_handshake)
+        self.ice = IceService(
+            udp,
+            self.stats,
+            setup.config.ice,
+            tap_name=tap.name,
+            listen_host=setup.config.listen.host,
+        )
+        self.ice.on_new_candidate = self.links.on_new_candidate
+        self.ice.on_ready = self.links.on_ice_ready
+        self.inbound = Inbound(
+            self.switch, self.stats, self.sessions, self.links.on_handshake, self.ice.on_ice
+        )
+        self.inbound.local_ip = lambda: udp.last_local
+        self.outbound.send_relayed = self.ice.send_iov_via  # type: ignore[assignment]
         self.started_wall = time.time()
         self.signalling: Any = None  # SignallingClient, when [signalling] is configured
         self.controller: Controller | None = None
@@ -163,6 +178,12 @@ class Node:
             self.controller.groups = tuple(sorted(setup.groups))
             self.controller.policy = setup.policy.value
         return self.links.reconfigure(self.local, setup.policy, setup.groups)
+
+    def send_control(self, datagram: bytes, dest: tuple[str, int], relay: object | None) -> bool:
+        """A handshake or keepalive datagram on a path (directly, or through a relay)."""
+        if relay is None:
+            return self.udp.send_one(datagram, dest)
+        return self.ice.send_via(relay, dest, datagram)  # type: ignore[arg-type]
 
     def allocate_index(self) -> int:
         while True:
@@ -201,6 +222,7 @@ class Node:
             "signalling": None
             if self.signalling is None or self.controller is None
             else {**self.signalling.status(), **self.controller.status()},
+            "ice": self.ice.status() if self.controller is not None else None,
             "stats": self.stats.snapshot(),
         }
 
@@ -280,9 +302,12 @@ async def _run_signalling(
         config=cfg,
         udp_port=node.udp.local[1],
         listen_host=node.setup.config.listen.host,
+        ice=node.ice,
     )
     node.signalling, node.controller = client, controller
     async with trio.open_nursery() as nursery:
+        node.ice.gather_hosts()
+        await nursery.start(node.ice.serve)
         await nursery.start(controller.serve, receive)
         await nursery.start(client.serve)
         task_status.started()

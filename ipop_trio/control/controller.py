@@ -24,6 +24,17 @@ Every certificate from signalling is verified against our own CA and must certif
 the server says the message is from: the server is a rendezvous, never trusted for identity.
 The link handshake then proves the key again.
 
+ICE (RFC 8445, control/ice.py): every con_req / con_resp also carries our ICE credentials for
+that peer and all our candidates (`IceOffer`); con_reqs wait until gathering is done, so a
+peer gets every candidate at once. Receiving the peer's offer starts the link's ICE agent
+(the lower key controls). Credentials are per peer and change only on an ICE restart:
+  * we restart (the link's agent failed or lost its last path, or the link keeps failing)
+    by sending a con_req with fresh credentials; the new agent starts with the answer;
+  * a con_req with credentials we have not seen while our agent already knew the peer's is
+    the peer restarting: we restart too (fresh credentials in the con_resp); if we had just
+    restarted ourselves (crossing requests), our pending credentials are used, not new ones;
+  * a con_resp counts only if it answers our latest con_req (a late one is ignored).
+
 Tear-down: a peer that leaves (the server saw its connection end) is removed at once. While
 the server is away nothing is removed; after a reconnect, a learned peer that is not a member
 is removed only when its link is not established (so a server restart never interrupts a
@@ -48,9 +59,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 
 from ..config import PeerConfig, SignallingConfig
-from ..errors import CertificateRefused
+from ..errors import BadPacket, CertificateRefused
 from ..proto import signalling as sig
 from ..proto.cert import Identity, TrustAnchor
+from ..proto.ice import Candidate, candidates_to_sdp, new_credentials
 from ..proto.link import LinkState
 from ..signalling.client import ClientEvent, Connected, Disconnected
 
@@ -76,6 +88,24 @@ class Links(Protocol):
     def add(self, identity: Identity, endpoint: tuple[str, int] | None, initiate: bool) -> None: ...
     def remove(self, public_key: bytes, why: str) -> None: ...
     def set_endpoint(self, public_key: bytes, endpoint: tuple[str, int]) -> None: ...
+    def ice_creds(self, public_key: bytes) -> tuple[str, str | None] | None: ...
+    def start_ice(
+        self,
+        public_key: bytes,
+        local: tuple[str, str],
+        remote: tuple[str, str],
+        candidates: list[Candidate],
+        controlling: bool,
+    ) -> None: ...
+    def add_ice_candidates(self, public_key: bytes, candidates: list[Candidate]) -> None: ...
+
+
+class IceSource(Protocol):
+    """What the controller needs from the node's ICE service."""
+
+    ready: bool
+
+    def local_candidates(self) -> list[Candidate]: ...
 
 
 class Sender(Protocol):
@@ -111,6 +141,7 @@ class Controller:
         udp_port: int,
         listen_host: str,
         wall: Callable[[], float] = time.time,
+        ice: IceSource | None = None,
     ) -> None:
         self.own_key = own_key
         self.cert_der = cert_der
@@ -132,6 +163,9 @@ class Controller:
         self.first_seen: dict[bytes, float] = {}
         self.requests: dict[bytes, _Request] = {}
         self.counters: dict[str, int] = {}
+        self.ice = ice
+        self.ice_local: dict[bytes, tuple[str, str]] = {}  # our ICE credentials per peer
+        self.ice_request: dict[bytes, str] = {}  # request_id of our latest con_req per peer
         links.admit_unknown = self.admit
 
     # --- decisions (sync, fed `now`) ------------------------------------------------------
@@ -190,8 +224,8 @@ class Controller:
     def tick(self, now: float) -> None:
         """Send the con_reqs that are due; remove links the membership no longer supports."""
         self._prune(now)
-        if not self.connected:
-            return
+        if not self.connected or (self.ice is not None and not self.ice.ready):
+            return  # con_reqs wait for ICE gathering: one message with every candidate
         for key in self.desired():
             rt = self.links.get(key)
             if rt is not None and not self._wants_refresh(rt):
@@ -203,6 +237,8 @@ class Controller:
             req = self.requests.get(key)
             if req is not None and now < req.next_at:
                 continue
+            if req is None and rt is not None and self.ice is not None:
+                self.ice_local[key] = self._new_credentials()  # a refresh is an ICE restart
             attempts = 0 if req is None else req.attempts + 1
             delay = min(REQUEST_RETRY_MAX, REQUEST_RETRY_MIN * 2**attempts)
             request_id = secrets.token_hex(8)
@@ -222,11 +258,11 @@ class Controller:
     # --- internals ------------------------------------------------------------------------
 
     def _wants_refresh(self, rt: PeerRuntime) -> bool:
-        return (
-            rt.learned == "signalling"
-            and rt.link.state is not LinkState.ESTABLISHED
-            and rt.failures >= REFRESH_AFTER_FAILURES
-        )
+        if rt.learned != "signalling":
+            return False
+        if getattr(rt, "ice_restart", False):
+            return True
+        return rt.link.state is not LinkState.ESTABLISHED and rt.failures >= REFRESH_AFTER_FAILURES
 
     def _room_for(self, key: bytes) -> bool:
         if key in self.desired():
@@ -249,7 +285,23 @@ class Controller:
             if self.connected and rt.link.state is not LinkState.ESTABLISHED:
                 self.links.remove(key, "no longer a member")
 
+    def _new_credentials(self) -> tuple[str, str]:
+        import random
+
+        return new_credentials(random.SystemRandom())
+
+    def _offer(self, to: bytes) -> sig.IceOffer | None:
+        if self.ice is None:
+            return None
+        creds = self.ice_local.get(to)
+        if creds is None:
+            creds = self.ice_local[to] = self._new_credentials()
+        lines = candidates_to_sdp(self.ice.local_candidates())[: sig.MAX_CANDIDATES]
+        return sig.IceOffer(creds[0], creds[1], tuple(lines))
+
     def _send_con(self, kind: type[sig.ConReq] | type[sig.ConResp], to: bytes, rid: str) -> None:
+        if kind is sig.ConReq:
+            self.ice_request[to] = rid
         msg = kind(
             sender=self.own_key,
             to=to,
@@ -259,6 +311,7 @@ class Controller:
             cert=self.cert_der,
             groups=self.groups,
             policy=self.policy,
+            ice=self._offer(to),
         )
         if not self.client.send(msg):
             self._count("signalling_send_dropped")
@@ -277,6 +330,9 @@ class Controller:
             log.warning("%s from %s refused: from/to/overlay do not match", what, identity.name)
             return
         endpoint = next(((c.address, c.port) for c in msg.candidates if c.type == "host"), None)
+        use_ice = self.ice is not None and msg.ice is not None
+        if use_ice:
+            endpoint = None  # ICE finds the path (a LAN address behind a NAT leads nowhere)
         rt = self.links.get(key)
         if rt is None:
             if not self._room_for(key):
@@ -288,9 +344,44 @@ class Controller:
             self.links.add(identity, endpoint, initiate=self.own_key < key)
         elif endpoint is not None:
             self.links.set_endpoint(key, endpoint)
+        if use_ice:
+            assert msg.ice is not None
+            self._on_ice(key, msg, msg.ice)
         self.requests.pop(key, None)
         if isinstance(msg, sig.ConReq):
             self._send_con(sig.ConResp, key, msg.request_id)
+
+    def _on_ice(self, key: bytes, msg: sig.ConReq | sig.ConResp, offer: sig.IceOffer) -> None:
+        """Start, restart or feed the link's ICE agent (the rules in the module docstring)."""
+        candidates: list[Candidate] = []
+        for line in offer.candidates:
+            try:
+                candidates.append(Candidate.from_sdp_untrusted(line))
+            except BadPacket:
+                self._count("ice_bad_candidate")
+        is_req = isinstance(msg, sig.ConReq)
+        if not is_req and self.ice_request.get(key) != msg.request_id:
+            self._count("ice_stale_con_resp")
+            return
+        current = self.ice_local.get(key)
+        running = self.links.ice_creds(key)  # (local ufrag, remote ufrag) of the agent
+        if running is not None and current is not None and running == (current[0], offer.ufrag):
+            self.links.add_ice_candidates(key, candidates)
+            return
+        if (
+            is_req
+            and running is not None
+            and running[1] is not None
+            and current is not None
+            and running[0] == current[0]
+        ):
+            current = None  # the peer restarted ICE: so do we, with fresh credentials
+            self._count("ice_restarted_by_peer")
+        if current is None:
+            current = self.ice_local[key] = self._new_credentials()
+        self.links.start_ice(
+            key, current, (offer.ufrag, offer.pwd), candidates, controlling=self.own_key < key
+        )
 
     def _count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
@@ -367,6 +458,31 @@ class NodeLinks:
         rt = self.get(public_key)
         if rt is not None:
             self.manager.set_endpoint(rt, endpoint)
+
+    def ice_creds(self, public_key: bytes) -> tuple[str, str | None] | None:
+        rt = self.get(public_key)
+        if rt is None or rt.ice is None:
+            return None
+        return rt.ice.local_ufrag, rt.ice.remote_ufrag
+
+    def start_ice(
+        self,
+        public_key: bytes,
+        local: tuple[str, str],
+        remote: tuple[str, str],
+        candidates: list[Candidate],
+        controlling: bool,
+    ) -> None:
+        rt = self.get(public_key)
+        if rt is not None:
+            if rt.con_at is None:
+                rt.con_at = time.monotonic()
+            self.manager.start_ice(rt, local, remote, candidates, controlling)
+
+    def add_ice_candidates(self, public_key: bytes, candidates: list[Candidate]) -> None:
+        rt = self.get(public_key)
+        if rt is not None:
+            self.manager.add_ice_candidates(rt, candidates)
 
 
 __all__ = ["Controller", "Links", "NodeLinks", "pair_rank"]

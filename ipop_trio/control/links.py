@@ -15,6 +15,15 @@ Peers come from the configuration (at start) or from the controller (`add_peer` 
 own cancel scope inside the links nursery, so removing a peer ends exactly its task, retires
 its sessions and takes its port out of the switch.
 
+Peers learned through signalling with ICE parameters get an `IceAgent` (RFC 8445; started by
+the controller through `start_ice`), driven by the same link task: the agent's valid pairs
+are the peer's possible paths, its first valid pair carries the handshake at once, its
+nominated pair is the path from then on, and when consent on the path is lost the link
+moves to the best other valid pair (direct → relay) without a new handshake; a better
+pair that becomes valid again (relay → direct) is selected by the controlling side. When no
+pair is left the controller is asked for an ICE restart (new credentials, new candidates).
+The path is `(port.endpoint, port.relay)`; ICE-managed ports never roam on data.
+
 Links and the data path's timestamps run on the monotonic clock, so a wall-clock step
 never stretches a retransmission or a session's lifetime; each Link is told the current
 wall-clock offset (`wall_offset`) for the two things that need real time: certificate
@@ -37,6 +46,19 @@ from ..errors import BadPacket
 from ..proto import handshake
 from ..proto.cert import Identity
 from ..proto.handshake import LocalIdentity
+from ..proto.ice import (
+    BetterPairValid,
+    Candidate,
+    CandidatePair,
+    ConsentLost,
+    Failed,
+    IceAgent,
+    IceEvent,
+    IceState,
+    Nominated,
+    PairValid,
+    RoleChanged,
+)
 from ..proto.link import (
     HandshakeFailed,
     Link,
@@ -45,6 +67,7 @@ from ..proto.link import (
     SessionRetired,
 )
 from ..proto.wire import Kind
+from .ice import CONSENT_TIMEOUT, RECHECK_INTERVAL
 from .policy import Decision, SecurityPolicy, advertise, decide
 from .ratelimit import RateLimiter
 
@@ -105,7 +128,14 @@ class PeerRuntime:
             decide_secure=self._decide,
             replay_floor=node.links.replay_floor.get(setup.public_key, -1),
         )
-        self.reply_to: tuple[str, int] | None = None  # answer one handshake here, not at endpoint
+        # Answer one handshake here (address, relay), not on the path.
+        self.reply_to: tuple[tuple[str, int], object | None] | None = None
+        self.ice: IceAgent | None = None  # peers learned with ICE parameters
+        self.ice_restart = False  # no path left: the controller restarts ICE
+        self.path: CandidatePair | None = None  # the ICE pair the link uses
+        self.path_changes = 0
+        self.con_at: float | None = None  # monotonic: the con_req that started this link
+        self.first_data: float | None = None  # monotonic: the first data frame from the peer
         self._manager = node.links
         self._node_allocate = node.allocate_index
         self.port.wake = self.wake
@@ -131,9 +161,9 @@ class LinkManager:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.stats = node.stats
-        self.hs_send, self.hs_receive = trio.open_memory_channel[tuple[bytes, tuple[str, int]]](
-            HANDSHAKE_QUEUE
-        )
+        self.hs_send, self.hs_receive = trio.open_memory_channel[
+            tuple[bytes, tuple[str, int], object | None]
+        ](HANDSHAKE_QUEUE)
         self.peers: list[PeerRuntime] = []
         self.by_key: dict[bytes, PeerRuntime] = {}
         self._nursery: trio.Nursery | None = None
@@ -186,9 +216,9 @@ class LinkManager:
 
     # --- called by the data path (sync, per handshake datagram) --------------------------
 
-    def on_handshake(self, data: bytes, addr: tuple[str, int]) -> None:
+    def on_handshake(self, data: bytes, addr: tuple[str, int], via: object | None = None) -> None:
         try:
-            self.hs_send.send_nowait((data, addr))
+            self.hs_send.send_nowait((data, addr, via))
         except trio.WouldBlock:
             self.stats.drop("handshake_queue_full")
 
@@ -231,6 +261,9 @@ class LinkManager:
         rt.scope.cancel()
         self.node.inbound.pending.discard(rt.port)  # no late flush of its pieces
         rt.link.close()
+        if rt.ice is not None:
+            self.node.ice.unregister(rt.ice.local_ufrag)
+            rt.ice.close()
         while (ev := rt.link.next_event()) is not None:
             if isinstance(ev, SessionRetired):
                 self.node.sessions.pop(ev.local_index, None)
@@ -258,7 +291,7 @@ class LinkManager:
     async def _handshake_task(self) -> None:
         node = self.node
         cipher = node.setup.config.cipher
-        async for data, addr in self.hs_receive:
+        async for data, addr, via in self.hs_receive:
             kind = data[0]
             try:
                 if kind == Kind.HANDSHAKE_INIT:
@@ -288,14 +321,14 @@ class LinkManager:
                             addr[0],
                         )
                         continue
-                    msg: tuple[Any, ...] = ("init", state, addr)
+                    msg: tuple[Any, ...] = ("init", state, addr, via)
                 elif kind == Kind.HANDSHAKE_RESP:
                     index = handshake.response_receiver_index_untrusted(data)
                     rt = next((p for p in self.peers if index in p.indices), None)
                     if rt is None:
                         self.stats.drop("handshake_unknown_index")
                         continue
-                    msg = ("resp", data, addr)
+                    msg = ("resp", data, addr, via)
                 else:
                     self.stats.drop("handshake_unhandled_type")
                     continue
@@ -317,6 +350,8 @@ class LinkManager:
             self._drain(rt)
             now = _clock(link)
             deadline = link.next_deadline()
+            if rt.ice is not None and (ice_deadline := rt.ice.next_deadline()) is not None:
+                deadline = ice_deadline if deadline is None else min(deadline, ice_deadline)
             wake_in = IDLE_WAKE if deadline is None else min(IDLE_WAKE, max(0.0, deadline - now))
             if rt.retry_at is not None:
                 wake_in = min(wake_in, max(0.0, rt.retry_at - now))
@@ -329,6 +364,8 @@ class LinkManager:
             if port.last_sent and port.last_sent != link.last_sent:
                 link.note_sent(port.last_sent)
             if port.last_data and port.last_data != link.last_received:
+                if rt.first_data is None:
+                    rt.first_data = port.last_data
                 link.note_received(port.last_data, data=True)
             if port.last_received and port.last_received != link.last_received:
                 link.note_received(port.last_received, data=False)  # keepalives only
@@ -337,27 +374,32 @@ class LinkManager:
                 if port.endpoint is not None:
                     link.connect(now)
             link.handle_timeout(now)
+            if rt.ice is not None:
+                rt.ice.handle_timeout(now)
 
     def _handle(self, rt: PeerRuntime, msg: tuple[Any, ...], now: float) -> None:
         link, port = rt.link, rt.port
         kind = msg[0]
         try:
             if kind == "init":
-                _, state, addr = msg
+                _, state, addr, via = msg
                 link.receive_initiation(state, now)
                 self.replay_floor[rt.setup.public_key] = link.last_initiation_ts
                 plain = rt.decision is not None and not rt.decision.secure
-                if port.endpoint is None or not plain:
-                    port.endpoint = addr  # the peer proved its key; secure data re-checks it
-                elif port.endpoint != addr:
+                if port.endpoint is None or (not plain and rt.ice is None):
+                    # the peer proved its key; secure data re-checks it
+                    port.endpoint, port.relay = addr, via
+                elif port.endpoint != addr or port.relay is not via:
                     # An initiation can be replayed, and a plain link's only guard is its
                     # path: answer there, but move the path only through a handshake we
                     # initiated (answered with our fresh ephemeral) or through signalling.
-                    rt.reply_to = addr
+                    # ICE-managed paths move only by ICE: answer where the peer asked.
+                    rt.reply_to = (addr, via)
             elif kind == "resp":
-                _, data, addr = msg
+                _, data, addr, via = msg
                 link.receive_response_untrusted(data, now)
-                port.endpoint = addr
+                if rt.ice is None or port.endpoint is None:
+                    port.endpoint, port.relay = addr, via
             elif (
                 kind == "wake"
                 and link.current is None
@@ -372,6 +414,13 @@ class LinkManager:
     def _drain(self, rt: PeerRuntime) -> None:
         """Send what the Link produced and act on its events; publish the send session."""
         link, port = rt.link, rt.port
+        agent = rt.ice
+        if agent is not None:
+            ice = self.node.ice
+            ice.flush_agent(agent)
+            while (iev := agent.next_event()) is not None:
+                self._ice_event(rt, agent, iev)
+            ice.flush_agent(agent)
         while (ev := link.next_event()) is not None:
             if isinstance(ev, SessionEstablished):
                 session = ev.session
@@ -407,16 +456,152 @@ class LinkManager:
                 log.warning("%s: %s; retrying in %.0f s", rt.name, ev.reason, backoff)
         port.session = link.current
         out = link.datagrams_to_send()
-        dest = rt.reply_to or port.endpoint
+        dest, relay = rt.reply_to or (port.endpoint, port.relay)
         rt.reply_to = None
         if out and dest is not None:
             for d in out:
-                if not self.node.udp.send_one(d, dest):
+                if not self.node.send_control(d, dest, relay):
                     self.stats.drop("handshake_send_failed")
         if port.session is not None and port.staged:
             frames = list(port.staged)
             port.staged.clear()
             self.node.outbound.send(port, frames, time.monotonic())
+
+    # --- ICE ------------------------------------------------------------------------------
+
+    def start_ice(
+        self,
+        rt: PeerRuntime,
+        local: tuple[str, str],
+        remote: tuple[str, str],
+        candidates: list[Candidate],
+        controlling: bool,
+    ) -> None:
+        """A (new) ICE session with the peer: our credentials as we sent them, the peer's
+        credentials and candidates as it sent them. Replaces a running agent (ICE restart);
+        the link keeps its path and sessions until the new agent finds one."""
+        ice = self.node.ice
+        if rt.ice is not None:
+            ice.unregister(rt.ice.local_ufrag)
+            rt.ice.close()
+        agent = IceAgent(
+            controlling=controlling,
+            local_ufrag=local[0],
+            local_pwd=local[1],
+            consent_timeout=CONSENT_TIMEOUT,
+            recheck_interval=RECHECK_INTERVAL,
+            software="ipop-trio",
+        )
+        agent.set_remote_credentials(*remote)
+        for cand in ice.local_candidates():
+            agent.add_local_candidate(cand)
+        if ice.ready:
+            agent.end_of_local_candidates()
+        rt.ice = agent
+        rt.ice_restart = False
+        rt.path = None
+        rt.port.roam = False
+        ice.register(local[0], rt)
+        self.add_ice_candidates(rt, candidates)
+        agent.end_of_remote_candidates()
+        log.info(
+            "%s: ICE %s (%s), %d local and %d remote candidates",
+            rt.name,
+            local[0],
+            "controlling" if controlling else "controlled",
+            len(agent.local_candidates),
+            len(candidates),
+        )
+        rt.wake()
+
+    def add_ice_candidates(self, rt: PeerRuntime, candidates: list[Candidate]) -> None:
+        if rt.ice is None:
+            return
+        for cand in candidates:
+            rt.ice.add_remote_candidate(cand)
+        self.node.ice.permit(c.address for c in candidates)
+        rt.wake()
+
+    def on_new_candidate(self, cand: Candidate) -> None:
+        """A candidate gathered late (a TURN allocation made again): every agent gets it."""
+        for rt in self.peers:
+            if rt.ice is not None:
+                rt.ice.add_local_candidate(cand)
+                rt.wake()
+
+    def on_ice_ready(self) -> None:
+        for rt in self.peers:
+            if rt.ice is not None:
+                rt.ice.end_of_local_candidates()
+                rt.wake()
+
+    def _ice_event(self, rt: PeerRuntime, agent: IceAgent, ev: IceEvent) -> None:
+        now = _clock(rt.link)
+        if isinstance(ev, PairValid):
+            if rt.path is None:
+                self._use_pair(rt, ev.pair, "first valid pair")
+            else:
+                self._update_paths(rt)
+        elif isinstance(ev, Nominated):
+            self._use_pair(rt, ev.pair, "nominated")
+        elif isinstance(ev, BetterPairValid):
+            if agent.controlling and agent.state is IceState.COMPLETED:
+                agent.select(ev.pair, now)
+                self._use_pair(rt, ev.pair, "a better pair works again")
+        elif isinstance(ev, ConsentLost):
+            if ev.selected or rt.path is ev.pair:
+                best = agent.best_valid_pair()
+                if best is not None:
+                    agent.select(best, now)
+                    self._use_pair(rt, best, f"consent lost on {ev.pair.path_type.value}")
+                else:
+                    rt.path = None
+                    rt.ice_restart = True
+                    log.warning("%s: consent lost on the only path; restarting ICE", rt.name)
+            self._update_paths(rt)
+        elif isinstance(ev, Failed):
+            rt.ice_restart = True
+            log.warning("%s: ICE failed (%s); restarting", rt.name, ev.reason)
+        elif isinstance(ev, RoleChanged):
+            log.info("%s: ICE role conflict: now %s", rt.name, ev.controlling)
+
+    def _use_pair(self, rt: PeerRuntime, pair: CandidatePair, why: str) -> None:
+        ice = self.node.ice
+        port = rt.port
+        relay = ice.relay_for(pair.local_base)
+        if relay is not None:
+            ice.bind(relay, pair.remote_addr)
+        changed = rt.path is not pair
+        port.endpoint, port.relay = pair.remote_addr, relay
+        rt.path = pair
+        self._update_paths(rt)
+        if changed:
+            rt.path_changes += 1
+            log.info(
+                "%s: path %s %s:%d -> %s:%d (%s)",
+                rt.name,
+                pair.path_type.value,
+                *pair.local_base,
+                *pair.remote_addr,
+                why,
+            )
+        link = rt.link
+        if link.current is None and rt.initiate and rt.retry_at is None:
+            # A handshake sent before there was a path went nowhere: send a fresh one now.
+            if link.handshaking:
+                link.rekey(_clock(link))
+            else:
+                link.connect(_clock(link))
+
+    def _update_paths(self, rt: PeerRuntime) -> None:
+        """The paths a plain link accepts data on: ICE's valid pairs (both ends may use
+        different ones while nomination settles)."""
+        if rt.ice is None:
+            return
+        relay_for = self.node.ice.relay_for
+        rt.port.paths = frozenset(
+            (p.remote_addr, relay_for(p.local_base)) for p in rt.ice.valid_pairs()
+        )
 
     def _confirmer(self, rt: PeerRuntime, index: int) -> Any:
         def confirm() -> None:
@@ -460,6 +645,22 @@ class LinkManager:
                     if link.last_handshake is None
                     else link.last_handshake + link.wall_offset,  # wall clock, for people
                     "refused": rt.refused,
+                    "via": None if port.relay is None else "relay {}:{}".format(*port.relay.server),  # type: ignore[attr-defined]
+                    "path": None if rt.path is None else _path_status(rt.path),
+                    "path_changes": rt.path_changes,
+                    "ice": None
+                    if rt.ice is None
+                    else {
+                        "state": rt.ice.state.value,
+                        "role": "controlling" if rt.ice.controlling else "controlled",
+                        "pairs": len(rt.ice.pairs),
+                        "valid": len(rt.ice.valid_pairs()),
+                        "restart_wanted": rt.ice_restart,
+                        "counters": dict(rt.ice.stats),
+                    },
+                    "setup_seconds": None
+                    if rt.con_at is None or rt.first_data is None
+                    else max(0.0, rt.first_data - rt.con_at),
                     "failures": rt.failures,
                     "retry_in": None
                     if rt.retry_at is None
@@ -467,6 +668,18 @@ class LinkManager:
                 }
             )
         return out
+
+
+def _path_status(pair: CandidatePair) -> dict[str, Any]:
+    local = pair.mapped or pair.local
+    return {
+        "type": pair.path_type.value,
+        "local": f"{pair.local.address}:{pair.local.port} ({pair.local.type.value})",
+        "local_seen_as": f"{local.address}:{local.port} ({local.type.value})",
+        "remote": f"{pair.remote.address}:{pair.remote.port} ({pair.remote.type.value})",
+        "rtt_ms": None if pair.rtt is None else round(pair.rtt * 1000, 3),
+        "nominated": pair.nominated,
+    }
 
 
 __all__ = ["LinkManager", "PeerRuntime"]

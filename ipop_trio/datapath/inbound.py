@@ -2,7 +2,10 @@
 
 Per receive call the datagrams are views into one reused buffer; each is opened (which
 copies it out) before the next call. Handshake datagrams are copied to the control plane's
-channel; anything unauthenticated or unexpected becomes a counted drop. Nothing that did not
+channel; STUN and TURN ChannelData go to the ICE service (`on_ice`), which hands back the
+link datagrams a relay carried: they are processed like the others, with `via` naming the
+relay (a path is an address *and* the relay it goes through). Anything unauthenticated or
+unexpected becomes a counted drop. Nothing that did not
 open under a live session (or arrive on a plain link's current path) reaches the TAP.
 """
 
@@ -27,6 +30,15 @@ _INDEX = struct.Struct("<I")
 REASSEMBLY_COUNTERS = ("frames_whole", "frames_partial", "segments_rebuilt", "pieces_late")
 
 
+Addr = tuple[str, int]
+# (datagram, source, local address it came to) -> a relayed link datagram, or None.
+OnIce = Callable[[memoryview, Addr, "str | None"], "tuple[object, Addr, bytes] | None"]
+
+
+def _unknown_local() -> str | None:
+    return None
+
+
 class SessionEntry:
     """A receiving session and the peer it belongs to (keyed by our local index)."""
 
@@ -46,12 +58,15 @@ class Inbound:
         switch: Switch,
         stats: Stats,
         sessions: dict[int, SessionEntry],
-        on_handshake: Callable[[bytes, tuple[str, int]], None],
+        on_handshake: Callable[[bytes, tuple[str, int], object | None], None],
+        on_ice: OnIce | None = None,
     ) -> None:
         self.switch = switch
         self.stats = stats
         self.sessions = sessions
         self.on_handshake = on_handshake
+        self.on_ice = on_ice
+        self.local_ip: Callable[[], str | None] = _unknown_local
         self.pending: set[PeerPort] = set()  # peers with a super-frame still missing pieces
         stats.providers.append(self.reassembly_counters)
 
@@ -66,7 +81,12 @@ class Inbound:
         return out
 
     def process(
-        self, datagrams: list[memoryview], addr: tuple[str, int], now: float, out: list[bytes]
+        self,
+        datagrams: list[memoryview] | list[bytes],
+        addr: tuple[str, int],
+        now: float,
+        out: list[bytes],
+        via: object | None = None,
     ) -> None:
         """Open one receive call's datagrams; accepted TAP writes are appended to `out`.
 
@@ -80,11 +100,15 @@ class Inbound:
         writes: list[bytes] = []
         nbytes = opened = 0
         reassemble_ns = 0
+        relayed: list[tuple[object, Addr, bytes]] | None = None
         i, n = 0, len(datagrams)
         while i < n:
             d = datagrams[i]
             if len(d) < DATA_HEADER_SIZE or DEMUX[d[0]] is not Demux.DATA:
-                self._not_data(d, addr)
+                got = self._not_data(d, addr, via)
+                if got is not None:
+                    relayed = relayed or []
+                    relayed.append(got)
                 i += 1
                 continue
             entry = sessions.get(_INDEX.unpack_from(d, 4)[0])
@@ -93,7 +117,8 @@ class Inbound:
                 i += 1
                 continue
             session, port = entry.session, entry.port
-            if not session.secure and port.endpoint != addr:
+            on_path = port.endpoint == addr and port.relay is via
+            if not session.secure and not on_path and (addr, via) not in port.paths:
                 stats.drop("plain_wrong_path")
                 i += 1
                 continue
@@ -108,8 +133,9 @@ class Inbound:
                 port.drops += refused
             if not payloads:
                 continue
-            if session.secure and port.endpoint != addr:
+            if session.secure and not on_path and port.roam:
                 port.endpoint = addr  # authenticated roaming, as WireGuard does
+                port.relay = via
             if entry.confirm is not None:
                 entry.confirm()
             port.last_received = now
@@ -135,14 +161,25 @@ class Inbound:
             reassemble_ns += now_ns() - t1
         stats["reassemble"].add(opened, nbytes, reassemble_ns)
         stats["open"].add(n, sum(map(len, datagrams)), now_ns() - t0 - reassemble_ns)
+        if relayed:
+            for relay, peer, payload in relayed:  # link datagrams a TURN relay carried
+                self.process([payload], peer, now, out, via=relay)
 
-    def _not_data(self, d: memoryview, addr: tuple[str, int]) -> None:
-        if len(d) and DEMUX[d[0]] is Demux.HANDSHAKE:
-            self.on_handshake(bytes(d), addr)
-        elif len(d) < DATA_HEADER_SIZE and len(d) and DEMUX[d[0]] is Demux.DATA:
+    def _not_data(
+        self, d: memoryview | bytes, addr: Addr, via: object | None
+    ) -> tuple[object, Addr, bytes] | None:
+        kind = DEMUX[d[0]] if len(d) else None
+        if kind is Demux.HANDSHAKE:
+            self.on_handshake(bytes(d), addr, via)
+        elif kind in (Demux.STUN, Demux.CHANNEL_DATA) and self.on_ice is not None:
+            if via is None:  # never unwrap a relay inside a relay
+                return self.on_ice(memoryview(d), addr, self.local_ip())
+            self.stats.drop("relayed_stun_in_data_path")
+        elif kind is Demux.DATA:
             self.stats.drop("runt_datagram")
         else:
-            self.stats.drop(f"unhandled_{DEMUX[d[0]].value}" if len(d) else "empty_datagram")
+            self.stats.drop(f"unhandled_{kind.value}" if kind is not None else "empty_datagram")
+        return None
 
     def _accept(self, port: PeerPort, writes: list[bytes], out: list[bytes]) -> int:
         """Move the TAP writes the switch accepts from `writes` to `out`; return their bytes."""

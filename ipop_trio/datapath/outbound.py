@@ -8,9 +8,13 @@ Per batch (never per packet: no await, no logging, no allocation beyond the fram
      scatter-gather list (no copy into a send buffer);
   3. udp_send: equal-sized neighbours leave in one UDP GSO sendmsg per peer.
 A peer without a usable session keeps up to 128 frames staged and wakes its link task.
+A peer reached through a TURN relay (ICE chose a relayed pair) gets the same datagrams
+framed for the relay (`send_relayed`, control/ice.py).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from ..net.udp import UdpSocket
 from ..proto.offload import OffloadError, encode_outbound
@@ -23,6 +27,10 @@ class Outbound:
         self.switch = switch
         self.udp = udp
         self.stats = stats
+        # (relay, peer, iov, sizes) -> datagrams dropped; set by the node's ICE service.
+        self.send_relayed: Callable[[object, tuple[str, int], list[bytes], list[int]], int] = (
+            _no_relay
+        )
 
     def process(self, frames: list[bytes], now: float) -> list[bytes]:
         """Route and send one TAP batch; return frames to write back to our own TAP."""
@@ -59,10 +67,18 @@ class Outbound:
         t2 = now_ns()
         nbytes = sum(sizes)
         stats["seal"].record(len(sizes), nbytes, t1)
-        dropped = self.udp.send_iov(iov, sizes, endpoint)
+        relay = port.relay
+        if relay is None:
+            dropped = self.udp.send_iov(iov, sizes, endpoint)
+        else:
+            dropped = self.send_relayed(relay, endpoint, iov, sizes)
         if dropped:
             stats.drop("udp_send_failed", dropped)
         stats["udp_send"].record(len(sizes), nbytes, t2)
         port.tx_packets += len(frames)
         port.tx_bytes += sum(map(len, frames)) - VNET * len(frames)
         port.last_sent = now
+
+
+def _no_relay(relay: object, peer: tuple[str, int], iov: list[bytes], sizes: list[int]) -> int:
+    return len(sizes)

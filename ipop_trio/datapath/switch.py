@@ -49,7 +49,10 @@ class PeerPort:
         "last_sent",
         "mac",
         "name",
+        "paths",
         "reassembler",
+        "relay",
+        "roam",
         "rx_bytes",
         "rx_packets",
         "session",
@@ -64,6 +67,11 @@ class PeerPort:
         self.mac = mac
         self.ip4 = ip4  # 4 bytes once the peer's certificate is known
         self.endpoint: tuple[str, int] | None = None
+        # The path to the peer is (endpoint, relay): relay None sends from our socket to
+        # the endpoint; a TURN client sends through it (ICE chose a relayed pair).
+        self.relay: object | None = None
+        self.roam = True  # follow authenticated data to a new address (not when ICE chooses)
+        self.paths: frozenset[tuple[tuple[str, int], object | None]] = frozenset()  # ICE-valid
         self.session: object | None = None  # proto.session.Session to send on, when up
         self.staged: deque[bytes] = deque(maxlen=STAGED_FRAMES)
         self.tx_bytes = self.rx_bytes = self.tx_packets = self.rx_packets = 0

@@ -38,3 +38,35 @@ def configure_tap(
 def link_exists(name: str) -> bool:
     with IPRoute() as ipr:
         return bool(ipr.link_lookup(ifname=name))
+
+
+def host_addresses(
+    *, skip: frozenset[str] = frozenset(), version: int = 4
+) -> list[tuple[str, str]]:
+    """(interface, address) of every usable local address of IP `version`: interfaces that
+    are up, not loopback, not in `skip` (the overlay TAP, ignored interfaces); no
+    link-local IPv6. ICE's host candidates (RFC 8445 §5.1.1.1)."""
+    family = 2 if version == 4 else 10  # AF_INET, AF_INET6
+    out: list[tuple[str, str]] = []
+    with IPRoute() as ipr:
+        names: dict[int, str] = {}
+        up: set[int] = set()
+        for link in ipr.get_links():
+            idx = link["index"]
+            names[idx] = link.get_attr("IFLA_IFNAME") or ""
+            flags = link["flags"]
+            if flags & 0x1 and not flags & 0x8:  # IFF_UP and not IFF_LOOPBACK
+                up.add(idx)
+        for msg in ipr.get_addr(family=family):
+            idx = msg["index"]
+            name = names.get(idx, "")
+            if idx not in up or name in skip:
+                continue
+            addr = msg.get_attr("IFA_ADDRESS")
+            if addr is None:
+                continue
+            ip = ipaddress.ip_address(addr)
+            if ip.is_loopback or ip.is_link_local or ip.is_multicast:
+                continue
+            out.append((name, str(ip)))
+    return out

@@ -28,6 +28,12 @@ GSO_MAX_BYTES = 65535 - 28 - 8
 RECV_BUFFER = 65536
 _GSO_CMSG = struct.Struct("=H")
 _GRO_CMSG = struct.Struct("=i")
+# Which local address a datagram came to, and which to send from (ICE host candidates on a
+# socket bound to the wildcard address): struct in_pktinfo / in6_pktinfo.
+SOL_IP, IP_PKTINFO = 0, 8
+SOL_IPV6, IPV6_RECVPKTINFO, IPV6_PKTINFO = 41, 49, 50
+_PKTINFO4 = struct.Struct("=i4s4s")  # ifindex, spec_dst, addr (the header's destination)
+_PKTINFO6 = struct.Struct("=16si")  # addr, ifindex
 
 Address = tuple[str, int]
 
@@ -56,9 +62,17 @@ class UdpSocket:
             self.gro = True
         except OSError:
             self.gro = False
+        if family == socket.AF_INET:
+            self.sock.setsockopt(SOL_IP, IP_PKTINFO, 1)
+            pktinfo_size = _PKTINFO4.size
+        else:
+            self.sock.setsockopt(SOL_IPV6, IPV6_RECVPKTINFO, 1)
+            pktinfo_size = _PKTINFO6.size
+        # The local address the last `recv_once` datagrams were sent to (None: unknown).
+        self.last_local: str | None = None
         self._rbuf = bytearray(RECV_BUFFER)
         self._rview = memoryview(self._rbuf)
-        self._cmsg_space = socket.CMSG_SPACE(_GRO_CMSG.size)
+        self._cmsg_space = socket.CMSG_SPACE(_GRO_CMSG.size) + socket.CMSG_SPACE(pktinfo_size)
 
     @property
     def local(self) -> Address:
@@ -91,9 +105,15 @@ class UdpSocket:
             # ICMP port unreachable from an earlier send: not this datagram's problem.
             return [], ("", 0)
         seg = 0
+        local = None
         for level, kind, data in anc:
             if level == SOL_UDP and kind == UDP_GRO and len(data) >= _GRO_CMSG.size:
                 seg = _GRO_CMSG.unpack_from(data)[0]
+            elif level == SOL_IP and kind == IP_PKTINFO and len(data) >= _PKTINFO4.size:
+                local = socket.inet_ntop(socket.AF_INET, _PKTINFO4.unpack_from(data)[2])
+            elif level == SOL_IPV6 and kind == IPV6_PKTINFO and len(data) >= _PKTINFO6.size:
+                local = socket.inet_ntop(socket.AF_INET6, _PKTINFO6.unpack_from(data)[0])
+        self.last_local = local
         view = self._rview
         if seg <= 0 or seg >= n:
             return [view[:n]], (addr[0], addr[1])
@@ -142,6 +162,21 @@ class UdpSocket:
             except OSError:
                 dropped += 1
         return dropped
+
+    def send_from(self, datagram: bytes, source: str, addr: Address) -> bool:
+        """Send a control datagram from local address `source` (an ICE host candidate):
+        with a wildcard-bound socket the kernel would otherwise pick the route's source."""
+        try:
+            if self.family == socket.AF_INET:
+                info = _PKTINFO4.pack(0, socket.inet_pton(socket.AF_INET, source), bytes(4))
+                cmsg = [(SOL_IP, IP_PKTINFO, info)]
+            else:
+                info = _PKTINFO6.pack(socket.inet_pton(socket.AF_INET6, source), 0)
+                cmsg = [(SOL_IPV6, IPV6_PKTINFO, info)]
+            self.sock.sendmsg([datagram], cmsg, 0, addr)
+        except (OSError, ValueError):
+            return False
+        return True
 
     def send_one(self, datagram: bytes, addr: Address) -> bool:
         """Send a control datagram (handshake, keepalive); False if it could not go out."""

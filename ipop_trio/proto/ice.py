@@ -528,6 +528,11 @@ class IceAgent:
             (p for p in self.pairs if p.valid), key=lambda p: p.valid_priority, reverse=True
         )
 
+    def owns(self, transaction_id: bytes) -> bool:
+        """Whether a STUN response with this transaction id answers one of our checks (the
+        node routes responses to the agent that sent the request)."""
+        return transaction_id in self._checks
+
     def best_valid_pair(self, exclude: CandidatePair | None = None) -> CandidatePair | None:
         for pair in self.valid_pairs():
             if pair is not exclude:

@@ -41,8 +41,9 @@ server: it relays certificates (public) and candidates (addresses).
 Error contract: `decode_untrusted` raises `BadPacket` when the data is not a message at all
 (oversized, not UTF-8, not JSON, not an object, unknown "type") and `RemoteProtocolError`
 (a `BadPacket`) when a known type has missing, extra-long or wrong-typed fields. Nothing
-else. Unknown fields are ignored, so later versions (ICE ufrag/pwd, more candidate types) can
-add them.
+else. Unknown fields are ignored, so later versions can add fields; con_req / con_resp grew an
+optional "ice" object this way: {"ufrag", "pwd", "candidates": [RFC 8839 candidate lines]}
+(the lines are parsed by `proto.ice.Candidate.from_sdp_untrusted` where they are used).
 
 This module never touches a socket, clock or event loop (a test scans the imports).
 """
@@ -85,6 +86,10 @@ CANDIDATE_TYPES = frozenset({"host", "srflx", "relay"})
 POLICIES = frozenset({"always", "groups"})
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,63}")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# RFC 8445 §5.3: ufrag 4..256 and pwd 22..256 ice-chars.
+_ICE_UFRAG = re.compile(r"[A-Za-z0-9+/]{4,256}")
+_ICE_PWD = re.compile(r"[A-Za-z0-9+/]{22,256}")
+MAX_CANDIDATE_LINE = 512
 _ERROR_CODE = re.compile(r"[a-z_]{1,32}")
 MAX_REASON = 256
 _U16 = struct.Struct(">H")
@@ -147,6 +152,16 @@ class Leave:
 
 
 @dataclass(frozen=True, slots=True)
+class IceOffer:
+    """ICE parameters of one side of a link (RFC 8445 §5.3): short-term credentials and
+    its candidates as RFC 8839 candidate-attribute lines. A new ufrag is an ICE restart."""
+
+    ufrag: str
+    pwd: str = field(repr=False)
+    candidates: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class ConReq:
     """A connection request, relayed by the server from `sender` to `to` in `overlay`."""
 
@@ -158,6 +173,7 @@ class ConReq:
     cert: bytes = field(repr=False)
     groups: tuple[str, ...]
     policy: str
+    ice: IceOffer | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +188,7 @@ class ConResp:
     cert: bytes = field(repr=False)
     groups: tuple[str, ...]
     policy: str
+    ice: IceOffer | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +227,7 @@ def _member_obj(m: Member) -> dict[str, Any]:
 
 
 def _con_obj(kind: str, m: ConReq | ConResp) -> dict[str, Any]:
-    return {
+    obj: dict[str, Any] = {
         "type": kind,
         "from": _b64(m.sender),
         "to": _b64(m.to),
@@ -221,6 +238,13 @@ def _con_obj(kind: str, m: ConReq | ConResp) -> dict[str, Any]:
         "groups": list(m.groups),
         "policy": m.policy,
     }
+    if m.ice is not None:
+        obj["ice"] = {
+            "ufrag": m.ice.ufrag,
+            "pwd": m.ice.pwd,
+            "candidates": list(m.ice.candidates),
+        }
+    return obj
 
 
 def to_object(msg: Message) -> dict[str, Any]:
@@ -372,6 +396,19 @@ def _candidate(value: object, what: str) -> Candidate:
     )
 
 
+def _ice(value: object, what: str) -> IceOffer:
+    if not isinstance(value, dict):
+        raise RemoteProtocolError(f"{what}: ice is not an object")
+    ufrag = _get(value, "ufrag", str, what)
+    pwd = _get(value, "pwd", str, what)
+    if not _ICE_UFRAG.fullmatch(ufrag) or not _ICE_PWD.fullmatch(pwd):
+        raise RemoteProtocolError(f"{what}: ice ufrag/pwd are not 4/22..256 ice-chars")
+    lines = _list(value, "candidates", what, MAX_CANDIDATES)
+    if not all(isinstance(c, str) and 0 < len(c) <= MAX_CANDIDATE_LINE for c in lines):
+        raise RemoteProtocolError(f"{what}: ice candidates must be candidate lines")
+    return IceOffer(ufrag, pwd, tuple(lines))
+
+
 def _parse_hello(obj: dict[str, Any]) -> Hello:
     return Hello(
         cert=_bytes(obj, "cert", "hello", max_size=MAX_CERT),
@@ -416,7 +453,11 @@ def _parse_con(obj: dict[str, Any], what: str) -> dict[str, Any]:
     policy = _get(obj, "policy", str, what)
     if policy not in POLICIES:
         raise RemoteProtocolError(f"{what}: unknown security policy")
+    ice = None
+    if obj.get("ice") is not None:
+        ice = _ice(obj["ice"], what)
     return {
+        "ice": ice,
         "sender": _bytes(obj, "from", what, size=KEY_SIZE),
         "to": _bytes(obj, "to", what, size=KEY_SIZE),
         "overlay": _name(obj, "overlay", what),
@@ -539,6 +580,7 @@ __all__ = [
     "ConResp",
     "Error",
     "Hello",
+    "IceOffer",
     "Join",
     "Leave",
     "Member",

@@ -301,6 +301,12 @@ class TurnClient:
         )
         return stun.encode(msg, fingerprint=False)
 
+    def bound_channel(self, peer: Addr) -> int | None:
+        """The channel number bound to `peer`, or None (then `wrap` makes Send indications).
+        The data path frames ChannelData itself with it (no copy of the payload)."""
+        chan = self._channels.get(peer)
+        return chan.number if chan is not None and chan.bound else None
+
     def unwrap_untrusted(self, datagram: bytes | memoryview) -> tuple[Addr, bytes]:
         """(peer, payload) of relayed data from the server: ChannelData on a bound channel
         (§12.6) or a Data indication (§10.4). Anything else is BadPacket."""

@@ -59,7 +59,7 @@ def make(secure: bool = True) -> tuple[Inbound, Session, Stats, list[tuple[bytes
         switch,
         stats,
         {7: SessionEntry(ours, port, None)},  # type: ignore[arg-type]
-        lambda d, a: handshakes.append((d, a)),
+        lambda d, a, via: handshakes.append((d, a)),
     )
     return inbound, theirs, stats, handshakes
 
@@ -110,3 +110,48 @@ def test_any_single_byte_change_of_a_valid_datagram_is_refused(pos: int, flip: i
     out: list[bytes] = []
     inbound.process([memoryview(bytes(d))], ADDR, 1.0, out)
     assert out == []
+
+
+class FakeRelay:
+    """Stands for a TURN client: `on_ice` hands back what it 'unwrapped'."""
+
+
+def test_relayed_datagrams_are_processed_with_their_relay_as_path() -> None:
+    inbound, theirs, stats, _ = make(secure=False)
+    relay = FakeRelay()
+    d = theirs.seal(frame() + bytes([INNER_FRAME]))
+    seen: list[tuple[bytes, tuple]] = []
+
+    def on_ice(data: memoryview, addr: tuple, local: str | None):
+        seen.append((bytes(data), addr))
+        return relay, ADDR, d  # "ChannelData from the TURN server carried d from ADDR"
+
+    inbound.on_ice = on_ice
+    port = inbound.sessions[7].port
+    channel_data = b"\x40\x00" + len(d).to_bytes(2, "big") + d
+    out: list[bytes] = []
+    # The plain link's path is ADDR directly: the same address through a relay is another
+    # path, and a plain link accepts only its own.
+    inbound.process([memoryview(channel_data)], ("10.199.255.9", 3478), 1.0, out)
+    assert seen and out == [] and stats.drops == {"plain_wrong_path": 1}
+    port.relay = relay
+    inbound.process([memoryview(channel_data)], ("10.199.255.9", 3478), 1.0, out)
+    assert out == [ZERO_VNET + frame()]
+    # ... and then the direct path is not its path any more.
+    inbound.process([memoryview(d)], ADDR, 1.0, out)
+    assert len(out) == 1 and stats.drops == {"plain_wrong_path": 2}
+
+
+def test_a_relay_inside_a_relay_is_not_unwrapped() -> None:
+    inbound, _theirs, stats, _ = make()
+    calls = []
+
+    def on_ice(data: memoryview, addr: tuple, local: str | None):
+        calls.append(addr)
+        return FakeRelay(), ADDR, b"\x40\x00\x00\x04abcd"  # ChannelData again
+
+    inbound.on_ice = on_ice
+    out: list[bytes] = []
+    inbound.process([memoryview(b"\x40\x00\x00\x04abcd")], ("10.199.255.9", 3478), 1.0, out)
+    assert out == [] and len(calls) == 1
+    assert stats.drops == {"relayed_stun_in_data_path": 1}

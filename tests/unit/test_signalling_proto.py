@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 
@@ -55,9 +56,39 @@ def test_con_req_wire_fields_are_the_documented_ones() -> None:
 
 def test_unknown_fields_are_ignored_for_later_versions() -> None:
     obj = json.loads(sig.encode(MESSAGES[7]))
-    obj["ice"] = {"ufrag": "x", "pwd": "y"}
+    obj["future"] = {"anything": [1, 2]}
     obj["candidates"][0]["priority"] = 12345
     assert sig.decode_untrusted(json.dumps(obj)) == MESSAGES[7]
+
+
+def test_ice_offer_round_trips() -> None:
+    offer = sig.IceOffer(
+        "abcd1234",
+        "p" * 24,
+        ("a1b2 1 UDP 2130706431 10.0.0.1 4600 typ host",),
+    )
+    msg = dataclasses.replace(MESSAGES[7], ice=offer)
+    assert sig.decode_untrusted(sig.encode(msg)) == msg
+
+
+@pytest.mark.parametrize(
+    "ice",
+    [
+        {"ufrag": "x", "pwd": "y" * 24, "candidates": []},  # ufrag too short
+        {"ufrag": "abcd", "pwd": "short", "candidates": []},
+        {"ufrag": "ab:cd", "pwd": "y" * 24, "candidates": []},  # ':' separates USERNAME
+        {"ufrag": "abcd", "pwd": "y" * 24, "candidates": [3]},
+        {"ufrag": "abcd", "pwd": "y" * 24, "candidates": ["x" * 513]},
+        {"ufrag": "abcd", "pwd": "y" * 24, "candidates": ["c"] * 17},
+        {"ufrag": "abcd", "pwd": "y" * 24},
+        "ice",
+    ],
+)
+def test_bad_ice_offers_are_refused(ice: object) -> None:
+    obj = json.loads(sig.encode(MESSAGES[7]))
+    obj["ice"] = ice
+    with pytest.raises(BadPacket):
+        sig.decode_untrusted(json.dumps(obj))
 
 
 def test_oversized_input_is_refused_before_parsing() -> None:
