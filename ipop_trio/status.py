@@ -24,6 +24,20 @@ def _ago(ts: float | None, now: float) -> str:
     return f"{d / 60:.0f}m ago"
 
 
+def _path(peer: dict[str, Any]) -> str:
+    """The ICE path type (host / srflx / prflx / relay); "direct" for a configured peer."""
+    path = peer.get("path")
+    if path:
+        return str(path.get("type"))
+    return "direct" if peer.get("endpoint") and not peer.get("ice") else "-"
+
+
+def _rtt(peer: dict[str, Any]) -> str:
+    path = peer.get("path") or {}
+    rtt = path.get("rtt_ms")
+    return "-" if rtt is None else f"{rtt:.1f}ms"
+
+
 def format_status(status: dict[str, Any], now: float | None = None) -> str:
     now = time.time() if now is None else now
     node = status.get("node", {})
@@ -37,8 +51,22 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
             f"signalling {sg.get('url')}  {sg.get('state')}  members {sg.get('members')}  "
             f"links {sg.get('learned_links')}/{sg.get('max_links')}"
         )
+    ice = status.get("ice")
+    if ice:
+        turn = ", ".join(
+            f"{t['server']} {t['state']}"
+            + (f" relays at {t['relayed']}" if t["relayed"] else "")
+            + (f" ({t['error']})" if t.get("error") else "")
+            for t in ice.get("turn", [])
+        )
+        lines.append(
+            f"ice {len(ice.get('candidates', []))} candidates"
+            + (f"  stun {', '.join(ice['stun'])}" if ice.get("stun") else "")
+            + (f"  turn {turn}" if turn else "")
+        )
     header = (
-        "PEER", "ADDRESS", "STATE", "MODE", "LEARNED", "ENDPOINT", "TX", "RX", "DROPS", "HANDSHAKE"
+        "PEER", "ADDRESS", "STATE", "MODE", "LEARNED", "ENDPOINT", "PATH", "RTT", "TX", "RX",
+        "DROPS", "HANDSHAKE",
     )  # fmt: skip
     rows = [header]
     for p in status.get("peers", []):
@@ -50,6 +78,8 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
                 str(p.get("mode") or "-"),
                 str(p.get("learned") or "-"),
                 str(p.get("endpoint") or "-"),
+                _path(p),
+                _rtt(p),
                 _bytes(int(p.get("tx_bytes", 0))),
                 _bytes(int(p.get("rx_bytes", 0))),
                 str(p.get("drops", 0)),
@@ -68,6 +98,15 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
     if why:
         lines.append("link modes (selective security):")
         lines += why
+    pairs = [
+        f"  {p.get('name')}: {p['path']['local']} -> {p['path']['remote']}"
+        + (f" via {p['via']}" if p.get("via") else "")
+        for p in status.get("peers", [])
+        if p.get("path")
+    ]
+    if pairs:
+        lines.append("ICE pairs (local -> remote):")
+        lines += pairs
     drops = status.get("stats", {}).get("drops", {})
     if drops:
         lines.append("drops: " + ", ".join(f"{k}={v}" for k, v in sorted(drops.items())))

@@ -1,0 +1,50 @@
+"""`ipop-trio status` shows each link's ICE path: type, RTT, the pair and the relay."""
+
+from __future__ import annotations
+
+from ipop_trio.status import format_status
+
+PEER = {
+    "name": "beta",
+    "address": "10.77.0.2",
+    "state": "established",
+    "mode": "secure",
+    "learned": "signalling",
+    "endpoint": "10.199.255.1:49160",
+    "tx_bytes": 2048,
+    "rx_bytes": 1024,
+    "drops": 0,
+    "last_handshake": 990.0,
+    "via": "relay 10.199.255.1:3478",
+    "ice": {"state": "completed"},
+    "path": {
+        "type": "relay",
+        "local": "10.199.255.1:49160 (relay)",
+        "remote": "10.199.255.3:4600 (srflx)",
+        "rtt_ms": 1.25,
+        "nominated": True,
+    },
+}
+STATUS = {
+    "node": {"name": "alpha"},
+    "ice": {
+        "candidates": ["a", "b", "c"],
+        "stun": ["10.199.255.1:3478"],
+        "turn": [
+            {"server": "10.199.255.1:3478", "state": "allocated", "relayed": "10.199.255.1:49160"}
+        ],
+    },
+    "peers": [PEER, {**PEER, "name": "gamma", "path": None, "ice": None, "via": None}],
+}
+
+
+def test_the_table_shows_path_type_rtt_pair_and_relay() -> None:
+    text = format_status(STATUS, now=1000.0)
+    header = next(line for line in text.splitlines() if line.startswith("PEER"))
+    assert "PATH" in header and "RTT" in header
+    beta = next(line for line in text.splitlines() if line.startswith("beta"))
+    assert " relay " in beta and "1.2ms" in beta
+    gamma = next(line for line in text.splitlines() if line.startswith("gamma"))
+    assert " direct " in gamma  # a configured peer: no ICE, a fixed endpoint
+    assert "beta: 10.199.255.1:49160 (relay) -> 10.199.255.3:4600 (srflx) via relay" in text
+    assert "ice 3 candidates  stun 10.199.255.1:3478  turn 10.199.255.1:3478 allocated" in text
