@@ -127,6 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--quick", action="store_true", help="1 s runs, one per row: a smoke test, not a result"
     )
+    bench.add_argument(
+        "--nat",
+        action="store_true",
+        help="measure link set-up time (con_req to first frame) behind each lab NAT instead",
+    )
+    bench.add_argument(
+        "--tries", type=int, default=10, help="with --nat: link set-ups per NAT case (median)"
+    )
     _register_plugins(sub)
     return p
 
@@ -175,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_demo()
         if args.command == "bench":
+            if args.nat:
+                from .natbench import run_nat_bench
+
+                return run_nat_bench(tries=args.tries, json_path=args.json)
             from .bench import run_bench
 
             return run_bench(duration=args.duration, json_path=args.json, quick=args.quick)

@@ -545,13 +545,13 @@ class LinkManager:
         elif isinstance(ev, Nominated):
             self._use_pair(rt, ev.pair, "nominated")
         elif isinstance(ev, BetterPairValid):
-            if agent.controlling and agent.state is IceState.COMPLETED:
+            if agent.controlling and agent.state is IceState.COMPLETED and ev.pair.valid:
                 agent.select(ev.pair, now)
                 self._use_pair(rt, ev.pair, "a better pair works again")
         elif isinstance(ev, ConsentLost):
             if ev.selected or rt.path is ev.pair:
                 best = agent.best_valid_pair()
-                if best is not None:
+                if best is not None and agent.state in (IceState.RUNNING, IceState.COMPLETED):
                     agent.select(best, now)
                     self._use_pair(rt, best, f"consent lost on {ev.pair.path_type.value}")
                 else:
@@ -658,6 +658,10 @@ class LinkManager:
                         "restart_wanted": rt.ice_restart,
                         "counters": dict(rt.ice.stats),
                     },
+                    # Link set-up: our first con_req/con_resp for this link and the first data
+                    # frame from the peer (CLOCK_MONOTONIC: comparable between nodes on one
+                    # machine, which the set-up benchmark relies on).
+                    "setup": {"con_at": rt.con_at, "first_data": rt.first_data},
                     "setup_seconds": None
                     if rt.con_at is None or rt.first_data is None
                     else max(0.0, rt.first_data - rt.con_at),
