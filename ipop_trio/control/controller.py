@@ -49,6 +49,7 @@ without sockets; `serve` is the task around them.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 import secrets
 import time
@@ -71,6 +72,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ipop_trio.controller")
 
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 TICK = 1.0  # the controller looks at its timers at least this often
 RESPONDER_GRACE = 3.0  # the higher key waits this long for the lower key's con_req
 REQUEST_RETRY_MIN, REQUEST_RETRY_MAX = 2.0, 60.0  # con_req retransmission backoff
@@ -208,6 +210,8 @@ class Controller:
             self.members.pop(ev.key, None)
             self.first_seen.pop(ev.key, None)
             self.requests.pop(ev.key, None)
+            self.ice_local.pop(ev.key, None)  # a rejoining peer starts ICE afresh
+            self.ice_request.pop(ev.key, None)
             rt = self.links.get(ev.key)
             if rt is not None and rt.learned == "signalling":
                 self.links.remove(ev.key, "left the overlay")
@@ -356,9 +360,15 @@ class Controller:
         candidates: list[Candidate] = []
         for line in offer.candidates:
             try:
-                candidates.append(Candidate.from_sdp_untrusted(line))
+                cand = Candidate.from_sdp_untrusted(line)
             except BadPacket:
                 self._count("ice_bad_candidate")
+                continue
+            ip = ipaddress.ip_address(cand.address)
+            if ip.is_loopback or ip.is_multicast or ip.is_unspecified or ip == _BROADCAST:
+                self._count("ice_bad_candidate")  # nothing a peer can be reached at
+                continue
+            candidates.append(cand)
         is_req = isinstance(msg, sig.ConReq)
         if not is_req and self.ice_request.get(key) != msg.request_id:
             self._count("ice_stale_con_resp")

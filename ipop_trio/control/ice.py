@@ -281,8 +281,10 @@ class IceService:
                 return None
             peer, payload = got
             if payload and payload[0] < 4:
-                assert relay.candidate is not None
-                self._to_agent(payload, relay.candidate.addr, peer, now)
+                if relay.candidate is None:  # relayed before the allocation completed
+                    self.stats.drop("turn_early_data")
+                else:
+                    self._to_agent(payload, relay.candidate.addr, peer, now)
                 return None
             return relay.client, peer, payload
         if first >= 4:
