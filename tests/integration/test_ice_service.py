@@ -1,0 +1,272 @@
+"""The node's ICE service over real loopback sockets: whatever arrives is routed or becomes a
+counted drop (never an exception), host gathering, relays that are not ready, and two
+services routing a real ICE exchange between two agents end to end (no namespaces).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ipop_trio.config import Endpoint, IceConfig, TurnServerConfig
+from ipop_trio.control.ice import IceService
+from ipop_trio.net.udp import UdpSocket
+from ipop_trio.proto import stun
+from ipop_trio.proto.ice import (
+    Candidate,
+    CandidateType,
+    IceAgent,
+    IceState,
+    Nominated,
+    host_candidate,
+)
+from ipop_trio.proto.stun import Class, Method
+from ipop_trio.proto.turn import TurnClient, TurnState
+from ipop_trio.stats import Stats
+
+LOOPBACK = "127.0.0.1"
+STRANGER = (LOOPBACK, 9)  # not a configured TURN server
+TURN = Endpoint(LOOPBACK, 3478)  # configured, but nothing listens: tests never serve()
+DROPS = frozenset(
+    {"stun_malformed", "stun_no_agent", "channel_data_not_from_relay", "turn_refused"}
+)
+
+
+def service(config: IceConfig | None = None) -> IceService:
+    return IceService(
+        UdpSocket(Endpoint(LOOPBACK, 0)),
+        Stats(),
+        config or IceConfig(),
+        tap_name="ipop-test",
+        listen_host=LOOPBACK,
+        rng=random.Random(7),
+    )
+
+
+@contextmanager
+def sync_service(config: IceConfig | None = None) -> Iterator[IceService]:
+    """A service for tests outside Trio (hypothesis): the socket is closed plainly."""
+    svc = service(config)
+    try:
+        yield svc
+    finally:
+        svc.udp.sock.close()
+
+
+def turn_config() -> IceConfig:
+    return IceConfig(turn=(TurnServerConfig(TURN, "user", "secret"),))
+
+
+def allocating(svc: IceService) -> TurnClient:
+    """Give the configured relay a client that has sent its Allocate (as `serve` would)."""
+    relay = svc.relays[TURN.sockaddr]
+    client = relay.client = TurnClient(TURN.sockaddr, "user", "secret", rng=random.Random(1))
+    client.allocate(time.monotonic())
+    client.datagrams_to_send()  # nobody listens there
+    return client
+
+
+def binding_request(username: str, key: bytes, tid: bytes = b"\x01" * 12) -> bytes:
+    msg = stun.Message(
+        Method.BINDING,
+        Class.REQUEST,
+        tid,
+        username=username,
+        priority=1853824767,
+        ice_controlling=42,
+    )
+    return stun.encode(msg, key=key)
+
+
+# --- whatever arrives becomes a counted drop ----------------------------------------------
+
+ice_bytes = st.builds(
+    lambda first, rest: bytes([first]) + rest,
+    st.one_of(st.integers(0, 3), st.integers(0x40, 0x4F)),
+    st.binary(max_size=120),
+)
+# Well-formed STUN headers (the length matches) with random bodies reach the attribute parser.
+stun_framed = st.builds(
+    lambda mtype, tid, body: (
+        mtype.to_bytes(2, "big")
+        + (len(body) * 4).to_bytes(2, "big")
+        + stun.MAGIC_COOKIE.to_bytes(4, "big")
+        + tid
+        + b"".join([body] * 4)
+    ),
+    st.integers(0, 0x03FF),  # the first byte is 0..3: what the data path calls STUN
+    st.binary(min_size=12, max_size=12),
+    st.binary(max_size=30),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.one_of(ice_bytes, stun_framed), min_size=1, max_size=6))
+def test_random_ice_datagrams_from_anywhere_are_counted_drops(datagrams: list[bytes]) -> None:
+    with sync_service() as svc:
+        for data in datagrams:
+            before = sum(svc.stats.drops.values())
+            assert svc.on_ice(memoryview(data), STRANGER, LOOPBACK) is None
+            assert sum(svc.stats.drops.values()) == before + 1
+        assert set(svc.stats.drops) <= DROPS
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(ice_bytes, stun_framed), min_size=1, max_size=6))
+def test_random_datagrams_from_the_turn_server_are_refused(datagrams: list[bytes]) -> None:
+    with sync_service(turn_config()) as svc:
+        client = allocating(svc)
+        for data in datagrams:
+            before = sum(svc.stats.drops.values())
+            assert svc.on_ice(memoryview(data), TURN.sockaddr, LOOPBACK) is None
+            assert sum(svc.stats.drops.values()) == before + 1
+        assert set(svc.stats.drops) <= {"stun_malformed", "turn_refused", "turn_early_data"}
+        assert client.state is TurnState.ALLOCATING  # nothing moved it
+
+
+def test_a_relayed_stun_payload_before_the_allocation_is_made_is_a_drop() -> None:
+    with sync_service(turn_config()) as svc:
+        allocating(svc)
+        payload = binding_request("someone:else", b"k" * 22)
+        indication = stun.Message(
+            Method.DATA,
+            Class.INDICATION,
+            b"\x02" * 12,
+            xor_peer_address=(("198.51.100.7", 4600),),
+            data=payload,
+        )
+        data = stun.encode(indication, fingerprint=False)
+        # Only the source address is needed to send it (spoofed): a drop, not an exception.
+        assert svc.on_ice(memoryview(data), TURN.sockaddr, LOOPBACK) is None
+        assert svc.stats.drops == {"turn_early_data": 1}
+
+
+def test_channel_data_not_from_a_turn_server_is_dropped() -> None:
+    with sync_service(turn_config()) as svc:
+        allocating(svc)
+        channel_data = b"\x40\x00\x00\x04abcd"
+        assert svc.on_ice(memoryview(channel_data), STRANGER, LOOPBACK) is None
+        # Same port on another address, and the server's address on another port.
+        for addr in ((LOOPBACK, TURN.port + 1), ("127.0.0.2", TURN.port)):
+            assert svc.on_ice(memoryview(channel_data), addr, LOOPBACK) is None
+        assert svc.stats.drops == {"channel_data_not_from_relay": 3}
+
+
+def test_a_check_for_no_agent_and_an_answer_to_nobody_are_dropped() -> None:
+    with sync_service() as svc:
+        request = binding_request("nobody:peer", b"p" * 22)
+        assert stun.parse_untrusted(request).username == "nobody:peer"  # well-formed
+        assert svc.on_ice(memoryview(request), STRANGER, LOOPBACK) is None
+        answer = stun.encode(
+            stun.Message(Method.BINDING, Class.SUCCESS, b"\x03" * 12, xor_mapped_address=STRANGER)
+        )
+        assert svc.on_ice(memoryview(answer), STRANGER, LOOPBACK) is None
+        assert svc.stats.drops == {"stun_no_agent": 2}
+
+
+def test_a_specific_listen_host_is_the_one_host_candidate() -> None:
+    with sync_service() as svc:
+        [cand] = svc.gather_hosts()
+        assert cand.type is CandidateType.HOST
+        assert cand == host_candidate((LOOPBACK, svc.udp.local[1]))  # the best preference
+        assert cand.addr == (LOOPBACK, svc.udp.local[1]) and cand.base == cand.addr
+        assert svc.local_candidates() == [cand]
+        assert svc.offer_lines() == [cand.to_sdp()]
+
+
+def test_a_relay_that_is_not_allocated_drops_every_data_datagram() -> None:
+    with sync_service(turn_config()) as svc:
+        idle = TurnClient(TURN.sockaddr, "user", "secret")
+        iov = [b"head", b"payload-1", b"head", b"payload-22"]
+        sizes = [len(iov[0]) + len(iov[1]), len(iov[2]) + len(iov[3])]
+        assert svc.send_iov_via(idle, ("198.51.100.7", 4600), iov, sizes) == len(sizes)
+        assert svc.send_iov_via(allocating(svc), ("198.51.100.7", 4600), iov, sizes) == 2
+        assert not svc.send_via(idle, ("198.51.100.7", 4600), b"x")
+
+
+# --- two services route a real ICE exchange -----------------------------------------------
+
+
+class Peer:
+    """Stands for a PeerRuntime: what IceService.register needs (`.ice`, `.wake()`)."""
+
+    def __init__(self, agent: IceAgent) -> None:
+        self.ice: IceAgent | None = agent
+        self.wakes = 0
+
+    def wake(self) -> None:
+        self.wakes += 1
+
+
+async def _readable(udps: list[UdpSocket], timeout: float) -> None:
+    """Return when one of the sockets is readable or after `timeout`."""
+    with trio.move_on_after(timeout):
+        async with trio.open_nursery() as nursery:
+
+            async def wait(udp: UdpSocket) -> None:
+                await udp.wait_readable()
+                nursery.cancel_scope.cancel()
+
+            for udp in udps:
+                nursery.start_soon(wait, udp)
+
+
+async def test_two_services_route_checks_between_two_agents_until_both_nominate() -> None:
+    svcs = [service(), service()]
+    try:
+        hosts = [svc.gather_hosts()[0] for svc in svcs]
+        creds = [("AliceUf1", "a" * 22), ("BobUfrg1", "b" * 22)]
+        agents = [
+            IceAgent(
+                controlling=i == 0,
+                local_ufrag=creds[i][0],
+                local_pwd=creds[i][1],
+                rng=random.Random(i),
+                nomination_delay=0.0,
+            )
+            for i in range(2)
+        ]
+        peers = [Peer(a) for a in agents]
+        for i, (svc, agent) in enumerate(zip(svcs, agents, strict=True)):
+            other = 1 - i
+            agent.set_remote_credentials(*creds[other])
+            agent.add_local_candidate(hosts[i])
+            # As signalling carries it: an SDP line, no base.
+            agent.add_remote_candidate(Candidate.from_sdp_untrusted(hosts[other].to_sdp()))
+            agent.end_of_local_candidates()
+            agent.end_of_remote_candidates()
+            svc.register(creds[i][0], peers[i])  # type: ignore[arg-type]
+        nominated: list[list[Nominated]] = [[], []]
+        with trio.fail_after(10):
+            while not all(nominated):
+                now = time.monotonic()
+                for i, (svc, agent) in enumerate(zip(svcs, agents, strict=True)):
+                    agent.handle_timeout(now)
+                    svc.flush_agent(agent)
+                    while (ev := agent.next_event()) is not None:
+                        if isinstance(ev, Nominated):
+                            nominated[i].append(ev)
+                for svc in svcs:
+                    while (got := svc.udp.recv_once()) is not None:
+                        views, addr = got
+                        for view in views:
+                            assert svc.on_ice(view, addr, svc.udp.last_local) is None
+                deadlines = [d for a in agents if (d := a.next_deadline()) is not None]
+                wait = min(deadlines, default=now + 0.05) - time.monotonic()
+                await _readable([svc.udp for svc in svcs], max(0.0, min(wait, 0.05)))
+        for i, agent in enumerate(agents):
+            assert agent.state is IceState.COMPLETED
+            pair = nominated[i][-1].pair
+            assert pair.local_base == hosts[i].addr and pair.remote_addr == hosts[1 - i].addr
+            assert agent.stats["rx_check"] > 0 and peers[i].wakes > 0
+        # Every datagram found its agent: requests by USERNAME, answers by transaction id.
+        assert svcs[0].stats.drops == {} and svcs[1].stats.drops == {}
+    finally:
+        for svc in svcs:
+            svc.udp.close()
