@@ -77,6 +77,9 @@ TICK = 1.0  # the controller looks at its timers at least this often
 RESPONDER_GRACE = 3.0  # the higher key waits this long for the lower key's con_req
 REQUEST_RETRY_MIN, REQUEST_RETRY_MAX = 2.0, 60.0  # con_req retransmission backoff
 REFRESH_AFTER_FAILURES = 2  # a member's link failed this often: ask for fresh candidates
+# ... but at most this often per peer: an answered refresh restarts ICE, and the new agents
+# need time to find a path before the link's failure count can tell anything again.
+REFRESH_INTERVAL = 20.0
 EVENT_QUEUE = 256  # client → controller events (full: the client waits)
 
 
@@ -168,6 +171,7 @@ class Controller:
         self.ice = ice
         self.ice_local: dict[bytes, tuple[str, str]] = {}  # our ICE credentials per peer
         self.ice_request: dict[bytes, str] = {}  # request_id of our latest con_req per peer
+        self.refreshed_at: dict[bytes, float] = {}  # when a failing link last asked afresh
         links.admit_unknown = self.admit
 
     # --- decisions (sync, fed `now`) ------------------------------------------------------
@@ -212,6 +216,7 @@ class Controller:
             self.requests.pop(ev.key, None)
             self.ice_local.pop(ev.key, None)  # a rejoining peer starts ICE afresh
             self.ice_request.pop(ev.key, None)
+            self.refreshed_at.pop(ev.key, None)
             rt = self.links.get(ev.key)
             if rt is not None and rt.learned == "signalling":
                 self.links.remove(ev.key, "left the overlay")
@@ -232,7 +237,7 @@ class Controller:
             return  # con_reqs wait for ICE gathering: one message with every candidate
         for key in self.desired():
             rt = self.links.get(key)
-            if rt is not None and not self._wants_refresh(rt):
+            if rt is not None and not self._wants_refresh(rt, key, now):
                 self.requests.pop(key, None)
                 continue
             waited = now - self.first_seen.get(key, now)
@@ -241,8 +246,10 @@ class Controller:
             req = self.requests.get(key)
             if req is not None and now < req.next_at:
                 continue
-            if req is None and rt is not None and self.ice is not None:
-                self.ice_local[key] = self._new_credentials()  # a refresh is an ICE restart
+            if req is None and rt is not None:
+                self.refreshed_at[key] = now
+                if self.ice is not None:
+                    self.ice_local[key] = self._new_credentials()  # a refresh restarts ICE
             attempts = 0 if req is None else req.attempts + 1
             delay = min(REQUEST_RETRY_MAX, REQUEST_RETRY_MIN * 2**attempts)
             request_id = secrets.token_hex(8)
@@ -261,11 +268,16 @@ class Controller:
 
     # --- internals ------------------------------------------------------------------------
 
-    def _wants_refresh(self, rt: PeerRuntime) -> bool:
+    def _wants_refresh(self, rt: PeerRuntime, key: bytes, now: float) -> bool:
+        """Ask the peer afresh (new candidates, an ICE restart): when the link's ICE found no
+        path (the flag clears when the new agent starts), or when the link keeps failing,
+        at most every REFRESH_INTERVAL."""
         if rt.learned != "signalling":
             return False
         if getattr(rt, "ice_restart", False):
             return True
+        if now - self.refreshed_at.get(key, -REFRESH_INTERVAL) < REFRESH_INTERVAL:
+            return False
         return rt.link.state is not LinkState.ESTABLISHED and rt.failures >= REFRESH_AFTER_FAILURES
 
     def _room_for(self, key: bytes) -> bool:
