@@ -21,7 +21,7 @@ typical use:
   ipop-trio signal --listen 0.0.0.0:8765 --ca ca/ca.crt
   ipop-trio run -c alpha/node.toml
   ipop-trio status -c alpha/node.toml
-  ipop-trio demo            # a two-node overlay in network namespaces, explained
+  ipop-trio demo            # three nodes behind NATs find each other (ICE, TURN), explained
   ipop-trio bench           # direct link vs overlay: throughput, RTT, CPU per GB
 """
 
@@ -110,10 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser(
         "demo",
-        help="a signalling server and three nodes in network namespaces, explained",
-        description="Build network namespaces on a shared switch, start a signalling server "
-        "and three nodes that find each other through it, show the mesh forming, ping, a short "
-        "iperf3 and the status table, then clean everything up. Needs root.",
+        help="three nodes behind NATs find each other through signalling and ICE, explained",
+        description="Build a lab 'internet' in network namespaces with a signalling server and "
+        "coturn, one node on it, one behind an endpoint-independent NAT and one behind a "
+        "symmetric NAT (nftables); show the mesh forming, the path ICE chose for each pair "
+        "(direct or through the TURN relay) and why, ping, a short iperf3 and the status "
+        "tables, then clean everything up. Needs root.",
     )
     bench = sub.add_parser(
         "bench",
