@@ -115,6 +115,9 @@ def test_ice_finds_the_predicted_path(a: Placement, b: Placement | str, expected
         assert world.path(world.a, world.b)["type"] == expected  # type: ignore[index]
         assert path["rtt_ms"] is not None
         status = world.overlay.status(world.a)
+        # Host candidates are the host's underlay addresses, never the overlay TAP's.
+        addresses = {line.split()[4] for line in status["ice"]["candidates"]}
+        assert world.a.address not in addresses and world.pair.a.address in addresses
         relayed = status["ice"]["turn"][0]["relayed"]
         assert relayed is not None and relayed.startswith(world.pair.turn.address + ":")
         peer = world.overlay.peer_status(world.a, world.b)
