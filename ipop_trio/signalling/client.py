@@ -211,6 +211,11 @@ class SignallingClient:
                 return await self._connected(ws)
         except (HandshakeError, ConnectionClosed, OSError, trio.TooSlowError) as exc:
             return f"cannot connect: {exc!r}"
+        except trio.BrokenResourceError as exc:
+            # A failed TLS handshake (untrusted certificate, a wss:// URL for a ws:// server)
+            # reaches us as a broken stream; its cause says what went wrong. It must end in
+            # a retry like any other connection failure, never in the node's nursery.
+            return f"cannot connect: {exc.__cause__ or exc!r}"
 
     async def _connected(self, ws: WebSocketConnection) -> str:
         """Admission, then the session; never raises (but Cancelled)."""

@@ -412,6 +412,10 @@ class SignallingServer:
                     handler_nursery=nursery,
                     max_message_size=self.limits.max_message,
                     message_queue_size=1,
+                    # A client that never completes TLS or the WebSocket opening (a ws://
+                    # client on a wss:// port) holds its socket no longer than admission may.
+                    connect_timeout=self.limits.auth_timeout,
+                    disconnect_timeout=self.limits.auth_timeout,
                 )
             )
             self.port = int(server.port)
