@@ -386,7 +386,11 @@ class LinkManager:
                 link.receive_initiation(state, now)
                 self.replay_floor[rt.setup.public_key] = link.last_initiation_ts
                 plain = rt.decision is not None and not rt.decision.secure
-                if port.endpoint is None or (not plain and rt.ice is None):
+                if plain and rt.ice is not None:
+                    # A plain link's only guard is its path, and an initiation can be
+                    # replayed: with ICE, only ICE's checks choose the path.
+                    rt.reply_to = (addr, via)
+                elif port.endpoint is None or (not plain and rt.ice is None):
                     # the peer proved its key; secure data re-checks it
                     port.endpoint, port.relay = addr, via
                 elif port.endpoint != addr or port.relay is not via:
