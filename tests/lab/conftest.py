@@ -103,3 +103,18 @@ def pair(two_hosts: TwoHosts, overlay: Overlay) -> Pair:
     overlay.start()
     overlay.wait_established(alpha, beta)
     return Pair(two_hosts, overlay, alpha, beta)
+
+
+def processes_mentioning(needle: str) -> list[tuple[int, str]]:
+    """(pid, command line) of live processes whose command line contains `needle` (a lab's
+    workdir holds every node's and coturn's config, so their command lines carry it)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if needle.encode() in cmdline:
+                found.append((int(entry), cmdline.replace(b"\0", b" ").decode(errors="replace")))
+    return found

@@ -18,6 +18,7 @@ import pytest
 
 from ipop_trio.lab import REGISTRY_DIR
 
+from .conftest import processes_mentioning
 from .test_lab import leftovers, netns_names
 
 pytestmark = pytest.mark.lab
@@ -38,21 +39,6 @@ def demo_env() -> dict[str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("IPOP_LAB_KEEP", None)  # the test checks that the workdir goes too
     return env
-
-
-def processes_mentioning(needle: str) -> list[str]:
-    """Command lines of live processes that mention `needle` (the lab's workdir holds every
-    node's and coturn's config, so their command lines carry the lab id)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if needle.encode() in cmdline:
-                found.append(cmdline.replace(b"\0", b" ").decode(errors="replace"))
-    return found
 
 
 def assert_nothing_left(lab_id: str) -> None:

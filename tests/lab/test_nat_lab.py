@@ -13,14 +13,12 @@ Probes run in this process through sockets made inside the hosts' namespaces
 from __future__ import annotations
 
 import json
-import os
 import random
 import select
 import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -43,6 +41,7 @@ from ipop_trio.labnat import (
 from ipop_trio.proto import turn as turnproto
 from ipop_trio.proto.stun import Addr
 
+from .conftest import processes_mentioning
 from .test_lab import alive, leftovers
 
 pytestmark = pytest.mark.lab
@@ -363,21 +362,6 @@ def test_turn_refuses_a_wrong_password(world: World) -> None:
 # Teardown
 
 
-def processes_using(path: Path) -> list[int]:
-    """Pids whose command line mentions `path` (coturn is started with its config path)."""
-    found = []
-    needle = str(path).encode()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if needle in cmdline:
-                found.append(int(entry))
-    return found
-
-
 def test_teardown_leaves_no_namespace_and_no_turnserver() -> None:
     with Lab() as lab:
         internet = lab.add_switch("inet")
@@ -388,9 +372,9 @@ def test_teardown_leaves_no_namespace_and_no_turnserver() -> None:
         turn = lab.add_turn(server, users=USERS)
         assert turn.proc is not None
         pid, config = turn.proc.pid, turn.config
-        assert processes_using(config)
+        assert processes_mentioning(str(config))
         assert leftovers(lab.id)
     assert not leftovers(lab.id)
     assert not alive(pid)
-    assert processes_using(config) == []
+    assert processes_mentioning(str(config)) == []
     assert not lab.workdir.exists()
