@@ -162,8 +162,8 @@ class IceOffer:
 
 
 @dataclass(frozen=True, slots=True)
-class ConReq:
-    """A connection request, relayed by the server from `sender` to `to` in `overlay`."""
+class _Con:
+    """The fields of a connection request and of its answer (relayed alike)."""
 
     sender: bytes  # "from" on the wire
     to: bytes
@@ -177,18 +177,13 @@ class ConReq:
 
 
 @dataclass(frozen=True, slots=True)
-class ConResp:
-    """The answer to a ConReq (same fields; `request_id` echoes the request's)."""
+class ConReq(_Con):
+    """A connection request, relayed by the server from `sender` to `to` in `overlay`."""
 
-    sender: bytes
-    to: bytes
-    overlay: str
-    request_id: str
-    candidates: tuple[Candidate, ...]
-    cert: bytes = field(repr=False)
-    groups: tuple[str, ...]
-    policy: str
-    ice: IceOffer | None = None
+
+@dataclass(frozen=True, slots=True)
+class ConResp(_Con):
+    """The answer to a ConReq (`request_id` echoes the request's)."""
 
 
 @dataclass(frozen=True, slots=True)

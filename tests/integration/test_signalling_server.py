@@ -6,6 +6,7 @@ clients speak the protocol by hand with `proto.signalling`, so a test can also m
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -186,7 +187,8 @@ async def test_con_req_and_con_resp_are_relayed_within_an_overlay_only(
         req = con_req(a, b)
         await wa.send_message(sig.encode(req))
         assert await receive(wb) == req
-        resp = sig.ConResp(**{f: getattr(con_req(b, a), f) for f in sig.ConResp.__slots__})
+        req = con_req(b, a)
+        resp = sig.ConResp(**{f.name: getattr(req, f.name) for f in dataclasses.fields(req)})
         await wb.send_message(sig.encode(resp))
         assert await receive(wa) == resp
 
