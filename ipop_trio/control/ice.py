@@ -125,7 +125,6 @@ class IceService:
         self.gatherer = SrflxGatherer(rng=self._rng, software=SOFTWARE)
         self.agents: dict[str, PeerRuntime] = {}  # by our local ufrag
         self.ready = False
-        self._ready_event = trio.Event()
         self._gather_deadline = 0.0
         self._wake_send, self._wake = trio.open_memory_channel[None](1)
         # Called with each candidate found after agents exist (links add it to their agents).
@@ -322,9 +321,6 @@ class IceService:
         except trio.WouldBlock:
             pass
 
-    async def wait_ready(self) -> None:
-        await self._ready_event.wait()
-
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         now = time.monotonic()
         self._gather_deadline = now + GATHER_TIMEOUT
@@ -367,7 +363,6 @@ class IceService:
             or (g.done and all(r.settled for r in self.relays.values()))
         ):
             self.ready = True
-            self._ready_event.set()
             log.info("ICE: candidates gathered: %s", "; ".join(self.offer_lines()) or "none")
             if self.on_ready is not None:
                 self.on_ready()
