@@ -34,6 +34,7 @@ SOL_IP, IP_PKTINFO = 0, 8
 SOL_IPV6, IPV6_RECVPKTINFO, IPV6_PKTINFO = 41, 49, 50
 _PKTINFO4 = struct.Struct("=i4s4s")  # ifindex, spec_dst, addr (the header's destination)
 _PKTINFO6 = struct.Struct("=16si")  # addr, ifindex
+_PKTINFO_CMSGS = frozenset({(SOL_IP, IP_PKTINFO), (SOL_IPV6, IPV6_PKTINFO)})
 
 Address = tuple[str, int]
 
@@ -68,11 +69,25 @@ class UdpSocket:
         else:
             self.sock.setsockopt(SOL_IPV6, IPV6_RECVPKTINFO, 1)
             pktinfo_size = _PKTINFO6.size
-        # The local address the last `recv_once` datagrams were sent to (None: unknown).
-        self.last_local: str | None = None
+        # The pktinfo of the last `recv_once` (raw: only STUN needs it decoded, `last_local`).
+        self._pktinfo: tuple[int, bytes] | None = None
         self._rbuf = bytearray(RECV_BUFFER)
         self._rview = memoryview(self._rbuf)
         self._cmsg_space = socket.CMSG_SPACE(_GRO_CMSG.size) + socket.CMSG_SPACE(pktinfo_size)
+
+    @property
+    def last_local(self) -> str | None:
+        """The local address the last `recv_once` datagrams were sent to (None: unknown),
+        decoded on demand: the data path never asks, ICE asks per STUN datagram."""
+        info = self._pktinfo
+        if info is None:
+            return None
+        kind, data = info
+        if kind == IP_PKTINFO and len(data) >= _PKTINFO4.size:
+            return socket.inet_ntop(socket.AF_INET, _PKTINFO4.unpack_from(data)[2])
+        if kind == IPV6_PKTINFO and len(data) >= _PKTINFO6.size:
+            return socket.inet_ntop(socket.AF_INET6, _PKTINFO6.unpack_from(data)[0])
+        return None
 
     @property
     def local(self) -> Address:
@@ -105,15 +120,13 @@ class UdpSocket:
             # ICMP port unreachable from an earlier send: not this datagram's problem.
             return [], ("", 0)
         seg = 0
-        local = None
+        info = None
         for level, kind, data in anc:
             if level == SOL_UDP and kind == UDP_GRO and len(data) >= _GRO_CMSG.size:
                 seg = _GRO_CMSG.unpack_from(data)[0]
-            elif level == SOL_IP and kind == IP_PKTINFO and len(data) >= _PKTINFO4.size:
-                local = socket.inet_ntop(socket.AF_INET, _PKTINFO4.unpack_from(data)[2])
-            elif level == SOL_IPV6 and kind == IPV6_PKTINFO and len(data) >= _PKTINFO6.size:
-                local = socket.inet_ntop(socket.AF_INET6, _PKTINFO6.unpack_from(data)[0])
-        self.last_local = local
+            elif (level, kind) in _PKTINFO_CMSGS:
+                info = (kind, data)
+        self._pktinfo = info
         view = self._rview
         if seg <= 0 or seg >= n:
             return [view[:n]], (addr[0], addr[1])
