@@ -11,6 +11,7 @@ open under a live session (or arrive on a plain link's current path) reaches the
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections.abc import Callable
 
@@ -162,8 +163,10 @@ class Inbound:
         stats["reassemble"].add(opened, nbytes, reassemble_ns)
         stats["open"].add(n, sum(map(len, datagrams)), now_ns() - t0 - reassemble_ns)
         if relayed:
-            for relay, peer, payload in relayed:  # link datagrams a TURN relay carried
-                self.process([payload], peer, now, out, via=relay)
+            # Link datagrams a TURN relay carried: one call per run from one peer through
+            # one relay (a batch, as a GRO run is), never per datagram.
+            for (relay, peer), run in itertools.groupby(relayed, key=lambda r: (r[0], r[1])):
+                self.process([payload for _, _, payload in run], peer, now, out, via=relay)
 
     def _not_data(
         self, d: memoryview | bytes, addr: Addr, via: object | None

@@ -155,3 +155,27 @@ def test_a_relay_inside_a_relay_is_not_unwrapped() -> None:
     inbound.process([memoryview(b"\x40\x00\x00\x04abcd")], ("10.199.255.9", 3478), 1.0, out)
     assert out == [] and len(calls) == 1
     assert stats.drops == {"relayed_stun_in_data_path": 1}
+
+
+def test_relayed_datagrams_of_one_receive_call_are_opened_per_peer_run() -> None:
+    inbound, theirs, stats, _ = make(secure=False)
+    relay = FakeRelay()
+    inbound.sessions[7].port.relay = relay
+    sealed = [theirs.seal(frame(m) + bytes([INNER_FRAME])) for m in (b"one", b"two", b"six")]
+    # The third comes from another peer address through the same relay: not this link's path.
+    peers = [ADDR, ADDR, ("10.199.0.66", 4600)]
+    it = iter(zip(peers, sealed, strict=True))
+
+    def on_ice(data: memoryview, addr: tuple, local: str | None):
+        peer, d = next(it)
+        return relay, peer, d
+
+    inbound.on_ice = on_ice
+    opens_before = inbound.stats["open"].batches
+    out: list[bytes] = []
+    channel_data = [memoryview(b"\x40\x00\x00\x00")] * 3
+    inbound.process(channel_data, ("10.199.255.9", 3478), 1.0, out)
+    assert out == [ZERO_VNET + frame(b"one"), ZERO_VNET + frame(b"two")]
+    assert stats.drops == {"plain_wrong_path": 1}
+    # One batch for the receive call, then one per (relay, peer) run: 2, not 3 datagrams.
+    assert inbound.stats["open"].batches - opens_before == 3
