@@ -51,6 +51,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import logging
+import random
 import secrets
 import time
 from collections.abc import Callable
@@ -73,6 +74,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("ipop_trio.controller")
 
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+_RNG = random.SystemRandom()  # ICE credentials (RFC 8445 §5.3: unpredictable)
 TICK = 1.0  # the controller looks at its timers at least this often
 RESPONDER_GRACE = 3.0  # the higher key waits this long for the lower key's con_req
 REQUEST_RETRY_MIN, REQUEST_RETRY_MAX = 2.0, 60.0  # con_req retransmission backoff
@@ -302,9 +304,7 @@ class Controller:
                 self.links.remove(key, "no longer a member")
 
     def _new_credentials(self) -> tuple[str, str]:
-        import random
-
-        return new_credentials(random.SystemRandom())
+        return new_credentials(_RNG)
 
     def _offer(self, to: bytes) -> sig.IceOffer | None:
         if self.ice is None:

@@ -7,6 +7,7 @@ subprocesses.
 from __future__ import annotations
 
 import ipaddress
+import socket
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -46,7 +47,7 @@ def host_addresses(
     """(interface, address) of every usable local address of IP `version`: interfaces that
     are up, not loopback, not in `skip` (the overlay TAP, ignored interfaces); no
     link-local IPv6. ICE's host candidates (RFC 8445 §5.1.1.1)."""
-    family = 2 if version == 4 else 10  # AF_INET, AF_INET6
+    family = socket.AF_INET if version == 4 else socket.AF_INET6
     out: list[tuple[str, str]] = []
     with IPRoute() as ipr:
         names: dict[int, str] = {}
