@@ -191,3 +191,36 @@ def test_window_matches_set_model(base: int, steps: list[tuple[int, bool]]) -> N
         if not check_only:
             assert w.update(c) == m.update(c) == expected, c
         assert w.highest == m.highest
+
+
+# A window the runs start from (a far jump away, with a few counters seen), then runs of
+# consecutive counters above the highest, some long enough to wrap the ring.
+_run = st.tuples(
+    st.one_of(st.integers(1, 70), st.integers(W - 70, W + 70), st.integers(1, 3 * W)),
+    st.one_of(st.integers(1, 130), st.integers(RING_BLOCKS * 64 - 70, RING_BLOCKS * 64 + 70)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    base=st.sampled_from([-1, 0, 63, 64, W, 2**32 - 1, LIMIT - 20 * W]),
+    seen=st.lists(st.integers(-W - 10, 0), max_size=20),
+    runs=st.lists(_run, min_size=1, max_size=5),
+)
+def test_accept_run_is_update_on_each(
+    base: int, seen: list[int], runs: list[tuple[int, int]]
+) -> None:
+    fast, slow = ReplayWindow(), ReplayWindow()
+    for c in [base, *(base + s for s in seen)]:
+        assert fast.update(c) == slow.update(c)
+    for gap, length in runs:
+        first = slow.highest + gap
+        last = min(first + length - 1, LIMIT - 1)
+        if first > last:
+            break
+        fast.accept_run(first, last)
+        accept_all(slow, range(first, last + 1))
+        assert fast.highest == slow.highest == last
+        # Every counter the window still remembers, and its edges, answer the same.
+        for c in range(last - W - 70, last + 70):
+            assert fast.check(c) == slow.check(c), c
