@@ -247,12 +247,14 @@ async def run_node(
         iface = ipaddress.ip_interface(f"{ident.address}/{ident.network.prefixlen}")
         netlink.configure_tap(tap.name, mac=ident.mac, mtu=cfg.tap.mtu, address=iface)
         node = Node(setup, tap, udp)
+        send, receive = pipeline.make_outbound_channel()
         async with trio.open_nursery() as nursery:
             await nursery.start(
                 serve_control, cfg.control, {"status": node.status, "stats": node.stats_reply}
             )
             await nursery.start(node.writer.serve)
-            nursery.start_soon(pipeline.tap_reader, tap, node.outbound, node.writer, node.stats)
+            nursery.start_soon(pipeline.tap_reader, tap, send, node.stats)
+            nursery.start_soon(pipeline.outbound_task, node.outbound, receive, node.writer)
             nursery.start_soon(pipeline.udp_receiver, udp, node.inbound, node.writer, node.stats)
             await nursery.start(node.links.serve)
             if cfg.signalling is not None:

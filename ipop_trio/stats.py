@@ -25,7 +25,7 @@ STAGES = (
     "reassemble",  # pieces -> super-frames / segments, switch checks
     "tap_write",
 )
-CHANNELS = ("tap_write",)  # the queue into the TAP writer thread (net/tap.py)
+CHANNELS = ("outbound", "tap_write")
 HIST_BUCKETS = 12  # batch sizes 1, 2-3, 4-7, ... 2048+
 
 now_ns = time.perf_counter_ns
@@ -71,12 +71,24 @@ class Stage:
 
 class Channel:
     """A bounded queue between two stages: depth now and at most, and how long batches
-    waited in it (its owner stamps a batch when queued and sums the wait when taken)."""
+    waited in it (stamped when put, summed when taken)."""
 
     __slots__ = ("batches", "depth", "max_depth", "wait_ns")
 
     def __init__(self) -> None:
         self.depth = self.max_depth = self.batches = self.wait_ns = 0
+
+    def put(self) -> int:
+        """A batch went in; returns the stamp to hand to `taken`."""
+        self.depth += 1
+        if self.depth > self.max_depth:
+            self.max_depth = self.depth
+        return now_ns()
+
+    def taken(self, stamp: int) -> None:
+        self.depth -= 1
+        self.batches += 1
+        self.wait_ns += now_ns() - stamp
 
     def snapshot(self) -> dict[str, Any]:
         return {
