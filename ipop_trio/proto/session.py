@@ -119,15 +119,7 @@ class ReplayWindow:
         ring = self._ring
         block = counter >> _BLOCK_BITS_LOG
         if counter > last:
-            current = last >> _BLOCK_BITS_LOG
-            if block != current:
-                # Slide: zero the blocks the window enters (all of them on a far jump).
-                if block - current >= RING_BLOCKS:
-                    ring[:] = _ZERO_RING
-                else:
-                    for i in range(current + 1, block + 1):
-                        ring[i & _RING_MASK] = 0
-            self._last = counter
+            self._advance(counter)
         elif last - counter >= WINDOW_SIZE:
             return False
         i = block & _RING_MASK
@@ -138,20 +130,27 @@ class ReplayWindow:
         ring[i] = old | bit
         return True
 
+    def _advance(self, counter: int) -> None:
+        """Make `counter` (above `highest`) the highest, zeroing the blocks the window enters
+        (all of them on a far jump)."""
+        current = self._last >> _BLOCK_BITS_LOG
+        block = counter >> _BLOCK_BITS_LOG
+        if block - current >= RING_BLOCKS:
+            self._ring[:] = _ZERO_RING
+        else:
+            ring = self._ring
+            for i in range(current + 1, block + 1):
+                ring[i & _RING_MASK] = 0
+        self._last = counter
+
     def accept_run(self, first: int, last: int) -> None:
         """Accept the counters first..last (inclusive), all above `highest` and below
         REJECT_AFTER_MESSAGES: the same window as `update` on each in turn, with one bit mask
         per 64-counter block instead of one call per counter (the in-order run a GRO batch
         carries). The caller guarantees the preconditions (`Session.open_batch_untrusted`)."""
+        self._advance(last)
         ring = self._ring
-        current = self._last >> _BLOCK_BITS_LOG
         top = last >> _BLOCK_BITS_LOG
-        if top - current >= RING_BLOCKS:
-            ring[:] = _ZERO_RING
-        else:
-            for i in range(current + 1, top + 1):
-                ring[i & _RING_MASK] = 0
-        self._last = last
         # Only the newest RING_BLOCKS blocks are still in the ring (a longer run wraps).
         start = max(first, (top - RING_BLOCKS + 1) << _BLOCK_BITS_LOG)
         for block in range(start >> _BLOCK_BITS_LOG, top + 1):
