@@ -8,6 +8,9 @@ retransmits; single-stream rows run `runs` times, median and spread reported), p
 ways (p50/p99 of the per-reply times, measured idle, once per path and shared by that path's
 rows), and for overlay scenarios the CPU seconds both node processes spent during the iperf3
 runs (utime+stime from /proc/PID/stat) per GB received, and their peak RSS (VmHWM).
+Beside the rows, the RTT of a blocking UDP echo over the direct veth (`echo` in the JSON):
+less the direct ping's, the cost of one trip through a user-space process on this machine,
+the floor under the overlay's RTT overhead (an overlay ping makes four such trips).
 
 A scenario is a row: secure or plain links, impairment and multi-stream runs are `Scenario`
 values, not new code paths. A scenario the node cannot run yet (plain: selective security) is
@@ -37,6 +40,7 @@ from typing import Any
 from ipop_trio.errors import IpopError, LabError
 from ipop_trio.lab import UNDERLAY_MTU, Host, Lab, Overlay, OverlayNode, sigterm_raises
 from ipop_trio.labnet_impair import (
+    RX_COALESCE_NS,
     Impairment,
     WiredOverlay,
     WireProcess,
@@ -45,6 +49,7 @@ from ipop_trio.labnet_impair import (
 )
 
 IPERF_PORT = 5201
+ECHO_PORT = 5202
 PING_COUNT = 200  # per direction
 PING_INTERVAL = 0.01  # seconds; below 0.2 needs root, which the lab has anyway
 LISTEN_TIMEOUT = 10.0
@@ -60,8 +65,10 @@ LOSSY = Impairment(loss=0.01, delay=0.005, seed=6)
 WIRE_NOTE = "labwire"  # how the impairment is made (no netem in this kernel)
 WIRE_MACHINE_NOTE = (
     "impaired rows: a - labwire - b, one /24; labwire is a Python AF_PACKET relay in its own "
-    "namespace (random loss, fixed delay per frame, FIFO); TSO/GSO/GRO and UDP segmentation off "
-    "on the four wire-side interfaces, checksum offload kept (virtio_net_hdr relayed)"
+    "namespace (random loss, fixed delay per frame, FIFO); TSO/GSO and UDP segmentation off "
+    "on the four wire-side interfaces and GRO on the wire's two, checksum offload kept "
+    "(virtio_net_hdr relayed); a and b receive with GRO and a "
+    f"{RX_COALESCE_NS // 1000} us flush timeout (a NIC's interrupt moderation)"
 )
 # Scenarios the node cannot run yet, and why. Reported as skipped rows, never faked.
 UNAVAILABLE: dict[str, str] = {}
@@ -187,6 +194,73 @@ def ping_rtts(
     except subprocess.TimeoutExpired as exc:
         raise LabError(f"ping {address} from {host.name} did not finish") from exc
     return [float(m) for m in _PING_TIME.findall(done.stdout)]
+
+
+# The cheapest user-space hop: a blocking UDP echo. Its RTT minus the direct ping's (which
+# the kernel answers) is what one trip through a user-space process costs on this machine
+# (a wake-up, a receive, a send); an overlay ping makes four (each node, each way).
+_ECHO_SERVER = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+while True:
+    data, peer = s.recvfrom(2048)
+    s.sendto(data, peer)
+"""
+_ECHO_CLIENT = """
+import json, socket, sys, time
+host, port, count, interval = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(1.0)
+deadline = time.monotonic() + 10
+while True:  # until the server answers: it may still be starting
+    s.sendto(b"ready?", (host, port))
+    try:
+        s.recvfrom(2048)
+        break
+    except TimeoutError:
+        if time.monotonic() > deadline:
+            sys.exit(f"no UDP echo from {host}:{port}")
+rtts = []
+for i in range(count):
+    time.sleep(interval)
+    tag = i.to_bytes(4, "big") + bytes(60)
+    start = time.perf_counter()
+    s.sendto(tag, (host, port))
+    try:
+        while s.recvfrom(2048)[0] != tag:
+            pass
+    except TimeoutError:
+        continue
+    rtts.append((time.perf_counter() - start) * 1000)
+print(json.dumps(rtts))
+"""
+
+
+def udp_echo_rtts(
+    client: Host,
+    server: Host,
+    address: str,
+    count: int = PING_COUNT,
+    interval: float = PING_INTERVAL,
+    *,
+    port: int = ECHO_PORT,
+) -> list[float]:
+    """RTTs (ms) of `count` 64-byte UDP messages from `client` to a blocking Python echo
+    server in `server` at `address`, sent `interval` apart like the bench's pings."""
+    proc = server.popen(
+        [sys.executable, "-c", _ECHO_SERVER, str(port)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        argv = [sys.executable, "-c", _ECHO_CLIENT, address, str(port), str(count), str(interval)]
+        out = client.check(argv, timeout=count * (interval + 1) + 30)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    return [float(r) for r in json.loads(out)]
 
 
 def percentile(values: Sequence[float], p: float) -> float | None:
@@ -440,6 +514,7 @@ def measure(
     down; return {"machine", "rows", "ratios"} with rows in `scenarios` order."""
     rows: dict[int, dict[str, Any]] = {}
     machine = machine_info()
+    result_echo: dict[str, Any] | None = None
     for impair, group in _groups(scenarios):
         todo = [(i, sc) for i, sc in group if sc.skipped is None]
         for i, sc in group:
@@ -460,6 +535,17 @@ def measure(
                     path.overlay.wait_established(*path.plain)
                     say(f"plain pair up: {path.plain[0].address} <-> {path.plain[1].address}")
             start_iperf3_server(path.b)
+            if impair is None:
+                say(f"user-space hop: UDP echo both ways ({ping_count} each)")
+                echo = udp_echo_rtts(path.a, path.b, path.underlay_b, ping_count)
+                echo += udp_echo_rtts(path.b, path.a, path.underlay_a, ping_count)
+                result_echo = {
+                    "rtt_p50_ms": _round(percentile(echo, 50), 3),
+                    "rtt_p99_ms": _round(percentile(echo, 99), 3),
+                    "pings": len(echo),
+                    "what": "blocking Python UDP echo over the direct veth, 64 B, "
+                    f"{PING_INTERVAL * 1000:g} ms apart",
+                }
             rtt_cache: dict[str, list[float]] = {}
             for i, sc in todo:
                 if sc.name not in rtt_cache:
@@ -473,7 +559,10 @@ def measure(
                 n = runs if sc.streams == 1 else 1
                 rows[i] = _measure_row(path, sc, rtt_cache[sc.name], duration, n, say)
     ordered = [rows[i] for i in sorted(rows)]
-    return {"machine": machine, "rows": ordered, "ratios": ratios(ordered)}
+    out = {"machine": machine, "rows": ordered, "ratios": ratios(ordered)}
+    if result_echo is not None:
+        out["echo"] = result_echo
+    return out
 
 
 def _find(rows: Sequence[dict[str, Any]], name: str, netem: bool) -> dict[str, Any] | None:
@@ -594,6 +683,14 @@ def format_table(result: dict[str, Any]) -> str:
         op, bound = TARGETS[key]
         met = "" if value is None else ("  ok" if _meets(value, op, bound) else "  MISSED")
         foot.append(f"{label.ljust(label_w)}  {text:>16}   (target {op} {bound:g}){met}")
+    echo, direct = result.get("echo"), _find(result["rows"], "direct", False)
+    if echo and direct and echo["rtt_p50_ms"] is not None and direct["rtt_p50_ms"] is not None:
+        hop = echo["rtt_p50_ms"] - direct["rtt_p50_ms"]
+        foot.append(
+            f"one user-space hop costs {hop:.3f} ms here (a blocking UDP echo: RTT p50 "
+            f"{echo['rtt_p50_ms']:.3f} ms, less the direct ping's {direct['rtt_p50_ms']:.3f}); "
+            "an overlay ping makes four (each node, each way)"
+        )
     if any(r.get("netem") for r in result["rows"]):
         foot.append(
             f"underlay impairment by {WIRE_NOTE} (a Python L2 relay; this kernel has no netem); "

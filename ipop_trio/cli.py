@@ -121,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="measure direct link vs overlay",
         description="In one run on the namespace lab: iperf3 TCP throughput and ping RTT over "
-        "the direct veth and over the overlay, and the CPU seconds per GB the nodes used. "
+        "the direct veth and over the overlay, and the CPU seconds per GB the nodes used; "
+        "beside them, the RTT of a plain UDP echo, which tells what one trip through a "
+        "user-space process costs on this machine (the floor under the overlay's RTT). "
         "Prints a table; writes JSON with --json. Needs root.",
     )
     bench.add_argument("--duration", type=float, default=5.0, help="seconds per iperf3 run")
