@@ -418,8 +418,8 @@ class Session:
         opened = nbytes = 0
         # Fast path: a counter above every counter accepted so far (`top`, this batch's
         # included) needs no window lookup; such counters, authenticated, are collected as
-        # consecutive runs and entered into the window with one `accept_run` each. Any other
-        # counter first enters the pending run, then takes the window's full check.
+        # consecutive runs and entered into the window with one `accept_run` each. Before any
+        # other counter the pending run is entered, then that counter takes the full check.
         top = window.highest
         run_first = run_last = -1
         i, n = start, len(datagrams)
