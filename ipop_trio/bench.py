@@ -4,7 +4,8 @@ Topology (perf-techniques §7, after WireGuard's netns.sh): two lab hosts joined
 a node on each. For the impaired rows a second lab puts a wire between them instead
 (`ipop_trio.labnet_impair`: this kernel has no netem, so `ipop_trio.labwire` loses and delays
 frames, and the JSON says so). For each scenario: iperf3 TCP (-J: received bits/s,
-retransmits; single-stream rows run `runs` times, median and spread reported), ping RTT both
+retransmits; single-stream rows run `runs` times, median and spread reported, the rows' runs
+interleaved round by round so a noisy machine's drift falls on every row alike), ping RTT both
 ways (p50/p99 of the per-reply times, measured idle, once per path and shared by that path's
 rows), and for overlay scenarios the CPU seconds both node processes spent during the iperf3
 runs (utime+stime from /proc/PID/stat) per GB received, and their peak RSS (VmHWM).
@@ -31,8 +32,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -434,72 +435,114 @@ def _node_drops(path: _Path, sc: Scenario) -> dict[str, dict[str, int]]:
     }
 
 
-def _measure_row(
-    path: _Path,
-    sc: Scenario,
-    rtts: list[float],
-    duration: float,
-    runs: int,
-    say: Print,
-) -> dict[str, Any]:
-    alpha, beta = path.nodes(sc)
-    dst = beta.address if sc.overlay else path.underlay_b
-    pids = [n.pid for n in (alpha, beta)] if sc.overlay else []
-    wire = path.wire
-    wire_before = wire.counters() if wire is not None else None
-    before = sum(cpu_seconds(pid) for pid in pids)
-    drops_before = _node_drops(path, sc) if pids else {}
-    wire_cpu, started = cpu_seconds(wire.proc.pid) if wire else 0.0, time.monotonic()
-    results = []
-    for i in range(runs):
-        say(f"{sc.name}: iperf3 {duration:g}s, {sc.streams} stream(s), run {i + 1}/{runs}")
-        results.append(iperf3(path.a, dst, duration, streams=sc.streams))
-    cpu = sum(cpu_seconds(pid) for pid in pids) - before
-    elapsed = time.monotonic() - started
-    if wire:
-        wire_cpu = cpu_seconds(wire.proc.pid) - wire_cpu
-    gigabytes = sum(r.bytes for r in results) / 1e9
-    mbps = [r.bits_per_second / 1e6 for r in results]
-    retrans = [r.retransmits for r in results if r.retransmits is not None]
-    row: dict[str, Any] = {
-        "scenario": sc.name,
-        "streams": sc.streams,
-        "netem": sc.netem,
-        "throughput_mbps": round(statistics.median(mbps), 1),
-        "rtt_p50_ms": _round(percentile(rtts, 50), 3),
-        "rtt_p99_ms": _round(percentile(rtts, 99), 3),
-        "cpu_s_per_gb": round(cpu / gigabytes, 2) if pids and gigabytes else None,
-        "rss_mb_max": round(max(peak_rss_mb(p) for p in pids), 1) if pids else None,
-        "runs": runs,
-        "duration_s": duration,
-        "throughput_runs_mbps": [round(m, 1) for m in mbps],
-        "retransmits": sum(retrans) if retrans else None,
-        "pings": len(rtts),
-    }
-    if pids:
-        row["rss_mb"] = {n.name: round(peak_rss_mb(n.pid), 1) for n in (alpha, beta)}
-        entry = path.overlay.peer_status(alpha, beta) or {}
-        row["mode"] = entry.get("mode")
-        # Datagrams/frames the nodes themselves dropped during the runs, by node and reason.
-        row["node_drops"] = {
-            node: {
-                k: n - drops_before[node].get(k, 0)
-                for k, n in reasons.items()
-                if n != drops_before[node].get(k, 0)
-            }
-            for node, reasons in _node_drops(path, sc).items()
+def _interleave(runs: Sequence[int]) -> list[int]:
+    """The order rows run in, as row positions: round r runs the r-th run of every row that
+    has one, so a slow drift of a noisy machine falls on all rows alike, not on one."""
+    return [i for r in range(max(runs, default=0)) for i, n in enumerate(runs) if r < n]
+
+
+def _add_counts(
+    total: dict[str, dict[str, int]],
+    delta: dict[str, dict[str, int]],
+    *,
+    gauges: Iterable[str] = (),
+) -> None:
+    """Add per-key counter deltas (grouped, e.g. by node or direction) into `total`; a gauge
+    takes the latest value."""
+    keep = set(gauges)
+    for group, counts in delta.items():
+        mine = total.setdefault(group, {})
+        for key, n in counts.items():
+            mine[key] = n if key in keep else mine.get(key, 0) + n
+
+
+@dataclass(slots=True)
+class _Row:
+    """One scenario's iperf3 runs, interleaved with other rows' runs: CPU, node drops and
+    wire counters are taken around each run and summed, so no row is charged another's."""
+
+    path: _Path
+    sc: Scenario
+    rtts: list[float]
+    runs: int
+    results: list[IperfResult] = field(default_factory=list)
+    cpu: float = 0.0  # both nodes' CPU seconds during this row's runs
+    wire_cpu: float = 0.0
+    elapsed: float = 0.0
+    drops: dict[str, dict[str, int]] = field(default_factory=dict)  # node -> reason -> n
+    wire: dict[str, dict[str, int]] | None = None  # direction -> counter -> n
+
+    @property
+    def pids(self) -> list[int]:
+        return [n.pid for n in self.path.nodes(self.sc)] if self.sc.overlay else []
+
+    def run_once(self, duration: float, say: Print) -> None:
+        path, sc, pids, wire = self.path, self.sc, self.pids, self.path.wire
+        dst = path.nodes(sc)[1].address if sc.overlay else path.underlay_b
+        drops_before = _node_drops(path, sc) if pids else {}
+        wire_before = wire.counters() if wire is not None else None
+        cpu_before = sum(cpu_seconds(pid) for pid in pids)
+        wire_cpu_before = cpu_seconds(wire.proc.pid) if wire is not None else 0.0
+        started = time.monotonic()
+        n = len(self.results) + 1
+        say(f"{sc.name}: iperf3 {duration:g}s, {sc.streams} stream(s), run {n}/{self.runs}")
+        self.results.append(iperf3(path.a, dst, duration, streams=sc.streams))
+        self.elapsed += time.monotonic() - started
+        self.cpu += sum(cpu_seconds(pid) for pid in pids) - cpu_before
+        if wire is not None and wire_before is not None:
+            self.wire_cpu += cpu_seconds(wire.proc.pid) - wire_cpu_before
+            self.wire = self.wire or {}
+            _add_counts(self.wire, wire_delta(wire_before, wire.counters()), gauges=["waiting"])
+        if pids:
+            after = _node_drops(path, sc)
+            _add_counts(
+                self.drops,
+                {
+                    node: {k: v - drops_before[node].get(k, 0) for k, v in reasons.items()}
+                    for node, reasons in after.items()
+                },
+            )
+
+    def finish(self, duration: float, say: Print) -> dict[str, Any]:
+        path, sc, pids, results, rtts = self.path, self.sc, self.pids, self.results, self.rtts
+        gigabytes = sum(r.bytes for r in results) / 1e9
+        mbps = [r.bits_per_second / 1e6 for r in results]
+        retrans = [r.retransmits for r in results if r.retransmits is not None]
+        row: dict[str, Any] = {
+            "scenario": sc.name,
+            "streams": sc.streams,
+            "netem": sc.netem,
+            "throughput_mbps": round(statistics.median(mbps), 1),
+            "rtt_p50_ms": _round(percentile(rtts, 50), 3),
+            "rtt_p99_ms": _round(percentile(rtts, 99), 3),
+            "cpu_s_per_gb": round(self.cpu / gigabytes, 2) if pids and gigabytes else None,
+            "rss_mb_max": round(max(peak_rss_mb(p) for p in pids), 1) if pids else None,
+            "runs": self.runs,
+            "duration_s": duration,
+            "throughput_runs_mbps": [round(m, 1) for m in mbps],
+            "retransmits": sum(retrans) if retrans else None,
+            "pings": len(rtts),
         }
-        if entry.get("mode") not in (None, sc.name):
-            say(f"note: {sc.name} row ran over a link in mode {entry.get('mode')!r}")
-    if wire is not None and wire_before is not None:
-        delta = wire_delta(wire_before, wire.counters())
-        row["wire"] = delta
-        got = sum(d["received"] for d in delta.values())
-        lost = sum(d["lost"] for d in delta.values())
-        row["wire_loss_pct"] = round(100 * lost / got, 3) if got else None
-        # The wire is one Python thread: near 1.0 it, not TCP or the node, set the pace.
-        row["wire_cpu_util"] = round(wire_cpu / elapsed, 2)
-    return row
+        if pids:
+            alpha, beta = path.nodes(sc)
+            row["rss_mb"] = {n.name: round(peak_rss_mb(n.pid), 1) for n in (alpha, beta)}
+            entry = path.overlay.peer_status(alpha, beta) or {}
+            row["mode"] = entry.get("mode")
+            # Datagrams/frames the nodes themselves dropped during the runs, by node and reason.
+            row["node_drops"] = {
+                node: {k: n for k, n in reasons.items() if n}
+                for node, reasons in self.drops.items()
+            }
+            if entry.get("mode") not in (None, sc.name):
+                say(f"note: {sc.name} row ran over a link in mode {entry.get('mode')!r}")
+        if self.wire is not None:
+            row["wire"] = self.wire
+            got = sum(d["received"] for d in self.wire.values())
+            lost = sum(d["lost"] for d in self.wire.values())
+            row["wire_loss_pct"] = round(100 * lost / got, 3) if got else None
+            # The wire is one Python thread: near 1.0 it, not TCP or the node, set the pace.
+            row["wire_cpu_util"] = round(self.wire_cpu / self.elapsed, 2)
+        return row
 
 
 def measure(
@@ -547,7 +590,7 @@ def measure(
                     f"{PING_INTERVAL * 1000:g} ms apart",
                 }
             rtt_cache: dict[str, list[float]] = {}
-            for i, sc in todo:
+            for _, sc in todo:
                 if sc.name not in rtt_cache:
                     alpha, beta = path.nodes(sc)
                     dst_b = beta.address if sc.overlay else path.underlay_b
@@ -556,8 +599,13 @@ def measure(
                     rtt_cache[sc.name] = ping_rtts(path.a, dst_b, ping_count) + ping_rtts(
                         path.b, dst_a, ping_count
                     )
-                n = runs if sc.streams == 1 else 1
-                rows[i] = _measure_row(path, sc, rtt_cache[sc.name], duration, n, say)
+            table = [
+                _Row(path, sc, rtt_cache[sc.name], runs if sc.streams == 1 else 1) for _, sc in todo
+            ]
+            for k in _interleave([row.runs for row in table]):
+                table[k].run_once(duration, say)
+            for (i, _), row in zip(todo, table, strict=True):
+                rows[i] = row.finish(duration, say)
     ordered = [rows[i] for i in sorted(rows)]
     out = {"machine": machine, "rows": ordered, "ratios": ratios(ordered)}
     if result_echo is not None:
