@@ -470,7 +470,7 @@ class _Row:
     wire_cpu: float = 0.0
     elapsed: float = 0.0
     drops: dict[str, dict[str, int]] = field(default_factory=dict)  # node -> reason -> n
-    wire: dict[str, dict[str, int]] | None = None  # direction -> counter -> n
+    wire: dict[str, dict[str, int]] = field(default_factory=dict)  # direction -> counter -> n
 
     @property
     def pids(self) -> list[int]:
@@ -491,7 +491,6 @@ class _Row:
         self.cpu += sum(cpu_seconds(pid) for pid in pids) - cpu_before
         if wire is not None and wire_before is not None:
             self.wire_cpu += cpu_seconds(wire.proc.pid) - wire_cpu_before
-            self.wire = self.wire or {}
             _add_counts(self.wire, wire_delta(wire_before, wire.counters()), gauges=["waiting"])
         if pids:
             after = _node_drops(path, sc)
@@ -535,7 +534,7 @@ class _Row:
             }
             if entry.get("mode") not in (None, sc.name):
                 say(f"note: {sc.name} row ran over a link in mode {entry.get('mode')!r}")
-        if self.wire is not None:
+        if path.wire is not None:
             row["wire"] = self.wire
             got = sum(d["received"] for d in self.wire.values())
             lost = sum(d["lost"] for d in self.wire.values())
