@@ -174,6 +174,20 @@ def _load_ca(ca_key_pem: bytes, ca_cert_pem: bytes) -> tuple[Ed25519PrivateKey, 
 # In memory, clock-free
 
 
+# A CA certificate's KeyUsage: it signs certificates (and CRLs), nothing else.
+CA_KEY_USAGE = x509.KeyUsage(
+    digital_signature=False,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=True,
+    crl_sign=True,
+    encipher_only=False,
+    decipher_only=False,
+)
+
+
 def new_ca(name: str, network: str, days: int, now: float) -> tuple[bytes, bytes]:
     """A new overlay CA: (private key PEM (PKCS8, unencrypted), self-signed certificate PEM).
 
@@ -194,20 +208,7 @@ def new_ca(name: str, network: str, days: int, now: float) -> tuple[bytes, bytes
         .not_valid_before(_utc(start))
         .not_valid_after(_utc(start + days * _DAY))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(CA_KEY_USAGE, critical=True)
         .add_extension(
             x509.NameConstraints(permitted_subtrees=[x509.IPAddress(net)], excluded_subtrees=None),
             critical=True,
