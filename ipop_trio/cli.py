@@ -325,7 +325,7 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .control.api import query
+    from .net.control import query
     from .status import format_status
 
     if args.socket is not None:

@@ -47,8 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .control.policy import SecurityPolicy
 from .errors import ConfigError, LocalProtocolError
+from .proto.policy import SecurityPolicy
 from .proto.session import Cipher
 from .proto.stun import saslprep
 

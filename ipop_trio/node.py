@@ -30,21 +30,21 @@ import trio
 
 from . import pki
 from .config import NodeConfig, PeerConfig
-from .control.api import serve_control
 from .control.controller import EVENT_QUEUE, Controller, NodeLinks
 from .control.ice import IceService
 from .control.links import LinkManager
-from .control.policy import SecurityPolicy, effective_groups
 from .datapath import pipeline
 from .datapath.inbound import Inbound, SessionEntry
 from .datapath.outbound import Outbound
 from .datapath.switch import PeerPort, Switch
 from .errors import CertificateRefused, ConfigError, PkiError
 from .net import netlink
+from .net.control import serve_control
 from .net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, Tap, TapWriter
 from .net.udp import UdpSocket
 from .proto import handshake
 from .proto.cert import Identity, TrustAnchor, mac_for_key
+from .proto.policy import SecurityPolicy, effective_groups
 from .stats import Stats
 
 log = logging.getLogger("ipop_trio.node")
@@ -238,7 +238,7 @@ async def run_node(
     if cfg.tap.offload and not tap.set_offload(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6):
         log.warning("%s: the kernel refused checksum/TSO offload; running without", tap.name)
     try:
-        udp = UdpSocket(cfg.listen)
+        udp = UdpSocket(cfg.listen.host, cfg.listen.port)
     except OSError as exc:
         tap.close()
         raise ConfigError("node.listen", str(exc)) from None
@@ -277,7 +277,8 @@ async def _run_signalling(
     node: Node, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """The signalling client and the controller it feeds (DESIGN.md §2)."""
-    from .signalling.client import ClientEvent, SignallingClient
+    from .proto.signalling import ClientEvent
+    from .signalling.client import SignallingClient
 
     cfg = node.setup.config.signalling
     assert cfg is not None

@@ -66,7 +66,6 @@ from ..proto import signalling as sig
 from ..proto.cert import Identity, TrustAnchor
 from ..proto.ice import Candidate, candidates_to_sdp, new_credentials
 from ..proto.link import LinkState
-from ..signalling.client import ClientEvent, Connected, Disconnected
 
 if TYPE_CHECKING:
     from .links import PeerRuntime
@@ -196,8 +195,8 @@ class Controller:
             keys = keys[: self.config.max_links]
         return keys
 
-    def handle_event(self, ev: ClientEvent, now: float) -> None:
-        if isinstance(ev, Connected):
+    def handle_event(self, ev: sig.ClientEvent, now: float) -> None:
+        if isinstance(ev, sig.Connected):
             self.connected = True
             self.local_address = ev.local
             self.members = {m.key: m for m in ev.welcome.members if m.key != self.own_key}
@@ -205,7 +204,7 @@ class Controller:
             for key in self.members:
                 self.first_seen.setdefault(key, now)
             self._prune(now)
-        elif isinstance(ev, Disconnected):
+        elif isinstance(ev, sig.Disconnected):
             self.connected = False
             self.requests.clear()
         elif isinstance(ev, sig.Join):
@@ -422,13 +421,13 @@ class Controller:
 
     async def serve(
         self,
-        events: trio.MemoryReceiveChannel[ClientEvent],
+        events: trio.MemoryReceiveChannel[sig.ClientEvent],
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         task_status.started()
         while True:
-            ev: ClientEvent | None = None
+            ev: sig.ClientEvent | None = None
             with trio.move_on_after(TICK):
                 ev = await events.receive()
             now = trio.current_time()

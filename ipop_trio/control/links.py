@@ -66,10 +66,10 @@ from ..proto.link import (
     SessionEstablished,
     SessionRetired,
 )
+from ..proto.policy import Decision, SecurityPolicy, advertise, decide
+from ..proto.ratelimit import RateLimiter
 from ..proto.wire import Kind
 from .ice import CONSENT_TIMEOUT, RECHECK_INTERVAL
-from .policy import Decision, SecurityPolicy, advertise, decide
-from .ratelimit import RateLimiter
 
 if TYPE_CHECKING:
     from ..node import Node, PeerSetup

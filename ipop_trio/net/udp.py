@@ -15,8 +15,6 @@ from collections.abc import Iterator
 
 import trio
 
-from ..config import Endpoint
-
 SOL_UDP = 17
 UDP_SEGMENT = 103
 UDP_GRO = 104
@@ -42,16 +40,17 @@ Address = tuple[str, int]
 class UdpSocket:
     """One bound UDP socket with batch send/receive."""
 
-    def __init__(self, listen: Endpoint) -> None:
-        family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    def __init__(self, host: str, port: int) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.family = family
         self.sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self.sock.bind(listen.sockaddr)
+            self.sock.bind((host, port))
         except OSError as exc:
             self.sock.close()
-            raise OSError(exc.errno, f"cannot bind UDP {listen}: {exc.strerror}") from None
+            where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+            raise OSError(exc.errno, f"cannot bind UDP {where}: {exc.strerror}") from None
         for opt, force in ((socket.SO_SNDBUF, SO_SNDBUFFORCE), (socket.SO_RCVBUF, SO_RCVBUFFORCE)):
             try:
                 self.sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)

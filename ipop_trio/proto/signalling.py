@@ -206,6 +206,26 @@ class Error:
 Message = Hello | Challenge | Auth | Welcome | Join | Leave | ConReq | ConResp | Ping | Pong | Error
 
 
+# --- What a node's signalling client tells its controller ----------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    """Admitted: `welcome` lists the members; `local` is our address on the connection (the
+    address that routes to the server: a host candidate)."""
+
+    welcome: Welcome
+    local: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnected:
+    reason: str
+
+
+ClientEvent = Connected | Disconnected | Join | Leave | ConReq | ConResp | Error
+
+
 # --- Encoding --------------------------------------------------------------------------------
 
 
@@ -571,8 +591,11 @@ __all__ = [
     "Auth",
     "Candidate",
     "Challenge",
+    "ClientEvent",
     "ConReq",
     "ConResp",
+    "Connected",
+    "Disconnected",
     "Error",
     "Hello",
     "IceOffer",

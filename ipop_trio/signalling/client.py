@@ -25,7 +25,6 @@ import ssl
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 import trio
 from trio_websocket import (
@@ -47,23 +46,6 @@ BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
 OUTBOX_SIZE = 256  # messages the controller may queue while a send is in flight
 CONNECT_TIMEOUT = 10.0
 STABLE_AFTER = 10.0  # a connection that lasted this long resets the backoff
-
-
-@dataclass(frozen=True, slots=True)
-class Connected:
-    """Admitted: `welcome` lists the members; `local` is our address on the connection (the
-    address that routes to the server: a host candidate)."""
-
-    welcome: sig.Welcome
-    local: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class Disconnected:
-    reason: str
-
-
-ClientEvent = Connected | Disconnected | sig.Join | sig.Leave | sig.ConReq | sig.ConResp | sig.Error
 
 
 class AdmissionRefused(Exception):
@@ -144,7 +126,7 @@ class SignallingClient:
         url: str,
         static_private: bytes,
         cert_der: bytes,
-        events: trio.MemorySendChannel[ClientEvent],
+        events: trio.MemorySendChannel[sig.ClientEvent],
         *,
         ssl_context: ssl.SSLContext | None = None,
         rng: random.Random | None = None,
@@ -195,7 +177,7 @@ class SignallingClient:
             self._outbox = None
             self.last_error = reason
             if self.state == "connected":
-                await self.events.send(Disconnected(reason))
+                await self.events.send(sig.Disconnected(reason))
             if trio.current_time() - started >= STABLE_AFTER:
                 attempt = 0
             delay = backoff_delay(attempt, self._rng)
@@ -244,7 +226,7 @@ class SignallingClient:
         # it sends in answer to the welcome are queued, not dropped (and retried 2 s later).
         outbox_send, outbox_receive = trio.open_memory_channel[str](OUTBOX_SIZE)
         self._outbox = outbox_send
-        await self.events.send(Connected(welcome, None if local is None else str(local)))
+        await self.events.send(sig.Connected(welcome, None if local is None else str(local)))
         return await self._run(ws, outbox_send, outbox_receive)
 
     async def _receive(self, ws: WebSocketConnection) -> sig.Message:
@@ -320,9 +302,6 @@ class SignallingClient:
 
 
 __all__ = [
-    "ClientEvent",
-    "Connected",
-    "Disconnected",
     "SignallingClient",
     "backoff_delay",
 ]

@@ -56,6 +56,7 @@ from trio_websocket import (
 from ..errors import BadPacket, CertificateRefused
 from ..proto import signalling as sig
 from ..proto.cert import Identity, TrustAnchor
+from ..proto.ratelimit import TokenBucket
 
 log = logging.getLogger("ipop_trio.signalling.server")
 
@@ -113,9 +114,8 @@ class Conn:
     id: int
     peer: str
     opened: float
+    bucket: TokenBucket  # messages it may send (Limits.rate, Limits.burst)
     state: ConnState = ConnState.HELLO
-    tokens: float = 0.0
-    refilled: float = 0.0
     challenge: sig.PendingChallenge | None = None
     identity: Identity | None = None
     member: sig.Member | None = None
@@ -151,7 +151,8 @@ class ServerCore:
 
     def open(self, peer: str, now: float) -> int:
         """A transport connected; returns its id. Refuses (Close) beyond max_clients."""
-        conn = Conn(self._next_id, peer, now, tokens=self.limits.burst, refilled=now)
+        lim = self.limits
+        conn = Conn(self._next_id, peer, now, TokenBucket(lim.rate, lim.burst, now))
         self._next_id += 1
         self.conns[conn.id] = conn
         if len(self.conns) > self.limits.max_clients:
@@ -190,7 +191,7 @@ class ServerCore:
         conn = self.conns.get(conn_id)
         if conn is None or conn.state is ConnState.CLOSED:
             return
-        if not self._take_token(conn, now):
+        if not conn.bucket.allow(now):
             self.count("closed_rate")
             self._close(conn, CLOSE_POLICY, "rate limit exceeded")
             return
@@ -304,15 +305,6 @@ class ServerCore:
         if overlay.members.get(conn.member.key) is conn:
             del overlay.members[conn.member.key]
             self._broadcast(overlay, sig.encode(sig.Leave(conn.member.key, conn.member.name)))
-
-    def _take_token(self, conn: Conn, now: float) -> bool:
-        lim = self.limits
-        conn.tokens = min(lim.burst, conn.tokens + max(0.0, now - conn.refilled) * lim.rate)
-        conn.refilled = now
-        if conn.tokens < 1.0:
-            return False
-        conn.tokens -= 1.0
-        return True
 
     def _send(self, conn: Conn, msg: sig.Message) -> None:
         self._actions.append(Send(conn.id, sig.encode(msg)))

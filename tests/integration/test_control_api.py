@@ -2,7 +2,7 @@ from pathlib import Path
 
 import trio
 
-from ipop_trio.control.api import MAX_REQUEST, handle_request_untrusted, serve_control
+from ipop_trio.net.control import MAX_REQUEST, handle_request_untrusted, serve_control
 
 HANDLERS = {"status": lambda req: {"ok": True}}
 

@@ -40,7 +40,7 @@ DROPS = frozenset(
 
 def service(config: IceConfig | None = None) -> IceService:
     return IceService(
-        UdpSocket(Endpoint(LOOPBACK, 0)),
+        UdpSocket(LOOPBACK, 0),
         Stats(),
         config or IceConfig(),
         tap_name="ipop-test",

@@ -28,12 +28,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ipop_trio import pki
 from ipop_trio.proto import signalling as sig
-from ipop_trio.signalling.client import (
-    CONNECT_TIMEOUT,
-    ClientEvent,
-    Connected,
-    SignallingClient,
-)
+from ipop_trio.proto.signalling import ClientEvent, Connected
+from ipop_trio.signalling.client import CONNECT_TIMEOUT, SignallingClient
 from ipop_trio.signalling.server import SignallingServer
 
 NOW = time.time()

@@ -22,7 +22,7 @@ from ipop_trio.proto import signalling as sig
 from ipop_trio.proto.cert import Identity
 from ipop_trio.proto.ice import Candidate, candidates_to_sdp, host_candidate
 from ipop_trio.proto.link import LinkState
-from ipop_trio.signalling.client import Connected, Disconnected
+from ipop_trio.proto.signalling import Connected, Disconnected
 
 from . import _lab_identities as ids
 
@@ -270,7 +270,7 @@ def test_groups_claimed_in_signalling_never_reach_the_mode_decision() -> None:
     """Issue 5: carol is certified {ops}; her con_req claims {eng}. The link is set up with
     her *certified* identity, so with security=groups an {eng} node still finds no common
     group (plain), exactly as if she had claimed nothing."""
-    from ipop_trio.control.policy import SecurityPolicy, advertise, decide
+    from ipop_trio.proto.policy import SecurityPolicy, advertise, decide
 
     alice, carol = ids.alice(), ids.carol()
     ctl, links, _ = make(alice)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ipop_trio.control.policy import (
+from ipop_trio.proto.policy import (
     SecurityPolicy,
     advertise,
     decide,

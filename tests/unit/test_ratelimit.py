@@ -1,4 +1,4 @@
-from ipop_trio.control.ratelimit import RateLimiter
+from ipop_trio.proto.ratelimit import RateLimiter
 
 
 def test_burst_then_rate_per_key() -> None:

@@ -17,6 +17,8 @@ from typing import Any
 
 import trio
 
+from ..errors import IpopError
+
 MAX_REQUEST = 4096
 REQUEST_TIMEOUT = 5.0
 
@@ -87,8 +89,15 @@ def handle_request_untrusted(line: bytes, handlers: dict[str, Handler]) -> dict[
     return handler(req)
 
 
-def query(path: Path, cmd: str = "status", timeout: float = 5.0) -> dict[str, Any]:
-    """Blocking client for the CLI and the lab: send one command, return the reply."""
+class ControlReplyError(IpopError):
+    """The control socket answered with something other than one JSON object."""
+
+
+def query(path: Path, cmd: str = "status", *, timeout: float = 5.0) -> dict[str, Any]:
+    """The one client of the control socket (`status`, the lab, profiling): send one
+    command, return the reply. Raises OSError when no node answers there (FileNotFoundError,
+    ConnectionRefusedError, PermissionError, TimeoutError) and ControlReplyError when the
+    reply is not a JSON object."""
     import socket
 
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -96,12 +105,16 @@ def query(path: Path, cmd: str = "status", timeout: float = 5.0) -> dict[str, An
         s.connect(str(path))
         s.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
         data = b""
-        while not data.endswith(b"\n"):
+        while b"\n" not in data:
             chunk = s.recv(65536)
             if not chunk:
                 break
             data += chunk
-    reply = json.loads(data)
+    line = data.split(b"\n", 1)[0]
+    try:
+        reply = json.loads(line)
+    except ValueError:
+        raise ControlReplyError(f"{path}: the reply is not JSON: {line[:200]!r}") from None
     if not isinstance(reply, dict):
-        raise ValueError("control socket replied with something other than an object")
+        raise ControlReplyError(f"{path}: expected a JSON object, got {line[:200]!r}")
     return reply
