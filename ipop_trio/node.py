@@ -43,7 +43,7 @@ from .net.control import serve_control
 from .net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, Tap, TapWriter
 from .net.udp import UdpSocket
 from .proto import handshake
-from .proto.cert import Identity, TrustAnchor, mac_for_key
+from .proto.cert import Identity, TrustAnchor, format_mac, mac_for_key
 from .proto.policy import SecurityPolicy, effective_groups
 from .stats import Stats
 
@@ -209,7 +209,7 @@ class Node:
                 "address": f"{ident.address}/{ident.network.prefixlen}",
                 "groups": sorted(ident.groups),
                 "tap": self.tap.name,
-                "mac": pki.format_mac(ident.mac),
+                "mac": format_mac(ident.mac),
                 "listen": f"{host}:{port}",
                 "pid": os.getpid(),
                 "cipher": self.setup.config.cipher.value,

@@ -39,6 +39,7 @@ from ipop_trio.proto.cert import (
     IPAddress,
     IPNetwork,
     TrustAnchor,
+    format_mac,
     mac_for_key,
     usable_address,
     valid_name,
@@ -609,10 +610,6 @@ def sign_node(
 
 # ---------------------------------------------------------------------------------------------
 # `ipop-trio ca init | sign` (cli.py builds the parser and turns PkiError into a message)
-
-
-def format_mac(mac: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in mac)
 
 
 def parse_groups(text: str | None) -> list[str]:

@@ -13,10 +13,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ..errors import TapError
-
-
-def _fmt_mac(mac: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in mac)
+from ..proto.cert import format_mac
 
 
 def configure_tap(
@@ -29,7 +26,7 @@ def configure_tap(
             if not found:
                 raise TapError(f"interface {name!r} vanished before it was configured")
             idx = found[0]
-            ipr.link("set", index=idx, address=_fmt_mac(mac), mtu=mtu)
+            ipr.link("set", index=idx, address=format_mac(mac), mtu=mtu)
             ipr.addr("add", index=idx, address=str(address.ip), prefixlen=address.network.prefixlen)
             ipr.link("set", index=idx, state="up")
     except NetlinkError as exc:

@@ -90,6 +90,11 @@ def mac_for_key(public_key: bytes) -> bytes:
     return bytes([(digest[0] & 0xFC) | 0x02]) + digest[1:6]
 
 
+def format_mac(mac: bytes) -> str:
+    """aa:bb:cc:dd:ee:ff, as ip(8) and netlink write it."""
+    return ":".join(f"{b:02x}" for b in mac)
+
+
 def _single_cn(name: x509.Name) -> str | None:
     cns = name.get_attributes_for_oid(NameOID.COMMON_NAME)
     if len(cns) != 1 or not isinstance(cns[0].value, str):
