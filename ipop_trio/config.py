@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, LocalProtocolError
+from .proto.cert import decode_key
 from .proto.policy import SecurityPolicy
 from .proto.session import Cipher
 from .proto.stun import saslprep
@@ -470,8 +471,6 @@ def _file(base: Path, field: str, value: object, *, required: bool) -> Path | No
 
 
 def _public_key(field: str, value: object) -> bytes:
-    from .pki import decode_key
-
     if not isinstance(value, str):
         raise ConfigError(field, "must be a base64 X25519 public key (string)")
     try:

@@ -1,4 +1,4 @@
-"""run_node(): assembles a node's task tree (DESIGN.md §2).
+"""run_node(): assembles a node's task tree (docs/architecture.md, "The task tree").
 
     run_node(setup)
     ├── control server      unix socket: status / stats JSON
@@ -21,40 +21,37 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from . import pki
-from .config import NodeConfig, PeerConfig
-from .control.controller import EVENT_QUEUE, Controller, NodeLinks
+from .config import NodeConfig
+from .control.controller import EVENT_QUEUE, Controller
 from .control.ice import IceService
-from .control.links import LinkManager
+from .control.links import LinkManager, PeerRuntime, PeerSetup
 from .datapath import pipeline
-from .datapath.inbound import Inbound, SessionEntry
+from .datapath.inbound import Inbound
 from .datapath.outbound import Outbound
-from .datapath.switch import PeerPort, Switch
+from .datapath.sessions import SessionTable
+from .datapath.switch import Switch
 from .errors import CertificateRefused, ConfigError, PkiError
 from .net import netlink
 from .net.control import serve_control
 from .net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, Tap, TapWriter
 from .net.udp import UdpSocket
 from .proto import handshake
-from .proto.cert import Identity, TrustAnchor, format_mac, mac_for_key
+from .proto.cert import Identity, TrustAnchor, format_mac
 from .proto.policy import SecurityPolicy, effective_groups
+from .proto.signalling import ClientEvent
 from .stats import Stats
 
+if TYPE_CHECKING:
+    from .signalling.client import SignallingClient
+
 log = logging.getLogger("ipop_trio.node")
-
-
-@dataclass(frozen=True, slots=True)
-class PeerSetup:
-    config: PeerConfig
-    public_key: bytes
-    identity: Identity | None  # when the config gave a certificate
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +66,10 @@ class Setup:
     @property
     def policy(self) -> SecurityPolicy:
         return self.config.security
+
+
+def _local_identity(setup: Setup) -> handshake.LocalIdentity:
+    return handshake.LocalIdentity(setup.private_key, setup.identity.der, setup.anchor)
 
 
 def prepare(cfg: NodeConfig) -> Setup:
@@ -134,20 +135,18 @@ def prepare(cfg: NodeConfig) -> Setup:
 
 
 class Node:
-    """The running node's shared state (the task tree is built in run_node)."""
+    """The running node: the parts run_node assembled, each given what it uses (nothing
+    here is reached back into), and the control socket's answers."""
 
     def __init__(self, setup: Setup, tap: Tap, udp: UdpSocket) -> None:
         self.setup = setup
         self.tap = tap
         self.udp = udp
         self.stats = Stats()
-        self.identity = setup.identity
-        self.local = handshake.LocalIdentity(setup.private_key, setup.identity.der, setup.anchor)
+        self.started_wall = time.time()
         self.switch = Switch(setup.identity.mac, self.stats)
-        self.sessions: dict[int, SessionEntry] = {}
+        self.sessions: SessionTable[PeerRuntime] = SessionTable()
         self.writer = TapWriter(tap, self.stats)
-        self.outbound = Outbound(self.switch, udp, self.stats)
-        self.links = LinkManager(self)
         self.ice = IceService(
             udp,
             self.stats,
@@ -155,49 +154,43 @@ class Node:
             tap_name=tap.name,
             listen_host=setup.config.listen.host,
         )
-        self.ice.on_new_candidate = self.links.on_new_candidate
-        self.ice.on_ready = self.links.on_ice_ready
-        self.inbound = Inbound(
-            self.switch, self.stats, self.sessions, self.links.on_handshake, self.ice.on_ice
+        self.outbound = Outbound(self.switch, udp, self.stats, send_relayed=self.ice.send_iov_via)
+        self.links = LinkManager(
+            local=_local_identity(setup),
+            cipher=setup.config.cipher,
+            policy=setup.policy,
+            groups=setup.groups,
+            peers=setup.peers,
+            sessions=self.sessions,
+            switch=self.switch,
+            writer=self.writer,
+            outbound=self.outbound,
+            udp=udp,
+            ice=self.ice,
+            stats=self.stats,
         )
-        self.inbound.local_ip = lambda: udp.last_local
-        self.outbound.send_relayed = self.ice.send_iov_via  # type: ignore[assignment]
-        self.started_wall = time.time()
-        self.signalling: Any = None  # SignallingClient, when [signalling] is configured
+        self.inbound = Inbound(
+            self.switch,
+            self.stats,
+            self.sessions,
+            on_handshake=self.links.on_handshake,
+            on_ice=self.ice.on_ice,
+        )
+        self.signalling: SignallingClient | None = None  # with [signalling]
         self.controller: Controller | None = None
+
+    @property
+    def identity(self) -> Identity:
+        return self.setup.identity
 
     def reload(self, setup: Setup) -> int:
         """Apply a re-read configuration (SIGHUP): a new certificate, security policy or
         groups re-key the links whose mode changes; the others keep running. Changes to the
         TAP, the listen address or the peer list take effect at the next start."""
         self.setup = setup
-        self.identity = setup.identity
-        self.local = handshake.LocalIdentity(setup.private_key, setup.identity.der, setup.anchor)
         if self.controller is not None:
-            self.controller.cert_der = setup.identity.der
-            self.controller.groups = tuple(sorted(setup.groups))
-            self.controller.policy = setup.policy.value
-        return self.links.reconfigure(self.local, setup.policy, setup.groups)
-
-    def send_control(self, datagram: bytes, dest: tuple[str, int], relay: object | None) -> bool:
-        """A handshake or keepalive datagram on a path (directly, or through a relay)."""
-        if relay is None:
-            return self.udp.send_one(datagram, dest)
-        return self.ice.send_via(relay, dest, datagram)  # type: ignore[arg-type]
-
-    def allocate_index(self) -> int:
-        while True:
-            index = secrets.randbits(32)
-            if index not in self.sessions and not self.links.index_in_use(index):
-                return index
-
-    def new_port(self, peer: PeerSetup) -> PeerPort:
-        ip4 = None
-        if peer.identity is not None and peer.identity.address.version == 4:
-            ip4 = peer.identity.address.packed
-        port = PeerPort(peer.config.name, mac_for_key(peer.public_key), ip4)
-        self.switch.add(port)
-        return port
+            self.controller.reconfigure(setup.identity.der, setup.groups, setup.policy.value)
+        return self.links.reconfigure(_local_identity(setup), setup.policy, setup.groups)
 
     def status(self, _req: dict[str, Any]) -> dict[str, Any]:
         ident = self.identity
@@ -276,9 +269,8 @@ async def run_node(
 async def _run_signalling(
     node: Node, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """The signalling client and the controller it feeds (DESIGN.md §2)."""
-    from .proto.signalling import ClientEvent
-    from .signalling.client import SignallingClient
+    """The signalling client and the controller it feeds."""
+    from .signalling.client import SignallingClient  # trio-websocket only when configured
 
     cfg = node.setup.config.signalling
     assert cfg is not None
@@ -298,7 +290,7 @@ async def _run_signalling(
         policy=node.setup.policy.value,
         overlay=node.identity.overlay,
         anchor=node.setup.anchor,
-        links=NodeLinks(node.links),
+        links=node.links,
         client=client,
         config=cfg,
         udp_port=node.udp.local[1],
@@ -306,6 +298,9 @@ async def _run_signalling(
         ice=node.ice,
     )
     node.signalling, node.controller = client, controller
+    # The one link the two need back to each other: the links ask the controller about an
+    # authenticated initiation from a member they have no link for yet.
+    node.links.admit_unknown = controller.admit
     async with trio.open_nursery() as nursery:
         node.ice.gather_hosts()
         await nursery.start(node.ice.serve)

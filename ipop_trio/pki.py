@@ -15,8 +15,6 @@ briefly world-readable.
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
 import datetime
 import ipaddress
 import os
@@ -39,6 +37,8 @@ from ipop_trio.proto.cert import (
     IPAddress,
     IPNetwork,
     TrustAnchor,
+    decode_key,
+    encode_key,
     format_mac,
     mac_for_key,
     usable_address,
@@ -76,24 +76,6 @@ def public_key_of(private_raw: bytes) -> bytes:
         raise PkiError(f"an X25519 private key is {KEY_SIZE} bytes, not {len(private_raw)}")
     private = X25519PrivateKey.from_private_bytes(bytes(private_raw))
     return private.public_key().public_bytes(_RAW, serialization.PublicFormat.Raw)
-
-
-def encode_key(raw: bytes) -> str:
-    """A raw 32-byte key as the base64 text used in config files (`public_key = "..."`)."""
-    if len(raw) != KEY_SIZE:
-        raise ValueError(f"a key is {KEY_SIZE} bytes, not {len(raw)}")
-    return base64.b64encode(bytes(raw)).decode("ascii")
-
-
-def decode_key(text: str) -> bytes:
-    """The raw 32-byte key in a config value; `ValueError` when it is not exactly that."""
-    try:
-        raw = base64.b64decode(text.strip(), validate=True)
-    except (binascii.Error, ValueError, AttributeError) as exc:
-        raise ValueError(f"not base64: {exc}") from exc
-    if len(raw) != KEY_SIZE:
-        raise ValueError(f"a key is {KEY_SIZE} bytes, not {len(raw)}")
-    return raw
 
 
 def _x25519_private_raw(key: X25519PrivateKey) -> bytes:

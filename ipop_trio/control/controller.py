@@ -1,4 +1,4 @@
-"""The controller: from signalling membership to the links a node should have (DESIGN.md §2).
+"""The controller: from signalling membership to the links a node should have.
 
     signalling client ──events──► Controller ──add_peer / remove_peer / set_endpoint──► links
           ▲                            │
@@ -54,21 +54,18 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import trio
 
-from ..config import PeerConfig, SignallingConfig
+from ..config import SignallingConfig
 from ..errors import BadPacket, CertificateRefused
 from ..proto import signalling as sig
 from ..proto.cert import Identity, TrustAnchor
 from ..proto.ice import Candidate, candidates_to_sdp, new_credentials
-from ..proto.link import LinkState
-
-if TYPE_CHECKING:
-    from .links import PeerRuntime
+from .links import Learned
 
 log = logging.getLogger("ipop_trio.controller")
 
@@ -84,14 +81,27 @@ REFRESH_INTERVAL = 20.0
 EVENT_QUEUE = 256  # client → controller events (full: the client waits)
 
 
+class LinkView(Protocol):
+    """What the controller reads of one link (control/links.py's PeerRuntime)."""
+
+    learned: Learned
+    failures: int  # handshakes failed or refused in a row
+    ice_restart: bool  # its ICE agent found no path: it wants fresh candidates
+
+    @property
+    def key(self) -> bytes: ...
+    @property
+    def established(self) -> bool: ...
+
+
 class Links(Protocol):
     """What the controller needs from the link manager (a fake in unit tests)."""
 
-    admit_unknown: Callable[[Identity, tuple[str, int]], bool] | None
-
-    def get(self, public_key: bytes) -> PeerRuntime | None: ...
-    def learned(self) -> list[PeerRuntime]: ...
-    def add(self, identity: Identity, endpoint: tuple[str, int] | None, initiate: bool) -> None: ...
+    def get(self, public_key: bytes) -> LinkView | None: ...
+    def learned(self) -> Sequence[LinkView]: ...
+    def add(
+        self, identity: Identity, endpoint: tuple[str, int] | None, initiate: bool
+    ) -> object: ...
     def remove(self, public_key: bytes, why: str) -> None: ...
     def set_endpoint(self, public_key: bytes, endpoint: tuple[str, int]) -> None: ...
     def ice_creds(self, public_key: bytes) -> tuple[str, str | None] | None: ...
@@ -173,7 +183,13 @@ class Controller:
         self.ice_local: dict[bytes, tuple[str, str]] = {}  # our ICE credentials per peer
         self.ice_request: dict[bytes, str] = {}  # request_id of our latest con_req per peer
         self.refreshed_at: dict[bytes, float] = {}  # when a failing link last asked afresh
-        links.admit_unknown = self.admit
+
+    def reconfigure(self, cert_der: bytes, groups: frozenset[str], policy: str) -> None:
+        """A re-read certificate, groups and policy (SIGHUP): the next con_req/con_resp
+        carry them."""
+        self.cert_der = cert_der
+        self.groups = tuple(sorted(groups))
+        self.policy = policy
 
     # --- decisions (sync, fed `now`) ------------------------------------------------------
 
@@ -219,7 +235,7 @@ class Controller:
             self.ice_request.pop(ev.key, None)
             self.refreshed_at.pop(ev.key, None)
             rt = self.links.get(ev.key)
-            if rt is not None and rt.learned == "signalling":
+            if rt is not None and rt.learned is Learned.SIGNALLING:
                 self.links.remove(ev.key, "left the overlay")
         elif isinstance(ev, sig.ConReq | sig.ConResp):
             self._on_con(ev, now)
@@ -269,17 +285,17 @@ class Controller:
 
     # --- internals ------------------------------------------------------------------------
 
-    def _wants_refresh(self, rt: PeerRuntime, key: bytes, now: float) -> bool:
+    def _wants_refresh(self, rt: LinkView, key: bytes, now: float) -> bool:
         """Ask the peer afresh (new candidates, an ICE restart): when the link's ICE found no
         path (the flag clears when the new agent starts), or when the link keeps failing,
         at most every REFRESH_INTERVAL."""
-        if rt.learned != "signalling":
+        if rt.learned is not Learned.SIGNALLING:
             return False
-        if getattr(rt, "ice_restart", False):
+        if rt.ice_restart:
             return True
         if now - self.refreshed_at.get(key, -REFRESH_INTERVAL) < REFRESH_INTERVAL:
             return False
-        return rt.link.state is not LinkState.ESTABLISHED and rt.failures >= REFRESH_AFTER_FAILURES
+        return not rt.established and rt.failures >= REFRESH_AFTER_FAILURES
 
     def _room_for(self, key: bytes) -> bool:
         if key in self.desired():
@@ -291,7 +307,7 @@ class Controller:
         over = len(learned) - self.config.max_links
         desired = set(self.desired()) if over > 0 else set()
         for rt in learned:
-            key = rt.setup.public_key
+            key = rt.key
             if key in self.members:
                 if over > 0 and key not in desired:
                     self.links.remove(key, "over max_links")
@@ -299,7 +315,7 @@ class Controller:
                 continue
             # Not a member (after a reconnect): keep it while its link works, or while the
             # server is away and cannot tell us.
-            if self.connected and rt.link.state is not LinkState.ESTABLISHED:
+            if self.connected and not rt.established:
                 self.links.remove(key, "no longer a member")
 
     def _new_credentials(self) -> tuple[str, str]:
@@ -437,73 +453,4 @@ class Controller:
                 self.handle_event(ev, now)
 
 
-class NodeLinks:
-    """`Links` over the node's LinkManager: learned peers become PeerSetups."""
-
-    def __init__(self, manager: Any) -> None:
-        self.manager = manager
-
-    @property
-    def admit_unknown(self) -> Callable[[Identity, tuple[str, int]], bool] | None:
-        hook: Callable[[Identity, tuple[str, int]], bool] | None = self.manager.admit_unknown
-        return hook
-
-    @admit_unknown.setter
-    def admit_unknown(self, hook: Callable[[Identity, tuple[str, int]], bool] | None) -> None:
-        self.manager.admit_unknown = hook
-
-    def get(self, public_key: bytes) -> PeerRuntime | None:
-        rt: PeerRuntime | None = self.manager.by_key.get(public_key)
-        return rt
-
-    def learned(self) -> list[PeerRuntime]:
-        return [rt for rt in self.manager.peers if rt.learned == "signalling"]
-
-    def add(self, identity: Identity, endpoint: tuple[str, int] | None, initiate: bool) -> None:
-        from ..config import Endpoint
-        from ..node import PeerSetup
-
-        config = PeerConfig(
-            name=identity.name,
-            cert=None,
-            public_key=identity.public_key,
-            endpoint=None if endpoint is None else Endpoint(*endpoint),
-        )
-        setup = PeerSetup(config, identity.public_key, identity)
-        self.manager.add_peer(setup, learned="signalling", initiate=initiate)
-
-    def remove(self, public_key: bytes, why: str) -> None:
-        self.manager.remove_peer(public_key, why)
-
-    def set_endpoint(self, public_key: bytes, endpoint: tuple[str, int]) -> None:
-        rt = self.get(public_key)
-        if rt is not None:
-            self.manager.set_endpoint(rt, endpoint)
-
-    def ice_creds(self, public_key: bytes) -> tuple[str, str | None] | None:
-        rt = self.get(public_key)
-        if rt is None or rt.ice is None:
-            return None
-        return rt.ice.local_ufrag, rt.ice.remote_ufrag
-
-    def start_ice(
-        self,
-        public_key: bytes,
-        local: tuple[str, str],
-        remote: tuple[str, str],
-        candidates: list[Candidate],
-        controlling: bool,
-    ) -> None:
-        rt = self.get(public_key)
-        if rt is not None:
-            if rt.con_at is None:
-                rt.con_at = time.monotonic()
-            self.manager.start_ice(rt, local, remote, candidates, controlling)
-
-    def add_ice_candidates(self, public_key: bytes, candidates: list[Candidate]) -> None:
-        rt = self.get(public_key)
-        if rt is not None:
-            self.manager.add_ice_candidates(rt, candidates)
-
-
-__all__ = ["Controller", "Links", "NodeLinks", "pair_rank"]
+__all__ = ["Controller", "LinkView", "Links", "pair_rank"]

@@ -13,9 +13,10 @@ One service per node, shared by every link: host candidates from the interfaces 
 overlay TAP or `[ice] ignore_interfaces`), server-reflexive ones through the `[ice] stun`
 servers, one relayed candidate per `[ice] turn` server (RFC 8656; lost allocations are
 re-made with backoff). All of it on the node's one UDP socket. The per-peer agents live in
-the link tasks (control/links.py); this module only finds them their datagrams and sends
-theirs: from a host candidate with IP_PKTINFO, or wrapped for a relay (ChannelData once
-a channel is bound, a Send indication before).
+the link tasks (control/links.py), which `register` each with the function that wakes its
+task; this module finds them their datagrams, gives every registered agent the candidates
+found late, and sends the agents' datagrams: from a host candidate with IP_PKTINFO, or
+wrapped for a relay (ChannelData once a channel is bound, a Send indication before).
 
 `ready` is set when every server answered or GATHER_TIMEOUT passed: the controller holds
 its con_reqs until then, so peers get every candidate in one message (no trickle).
@@ -27,7 +28,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
@@ -49,7 +50,6 @@ from ..proto.ice import (
 )
 from ..proto.stun import Addr, Class
 from ..proto.turn import (
-    CHANNEL_HEADER,
     Allocated,
     AllocationFailed,
     AllocationLost,
@@ -57,27 +57,20 @@ from ..proto.turn import (
     PermissionFailed,
     TurnClient,
     TurnState,
+    channel_data_iov,
 )
 from ..stats import Stats
-
-if TYPE_CHECKING:
-    from .links import PeerRuntime
 
 log = logging.getLogger("ipop_trio.ice")
 
 # Gathering waits at most this long for STUN and TURN servers before the node's candidates
 # go to peers (the servers that answer later add their candidates to later exchanges).
 GATHER_TIMEOUT = 3.0
-# RFC 7675 allows any consent timeout up to 30 s. A dead direct path black-holes the link's
-# traffic until consent expires, so we fail over sooner: a consent check goes every ~5 s
-# and is retransmitted 4 times, so 10 s is at least one whole failed transaction.
-CONSENT_TIMEOUT = 10.0
-# How often failed pairs better than the selected one are tried again (relay → direct).
-RECHECK_INTERVAL = 10.0
 TURN_RETRY_MIN, TURN_RETRY_MAX = 5.0, 60.0
 SOFTWARE = "ipop-trio"
 
 Relayed = tuple[TurnClient, Addr, bytes]  # (relay it came through, peer address, payload)
+Wake = Callable[[], None]  # wakes the link task that drives an agent
 
 
 class Relay:
@@ -123,13 +116,10 @@ class IceService:
             t.server.sockaddr: Relay(t.server.sockaddr, t.username, t.password) for t in config.turn
         }
         self.gatherer = SrflxGatherer(rng=self._rng, software=SOFTWARE)
-        self.agents: dict[str, PeerRuntime] = {}  # by our local ufrag
+        self.agents: dict[str, tuple[IceAgent, Wake]] = {}  # by our local ufrag
         self.ready = False
         self._gather_deadline = 0.0
         self._wake_send, self._wake = trio.open_memory_channel[None](1)
-        # Called with each candidate found after agents exist (links add it to their agents).
-        self.on_new_candidate: Callable[[Candidate], None] | None = None
-        self.on_ready: Callable[[], None] | None = None
 
     # --- candidates -----------------------------------------------------------------------
 
@@ -155,13 +145,17 @@ class IceService:
         return self.host
 
     def _add_candidate(self, cand: Candidate) -> None:
-        if self.on_new_candidate is not None:
-            self.on_new_candidate(cand)
+        """A candidate gathered late (a TURN allocation made again): every agent gets it."""
+        for agent, wake in self.agents.values():
+            agent.add_local_candidate(cand)
+            wake()
 
     # --- agents ---------------------------------------------------------------------------
 
-    def register(self, ufrag: str, rt: PeerRuntime) -> None:
-        self.agents[ufrag] = rt
+    def register(self, agent: IceAgent, wake: Wake) -> None:
+        """Route the agent's STUN datagrams to it (requests by our ufrag, responses by
+        transaction id); `wake` tells its link task there is something to do."""
+        self.agents[agent.local_ufrag] = (agent, wake)
 
     def unregister(self, ufrag: str) -> None:
         self.agents.pop(ufrag, None)
@@ -235,22 +229,15 @@ class IceService:
                 not self.send_via(client, peer, iov[2 * i] + iov[2 * i + 1])
                 for i in range(len(sizes))
             )
-        framed: list[bytes] = []
-        framed_sizes: list[int] = []
-        pack = CHANNEL_HEADER.pack
-        for i, size in enumerate(sizes):
-            framed.append(pack(channel, size) + iov[2 * i])
-            pad = -size & 3
-            framed.append(iov[2 * i + 1] + bytes(pad) if pad else iov[2 * i + 1])
-            framed_sizes.append(size + 4 + pad)
+        framed, framed_sizes = channel_data_iov(channel, iov, sizes, pad=True)
         return self.udp.send_iov(framed, framed_sizes, client.server)
 
     # --- datagrams from the data path -----------------------------------------------------
 
-    def on_ice(self, data: memoryview, addr: Addr, local_ip: str | None) -> Relayed | None:
-        """A STUN or ChannelData datagram from the socket (sync, in the receiver task).
-        Returns a relayed link datagram for the data path; everything else is handled
-        here or counted as a drop. Never raises."""
+    def on_ice(self, data: memoryview, addr: Addr) -> Relayed | None:
+        """A STUN or ChannelData datagram from the socket (sync, in the receiver task, right
+        after the receive call that returned it). Returns a relayed link datagram for the
+        data path; everything else is handled here or counted as a drop. Never raises."""
         now = time.monotonic()
         first = data[0]
         if first < 4:
@@ -260,7 +247,7 @@ class IceService:
                 self.stats.drop("stun_malformed")
                 return None
             if self.gatherer.owns(hdr.transaction_id):
-                base = (local_ip or "", self.port)
+                base = (self.udp.last_local or "", self.port)
                 try:
                     self.gatherer.receive_untrusted(data, base, addr, now)
                 except BadPacket:
@@ -289,7 +276,7 @@ class IceService:
         if first >= 4:
             self.stats.drop("channel_data_not_from_relay")
             return None
-        self._to_agent(data, (local_ip or "", self.port), addr, now)
+        self._to_agent(data, (self.udp.last_local or "", self.port), addr, now)
         return None
 
     def _to_agent(self, data: bytes | memoryview, base: Addr, remote: Addr, now: float) -> None:
@@ -298,20 +285,19 @@ class IceService:
         except BadPacket:
             self.stats.drop("stun_malformed")
             return
-        rt: PeerRuntime | None
+        found: tuple[IceAgent, Wake] | None
         if msg.cls is Class.REQUEST:
-            rt = self.agents.get((msg.username or "").partition(":")[0])
+            found = self.agents.get((msg.username or "").partition(":")[0])
         else:
             tid = msg.transaction_id
-            rt = next(
-                (r for r in self.agents.values() if r.ice is not None and r.ice.owns(tid)), None
-            )
-        if rt is None or rt.ice is None:
+            found = next((a for a in self.agents.values() if a[0].owns(tid)), None)
+        if found is None:
             self.stats.drop("stun_no_agent")
             return
-        rt.ice.receive_untrusted(data, base, remote, now)
-        self.flush_agent(rt.ice)  # answers go out now, not at the link task's next turn
-        rt.wake()
+        agent, wake = found
+        agent.receive(data, base, remote, now)
+        self.flush_agent(agent)  # answers go out now, not at the link task's next turn
+        wake()
 
     # --- the task -------------------------------------------------------------------------
 
@@ -364,8 +350,9 @@ class IceService:
         ):
             self.ready = True
             log.info("ICE: candidates gathered: %s", "; ".join(self.offer_lines()) or "none")
-            if self.on_ready is not None:
-                self.on_ready()
+            for agent, wake in self.agents.values():
+                agent.end_of_local_candidates()
+                wake()
 
     def _add_srflx(self, cand: Candidate, server: Addr) -> None:
         if cand.base == cand.addr or any(c.addr == cand.addr for c in self.srflx):
@@ -397,9 +384,8 @@ class IceService:
                     self._add_srflx(
                         srflx_candidate(ev.mapped, self.host[0], relay.server), relay.server
                     )
-                for rt in self.agents.values():
-                    if rt.ice is not None:
-                        self.permit(c.address for c in rt.ice.remote_candidates)
+                for agent, _wake in self.agents.values():
+                    self.permit(c.address for c in agent.remote_candidates)
             elif isinstance(ev, AllocationFailed | AllocationLost):
                 relay.failures += 1
                 relay.error = ev.reason
@@ -465,4 +451,4 @@ class IceService:
         }
 
 
-__all__ = ["CONSENT_TIMEOUT", "RECHECK_INTERVAL", "IceService", "Relay", "Relayed"]
+__all__ = ["IceService", "Relay", "Relayed"]

@@ -2,11 +2,15 @@
 
 Per receive call the datagrams are views into one reused buffer; each is opened (which
 copies it out) before the next call. Handshake datagrams are copied to the control plane's
-channel; STUN and TURN ChannelData go to the ICE service (`on_ice`), which hands back the
-link datagrams a relay carried: they are processed like the others, with `via` naming the
-relay (a path is an address *and* the relay it goes through). Anything unauthenticated or
-unexpected becomes a counted drop. Nothing that did not
-open under a live session (or arrive on a plain link's current path) reaches the TAP.
+channel (`on_handshake`); STUN and TURN ChannelData go to the ICE service (`on_ice`), which
+hands back the link datagrams a relay carried: they are processed like the others, with
+`via` naming the relay (a path is an address *and* the relay it goes through). Anything
+unauthenticated or unexpected becomes a counted drop. Nothing that did not open under a
+live session (or arrive on a plain link's current path) reaches the TAP.
+
+This stage never imports the control plane: it reads the session table the link tasks
+write, and hands the control plane what is its (handshakes, STUN) through the two callables
+it was built with.
 """
 
 from __future__ import annotations
@@ -14,11 +18,12 @@ from __future__ import annotations
 import itertools
 import struct
 from collections.abc import Callable
+from typing import Any
 
 from ..errors import BadPacket
-from ..proto.session import Session
 from ..proto.wire import DATA_HEADER_SIZE, DEMUX, Demux
 from ..stats import Stats, now_ns
+from .sessions import SessionTable
 from .switch import VNET, PeerPort, Switch
 
 MAX_RECV_CALLS = 64  # receive calls drained per batch before yielding to other tasks
@@ -32,25 +37,10 @@ REASSEMBLY_COUNTERS = ("frames_whole", "frames_partial", "segments_rebuilt", "pi
 
 
 Addr = tuple[str, int]
-# (datagram, source, local address it came to) -> a relayed link datagram, or None.
-OnIce = Callable[[memoryview, Addr, "str | None"], "tuple[object, Addr, bytes] | None"]
-
-
-def _unknown_local() -> str | None:
-    return None
-
-
-class SessionEntry:
-    """A receiving session and the peer it belongs to (keyed by our local index)."""
-
-    __slots__ = ("confirm", "port", "session")
-
-    def __init__(
-        self, session: Session, port: PeerPort, confirm: Callable[[], None] | None
-    ) -> None:
-        self.session = session
-        self.port = port
-        self.confirm = confirm  # first datagram opened on it: tell the link (rekey handover)
+# (handshake datagram, source, relay it came through or None)
+OnHandshake = Callable[[bytes, Addr, "object | None"], None]
+# (STUN or ChannelData datagram, source) -> a link datagram a relay carried, or None.
+OnIce = Callable[[memoryview, Addr], "tuple[object, Addr, bytes] | None"]
 
 
 class Inbound:
@@ -58,8 +48,9 @@ class Inbound:
         self,
         switch: Switch,
         stats: Stats,
-        sessions: dict[int, SessionEntry],
-        on_handshake: Callable[[bytes, tuple[str, int], object | None], None],
+        sessions: SessionTable[Any],
+        *,
+        on_handshake: OnHandshake,
         on_ice: OnIce | None = None,
     ) -> None:
         self.switch = switch
@@ -67,7 +58,6 @@ class Inbound:
         self.sessions = sessions
         self.on_handshake = on_handshake
         self.on_ice = on_ice
-        self.local_ip: Callable[[], str | None] = _unknown_local
         self.pending: set[PeerPort] = set()  # peers with a super-frame still missing pieces
         stats.providers.append(self.reassembly_counters)
 
@@ -96,7 +86,7 @@ class Inbound:
         reassembler, with the per-peer bookkeeping done once per run, not per datagram."""
         t0 = now_ns()
         stats = self.stats
-        sessions = self.sessions
+        sessions = self.sessions.entries
         payloads: list[bytes] = []
         writes: list[bytes] = []
         nbytes = opened = 0
@@ -176,7 +166,7 @@ class Inbound:
             self.on_handshake(bytes(d), addr, via)
         elif kind in (Demux.STUN, Demux.CHANNEL_DATA) and self.on_ice is not None:
             if via is None:  # never unwrap a relay inside a relay
-                return self.on_ice(memoryview(d), addr, self.local_ip())
+                return self.on_ice(memoryview(d), addr)
             self.stats.drop("relayed_stun_in_data_path")
         elif kind is Demux.DATA:
             self.stats.drop("runt_datagram")
@@ -201,9 +191,12 @@ class Inbound:
 
     def flush_pending(self, out: list[bytes]) -> None:
         """Write out super-frames still missing pieces, as the individual segments that did
-        arrive (called when the socket has been quiet for PENDING_FLUSH)."""
+        arrive (called when the socket has been quiet for PENDING_FLUSH). A peer removed
+        meanwhile (no longer in the switch) writes nothing more."""
         writes: list[bytes] = []
         for port in self.pending:
+            if not self.switch.has(port):
+                continue
             port.reassembler.flush(writes)
             self._accept(port, writes, out)
         self.pending.clear()

@@ -15,22 +15,25 @@ framed for the relay (`send_relayed`, control/ice.py).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from ..net.udp import UdpSocket
 from ..proto.offload import OffloadError, encode_outbound
 from ..stats import Stats, now_ns
 from .switch import VNET, PeerPort, Switch
 
+# (relay, peer, iov, sizes) -> datagrams dropped: the ICE service's send through a relay.
+SendRelayed = Callable[[Any, tuple[str, int], list[bytes], list[int]], int]
+
 
 class Outbound:
-    def __init__(self, switch: Switch, udp: UdpSocket, stats: Stats) -> None:
+    def __init__(
+        self, switch: Switch, udp: UdpSocket, stats: Stats, *, send_relayed: SendRelayed
+    ) -> None:
         self.switch = switch
         self.udp = udp
         self.stats = stats
-        # (relay, peer, iov, sizes) -> datagrams dropped; set by the node's ICE service.
-        self.send_relayed: Callable[[object, tuple[str, int], list[bytes], list[int]], int] = (
-            _no_relay
-        )
+        self.send_relayed = send_relayed
 
     def process(self, frames: list[bytes], now: float) -> list[bytes]:
         """Route and send one TAP batch; return frames to write back to our own TAP."""
@@ -78,7 +81,3 @@ class Outbound:
         port.tx_packets += len(frames)
         port.tx_bytes += sum(map(len, frames)) - VNET * len(frames)
         port.last_sent = now
-
-
-def _no_relay(relay: object, peer: tuple[str, int], iov: list[bytes], sizes: list[int]) -> int:
-    return len(sizes)

@@ -26,7 +26,6 @@ from ..stats import Stats
 
 ETH_P_ARP = b"\x08\x06"
 ETH_P_IP = b"\x08\x00"
-BROADCAST = b"\xff" * 6
 ARP_REQUEST_HDR = b"\x00\x01\x08\x00\x06\x04\x00\x01"  # Ethernet/IPv4, request
 ARP_REPLY_HDR = b"\x00\x01\x08\x00\x06\x04\x00\x02"
 VNET = 10  # virtio_net_hdr in front of every frame (proto/offload.py)
@@ -107,6 +106,10 @@ class Switch:
             del self.by_mac[port.mac]
         if port.ip4 is not None and self.by_ip4.get(port.ip4) is port:
             del self.by_ip4[port.ip4]
+
+    def has(self, port: PeerPort) -> bool:
+        """Is `port` the switch's port for its MAC (not removed, not replaced)?"""
+        return self.by_mac.get(port.mac) is port
 
     def set_ip4(self, port: PeerPort, ip4: bytes) -> None:
         if port.ip4 is not None and self.by_ip4.get(port.ip4) is port:

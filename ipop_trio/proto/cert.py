@@ -18,6 +18,8 @@ signalling server, so every failure (including any exception from `cryptography`
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime
 import hashlib
 import ipaddress
@@ -88,6 +90,27 @@ def mac_for_key(public_key: bytes) -> bytes:
     Locally administered, unicast: the first byte is 0x02 | (hash bits & 0xfc)."""
     digest = hashlib.sha256(b"ipop-trio mac" + bytes(public_key)).digest()
     return bytes([(digest[0] & 0xFC) | 0x02]) + digest[1:6]
+
+
+_KEY_SIZE = 32  # a raw X25519 key
+
+
+def encode_key(raw: bytes) -> str:
+    """A raw 32-byte key as the base64 text used in config files (`public_key = "..."`)."""
+    if len(raw) != _KEY_SIZE:
+        raise ValueError(f"a key is {_KEY_SIZE} bytes, not {len(raw)}")
+    return base64.b64encode(bytes(raw)).decode("ascii")
+
+
+def decode_key(text: str) -> bytes:
+    """The raw 32-byte key in a config value; `ValueError` when it is not exactly that."""
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError, AttributeError) as exc:
+        raise ValueError(f"not base64: {exc}") from exc
+    if len(raw) != _KEY_SIZE:
+        raise ValueError(f"a key is {_KEY_SIZE} bytes, not {len(raw)}")
+    return raw
 
 
 def format_mac(mac: bytes) -> str:

@@ -44,7 +44,7 @@ Deviations, on purpose:
     400/401 (no reflection of junk; the peer learns nothing it needs from them).
 
 This module must never read a clock, touch a socket or an event loop (a test scans the
-imports). `receive_untrusted` never raises: whatever the network sends is a counted drop.
+imports). `IceAgent.receive` never raises: whatever the network sends is a counted drop.
 """
 
 from __future__ import annotations
@@ -91,10 +91,14 @@ CHECK_RC = 7
 CHECK_RM = 16
 NOMINATION_DELAY = 1.0  # after the first valid pair, how long to wait for a better one
 CONSENT_INTERVAL = 5.0  # RFC 7675 §5.1: every 5 s, randomised in [0.8, 1.2]
-CONSENT_TIMEOUT = 30.0  # RFC 7675 §5.1: consent expires after 30 s without a response
+# RFC 7675 §5.1 lets consent expire after at most 30 s without a response. A dead path
+# black-holes the link's traffic until consent expires, so we fail over sooner: a consent
+# check goes every ~5 s and is retransmitted CONSENT_RC times, so 10 s is at least one
+# whole failed transaction.
+CONSENT_TIMEOUT = 10.0
 CONSENT_RC = 4  # a consent transaction ends (0, .5, 1.5, 3.5 s; gives up at 5 s) ...
 CONSENT_RM = 3  # ... before the next one starts
-RECHECK_INTERVAL = 15.0  # how often failed pairs better than the selected one are retried
+RECHECK_INTERVAL = 10.0  # how often failed pairs better than the selected one are retried
 MAX_PAIRS = 100  # §6.1.2.5
 MAX_REMOTE_CANDIDATES = 64  # the peer's candidates come from the network: bound them
 
@@ -150,10 +154,6 @@ class Candidate:
     @property
     def addr(self) -> Addr:
         return (self.address, self.port)
-
-    @property
-    def base_addr(self) -> Addr:
-        return self.base if self.base is not None else (self.address, self.port)
 
     def to_sdp(self) -> str:
         """The candidate-attribute value of RFC 8839 §5.1 (what signalling carries)."""
@@ -410,7 +410,7 @@ class _Check:
 class IceAgent:
     """One ICE session (one link), sans-IO.
 
-    Drive it like every core here: `receive_untrusted(data, local_base, remote_addr, now)`
+    Drive it like every core here: `receive(data, local_base, remote_addr, now)`
     for each STUN datagram of this link, `handle_timeout(now)` at `next_deadline()`, then
     send every `(local_base, remote_addr, data)` of `datagrams_to_send()` and drain
     `next_event()`. Checks start once the remote credentials and candidates are known."""
@@ -583,7 +583,7 @@ class IceAgent:
             self._recheck(now)
         self._update(now)
 
-    def receive_untrusted(
+    def receive(
         self, data: bytes | memoryview, local_base: Addr, remote_addr: Addr, now: float
     ) -> None:
         """One STUN datagram that arrived at `local_base` from `remote_addr`. Never raises:

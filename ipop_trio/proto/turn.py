@@ -70,8 +70,8 @@ CHANNEL_LIFETIME = 600.0  # §11
 # --- Tuning knobs -------------------------------------------------------------------------
 
 REFRESH_MARGIN = 60.0  # refresh the allocation this long before it ends (§8: "1 minute")
-PERMISSION_REFRESH = 240.0  # ~4 min: well inside the 5 min lifetime
-CHANNEL_REFRESH = 540.0  # ~9 min: inside the 10 min lifetime
+PERMISSION_REFRESH = PERMISSION_LIFETIME - 60.0  # 4 min: well inside the 5 min lifetime
+CHANNEL_REFRESH = CHANNEL_LIFETIME - 60.0  # 9 min: inside the 10 min lifetime
 MAX_AUTH_RETRIES = 3  # 401 / 438 round trips one request may take
 PAD_CHANNEL_DATA = True
 
@@ -180,10 +180,31 @@ class _Channel:
 
 def channel_data(channel: int, payload: bytes, *, pad: bool = PAD_CHANNEL_DATA) -> bytes:
     """One ChannelData message (§12.4)."""
-    if not CHANNEL_MIN <= channel <= CHANNEL_MAX or len(payload) > 0xFFFF:
-        raise LocalProtocolError("channel number or payload length out of range")
-    padding = b"\x00" * (-len(payload) & 3) if pad else b""
-    return CHANNEL_HEADER.pack(channel, len(payload)) + payload + padding
+    framed, _ = channel_data_iov(channel, [payload, b""], [len(payload)], pad=pad)
+    return b"".join(framed)
+
+
+def channel_data_iov(
+    channel: int, iov: list[bytes], sizes: list[int], *, pad: bool = PAD_CHANNEL_DATA
+) -> tuple[list[bytes], list[int]]:
+    """ChannelData messages (§12.4) around datagrams given as a scatter-gather list of two
+    parts each (`iov[2i]`, `iov[2i+1]`, together `sizes[i]` bytes), without joining them:
+    the 4-byte header goes in front of the first part, the padding after the second.
+    Returns the framed list (two parts each again) and the framed sizes."""
+    if not CHANNEL_MIN <= channel <= CHANNEL_MAX:
+        raise LocalProtocolError(f"channel number {channel:#x} out of range")
+    framed: list[bytes] = []
+    framed_sizes: list[int] = []
+    header = CHANNEL_HEADER.pack
+    for i, size in enumerate(sizes):
+        if size > 0xFFFF:
+            raise LocalProtocolError("ChannelData payload longer than 65535 bytes")
+        padding = -size & 3 if pad else 0
+        framed.append(header(channel, size) + iov[2 * i])
+        tail = iov[2 * i + 1]
+        framed.append(tail + bytes(padding) if padding else tail)
+        framed_sizes.append(CHANNEL_HEADER_SIZE + size + padding)
+    return framed, framed_sizes
 
 
 def parse_channel_data_untrusted(datagram: bytes | memoryview) -> tuple[int, bytes]:

@@ -112,7 +112,7 @@ def test_random_ice_datagrams_from_anywhere_are_counted_drops(datagrams: list[by
     with sync_service() as svc:
         for data in datagrams:
             before = sum(svc.stats.drops.values())
-            assert svc.on_ice(memoryview(data), STRANGER, LOOPBACK) is None
+            assert svc.on_ice(memoryview(data), STRANGER) is None
             assert sum(svc.stats.drops.values()) == before + 1
         assert set(svc.stats.drops) <= DROPS
 
@@ -124,7 +124,7 @@ def test_random_datagrams_from_the_turn_server_are_refused(datagrams: list[bytes
         client = allocating(svc)
         for data in datagrams:
             before = sum(svc.stats.drops.values())
-            assert svc.on_ice(memoryview(data), TURN.sockaddr, LOOPBACK) is None
+            assert svc.on_ice(memoryview(data), TURN.sockaddr) is None
             assert sum(svc.stats.drops.values()) == before + 1
         assert set(svc.stats.drops) <= {"stun_malformed", "turn_refused", "turn_early_data"}
         assert client.state is TurnState.ALLOCATING  # nothing moved it
@@ -143,7 +143,7 @@ def test_a_relayed_stun_payload_before_the_allocation_is_made_is_a_drop() -> Non
         )
         data = stun.encode(indication, fingerprint=False)
         # Only the source address is needed to send it (spoofed): a drop, not an exception.
-        assert svc.on_ice(memoryview(data), TURN.sockaddr, LOOPBACK) is None
+        assert svc.on_ice(memoryview(data), TURN.sockaddr) is None
         assert svc.stats.drops == {"turn_early_data": 1}
 
 
@@ -151,10 +151,10 @@ def test_channel_data_not_from_a_turn_server_is_dropped() -> None:
     with sync_service(turn_config()) as svc:
         allocating(svc)
         channel_data = b"\x40\x00\x00\x04abcd"
-        assert svc.on_ice(memoryview(channel_data), STRANGER, LOOPBACK) is None
+        assert svc.on_ice(memoryview(channel_data), STRANGER) is None
         # Same port on another address, and the server's address on another port.
         for addr in ((LOOPBACK, TURN.port + 1), ("127.0.0.2", TURN.port)):
-            assert svc.on_ice(memoryview(channel_data), addr, LOOPBACK) is None
+            assert svc.on_ice(memoryview(channel_data), addr) is None
         assert svc.stats.drops == {"channel_data_not_from_relay": 3}
 
 
@@ -162,11 +162,11 @@ def test_a_check_for_no_agent_and_an_answer_to_nobody_are_dropped() -> None:
     with sync_service() as svc:
         request = binding_request("nobody:peer", b"p" * 22)
         assert stun.parse_untrusted(request).username == "nobody:peer"  # well-formed
-        assert svc.on_ice(memoryview(request), STRANGER, LOOPBACK) is None
+        assert svc.on_ice(memoryview(request), STRANGER) is None
         answer = stun.encode(
             stun.Message(Method.BINDING, Class.SUCCESS, b"\x03" * 12, xor_mapped_address=STRANGER)
         )
-        assert svc.on_ice(memoryview(answer), STRANGER, LOOPBACK) is None
+        assert svc.on_ice(memoryview(answer), STRANGER) is None
         assert svc.stats.drops == {"stun_no_agent": 2}
 
 
@@ -194,10 +194,10 @@ def test_a_relay_that_is_not_allocated_drops_every_data_datagram() -> None:
 
 
 class Peer:
-    """Stands for a PeerRuntime: what IceService.register needs (`.ice`, `.wake()`)."""
+    """Stands for a link task: counts the wake-ups the service gives it."""
 
     def __init__(self, agent: IceAgent) -> None:
-        self.ice: IceAgent | None = agent
+        self.agent = agent
         self.wakes = 0
 
     def wake(self) -> None:
@@ -241,7 +241,7 @@ async def test_two_services_route_checks_between_two_agents_until_both_nominate(
             agent.add_remote_candidate(Candidate.from_sdp_untrusted(hosts[other].to_sdp()))
             agent.end_of_local_candidates()
             agent.end_of_remote_candidates()
-            svc.register(creds[i][0], peers[i])  # type: ignore[arg-type]
+            svc.register(agent, peers[i].wake)
         nominated: list[list[Nominated]] = [[], []]
         with trio.fail_after(10):
             while not all(nominated):
@@ -256,7 +256,7 @@ async def test_two_services_route_checks_between_two_agents_until_both_nominate(
                     while (got := svc.udp.recv_once()) is not None:
                         views, addr = got
                         for view in views:
-                            assert svc.on_ice(view, addr, svc.udp.last_local) is None
+                            assert svc.on_ice(view, addr) is None
                 deadlines = [d for a in agents if (d := a.next_deadline()) is not None]
                 wait = min(deadlines, default=now + 0.05) - time.monotonic()
                 await _readable([svc.udp for svc in svcs], max(0.0, min(wait, 0.05)))

@@ -12,7 +12,8 @@ import os
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ipop_trio.datapath.inbound import Inbound, SessionEntry
+from ipop_trio.datapath.inbound import Inbound
+from ipop_trio.datapath.sessions import SessionEntry, SessionTable
 from ipop_trio.datapath.switch import ZERO_VNET, PeerPort, Switch
 from ipop_trio.proto.session import Cipher, Session
 from ipop_trio.proto.wire import INNER_FRAME
@@ -30,16 +31,23 @@ def frame(marker: bytes = b"hello") -> bytes:
     return OWN_MAC + PEER_MAC + b"\x08\x00" + ip + PEER_IP + bytes([10, 77, 0, 1]) + marker
 
 
+def entry(inbound: Inbound) -> SessionEntry:
+    (only,) = inbound.sessions.entries.values()
+    return only
+
+
 def make(secure: bool = True) -> tuple[Inbound, Session, Stats, list[tuple[bytes, tuple]]]:
     stats = Stats()
     switch = Switch(OWN_MAC, stats)
     port = PeerPort("peer", PEER_MAC, PEER_IP)
     port.endpoint = ADDR
     switch.add(port)
+    sessions: SessionTable[str] = SessionTable()
+    index = sessions.allocate("peer")
     ours = Session(
         send_key=K1,
         recv_key=K2,
-        local_index=7,
+        local_index=index,
         remote_index=9,
         cipher=Cipher.AES_256_GCM,
         secure=secure,
@@ -49,17 +57,18 @@ def make(secure: bool = True) -> tuple[Inbound, Session, Stats, list[tuple[bytes
         send_key=K2,
         recv_key=K1,
         local_index=9,
-        remote_index=7,
+        remote_index=index,
         cipher=Cipher.AES_256_GCM,
         secure=secure,
         created=0.0,
     )
     handshakes: list[tuple[bytes, tuple]] = []
+    sessions.add(index, SessionEntry(ours, port, None))
     inbound = Inbound(
         switch,
         stats,
-        {7: SessionEntry(ours, port, None)},  # type: ignore[arg-type]
-        lambda d, a, via: handshakes.append((d, a)),
+        sessions,
+        on_handshake=lambda d, a, via: handshakes.append((d, a)),
     )
     return inbound, theirs, stats, handshakes
 
@@ -122,12 +131,12 @@ def test_relayed_datagrams_are_processed_with_their_relay_as_path() -> None:
     d = theirs.seal(frame() + bytes([INNER_FRAME]))
     seen: list[tuple[bytes, tuple]] = []
 
-    def on_ice(data: memoryview, addr: tuple, local: str | None):
+    def on_ice(data: memoryview, addr: tuple):
         seen.append((bytes(data), addr))
         return relay, ADDR, d  # "ChannelData from the TURN server carried d from ADDR"
 
     inbound.on_ice = on_ice
-    port = inbound.sessions[7].port
+    port = entry(inbound).port
     channel_data = b"\x40\x00" + len(d).to_bytes(2, "big") + d
     out: list[bytes] = []
     # The plain link's path is ADDR directly: the same address through a relay is another
@@ -146,7 +155,7 @@ def test_a_relay_inside_a_relay_is_not_unwrapped() -> None:
     inbound, _theirs, stats, _ = make()
     calls = []
 
-    def on_ice(data: memoryview, addr: tuple, local: str | None):
+    def on_ice(data: memoryview, addr: tuple):
         calls.append(addr)
         return FakeRelay(), ADDR, b"\x40\x00\x00\x04abcd"  # ChannelData again
 
@@ -160,13 +169,13 @@ def test_a_relay_inside_a_relay_is_not_unwrapped() -> None:
 def test_relayed_datagrams_of_one_receive_call_are_opened_per_peer_run() -> None:
     inbound, theirs, stats, _ = make(secure=False)
     relay = FakeRelay()
-    inbound.sessions[7].port.relay = relay
+    entry(inbound).port.relay = relay
     sealed = [theirs.seal(frame(m) + bytes([INNER_FRAME])) for m in (b"one", b"two", b"six")]
     # The third comes from another peer address through the same relay: not this link's path.
     peers = [ADDR, ADDR, ("10.199.0.66", 4600)]
     it = iter(zip(peers, sealed, strict=True))
 
-    def on_ice(data: memoryview, addr: tuple, local: str | None):
+    def on_ice(data: memoryview, addr: tuple):
         peer, d = next(it)
         return relay, peer, d
 

@@ -18,6 +18,7 @@ from ipop_trio.control.controller import (
     RESPONDER_GRACE,
     Controller,
 )
+from ipop_trio.control.links import Learned
 from ipop_trio.proto import signalling as sig
 from ipop_trio.proto.cert import Identity
 from ipop_trio.proto.ice import Candidate, candidates_to_sdp, host_candidate
@@ -37,7 +38,7 @@ class FakeRuntime:
     identity: Identity
     endpoint: tuple[str, int] | None
     initiate: bool
-    learned: str = "signalling"
+    learned: Learned = Learned.SIGNALLING
     failures: int = 0
     link: FakeLink = field(default_factory=FakeLink)
     ice_restart: bool = False
@@ -45,12 +46,12 @@ class FakeRuntime:
     ice_running: tuple[str, str] | None = None
 
     @property
-    def setup(self) -> Any:
-        return self
+    def key(self) -> bytes:
+        return self.identity.public_key
 
     @property
-    def public_key(self) -> bytes:
-        return self.identity.public_key
+    def established(self) -> bool:
+        return self.link.state is LinkState.ESTABLISHED
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,6 @@ class Started:
 class FakeLinks:
     def __init__(self) -> None:
         self.rts: dict[bytes, FakeRuntime] = {}
-        self.admit_unknown: Any = None
         self.removed: list[tuple[bytes, str]] = []
         self.started: list[Started] = []
         self.added_candidates: list[tuple[bytes, list[Candidate]]] = []
@@ -76,7 +76,7 @@ class FakeLinks:
         return self.rts.get(key)
 
     def learned(self) -> list[Any]:
-        return [r for r in self.rts.values() if r.learned == "signalling"]
+        return [r for r in self.rts.values() if r.learned is Learned.SIGNALLING]
 
     def add(self, identity: Identity, endpoint: tuple[str, int] | None, initiate: bool) -> None:
         assert identity.public_key not in self.rts

@@ -81,7 +81,7 @@ class IcePeer:
         ):
             self.gatherer.receive_untrusted(data, local, remote, now)
         else:
-            self.agent.receive_untrusted(data, local, remote, now)
+            self.agent.receive(data, local, remote, now)
         self._drain(now)
 
     def outgoing(self) -> list[tuple[Addr, Addr, bytes]]:
@@ -550,8 +550,8 @@ def test_malformed_and_unauthenticated_stun_is_counted_and_ignored() -> None:
         stun.encode(Message(Method.ALLOCATE, Class.REQUEST, tid)),
     ]
     for data in junk:
-        agent.receive_untrusted(data, base, src, now)
-    agent.receive_untrusted(
+        agent.receive(data, base, src, now)
+    agent.receive(
         stun.encode(request(username=good_user), key=key), ("9.9.9.9", 1), src, now
     )
     assert agent.datagrams_to_send() == []
@@ -587,7 +587,7 @@ def test_authenticated_request_with_unknown_required_attribute_gets_420() -> Non
     mac = hmac.new(key, mac_head + body, hashlib.sha1).digest()
     body += stun.ATTR_HEADER.pack(stun.Attr.MESSAGE_INTEGRITY, 20) + mac
     raw = stun.HEADER.pack(0x0001, len(body), stun.MAGIC_COOKIE, msg.transaction_id) + body
-    agent.receive_untrusted(raw, base, src, 20.0)
+    agent.receive(raw, base, src, 20.0)
     (out,) = agent.datagrams_to_send()
     reply = stun.parse_untrusted(out[2])
     assert reply.cls is Class.ERROR and reply.error_code is not None
@@ -617,7 +617,7 @@ def _fuzz_target() -> tuple[IceAgent, IcePeer, bytes]:
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=200), st.integers(0, 400), st.integers(0, 255), st.booleans())
-def test_receive_untrusted_never_raises(junk: bytes, pos: int, byte: int, mutate: bool) -> None:
+def test_agent_receive_never_raises(junk: bytes, pos: int, byte: int, mutate: bool) -> None:
     agent, peer, valid = _fuzz_target()
     base = agent.local_candidates[0].addr
     src = peer.agent.local_candidates[0].addr
@@ -626,8 +626,8 @@ def test_receive_untrusted_never_raises(junk: bytes, pos: int, byte: int, mutate
         buf = bytearray(valid)
         buf[pos % len(buf)] = byte
         data = bytes(buf)
-    agent.receive_untrusted(data, base, src, 30.0)
-    agent.receive_untrusted(data, base, ("192.0.2.77", 9), 30.0)
+    agent.receive(data, base, src, 30.0)
+    agent.receive(data, base, ("192.0.2.77", 9), 30.0)
     agent.handle_timeout(30.0)
     agent.datagrams_to_send()
     while agent.next_event() is not None:
