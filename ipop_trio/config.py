@@ -28,7 +28,7 @@ are resolved against the config file's directory.
     url = "wss://signal.example.net:8765/"
     ca = "signal-ca.pem"        # optional: TLS roots for wss (default: the system's)
     max_links = 32              # cap on links learned from signalling
-    advertise = ["192.0.2.7:4600"]  # optional: host candidates (default: see README)
+    advertise = ["192.0.2.7:4600"]  # optional: where a port forward reaches us (ICE candidates)
 
     [ice]                       # optional: NAT traversal for peers learned through signalling
     stun = ["stun:198.51.100.1:3478"]  # "stun:IP[:PORT]" (RFC 7064) or "IP:PORT"; port 3478
@@ -52,12 +52,15 @@ from .proto.cert import decode_key
 from .proto.policy import SecurityPolicy
 from .proto.session import Cipher
 from .proto.stun import saslprep
+from .proto.wire import DATA_OVERHEAD, PIECE_META
 
 DEFAULT_PORT = 4600
 DEFAULT_MTU = 1400
-# Secure datagram = 16 header + inner (frame + 1 kind byte, up to 17 more for pieces) + 16 tag,
-# inside IPv4 (20) + UDP (8) on a 1500-byte underlay: 1500 - 28 - 32 - 18 - 14 (Ethernet) = 1408.
-MAX_MTU = 1408
+# A secure datagram is DATA_OVERHEAD (16 header + 16 tag) around the inner payload: the
+# Ethernet frame (14 + MTU) and at most a piece trailer (PIECE_META + 1 kind byte), inside
+# IPv4 (20) + UDP (8) on a 1500-byte underlay: 1500 - 28 - 32 - 18 - 14 = 1408.
+MAX_MTU = 1500 - 20 - 8 - DATA_OVERHEAD - (PIECE_META.size + 1) - 14
+assert MAX_MTU == 1408
 MIN_MTU = 576
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,63}$")
 _IFNAME = re.compile(r"^[A-Za-z0-9._-]{1,15}$")
@@ -127,7 +130,7 @@ class SignallingConfig:
     url: str  # ws://host:port/path or wss://...
     ca: Path | None  # TLS trust roots for wss (None: the system's)
     max_links: int = DEFAULT_MAX_LINKS
-    advertise: tuple[Endpoint, ...] = ()  # host candidates; empty: derived (README)
+    advertise: tuple[Endpoint, ...] = ()  # where outside reaches our socket (port forwards)
 
 
 @dataclass(frozen=True, slots=True)

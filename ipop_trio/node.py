@@ -153,6 +153,9 @@ class Node:
             setup.config.ice,
             tap_name=tap.name,
             listen_host=setup.config.listen.host,
+            advertise=()
+            if setup.config.signalling is None
+            else [e.sockaddr for e in setup.config.signalling.advertise],
         )
         self.outbound = Outbound(self.switch, udp, self.stats, send_relayed=self.ice.send_iov_via)
         self.links = LinkManager(

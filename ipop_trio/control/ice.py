@@ -11,8 +11,10 @@
 
 One service per node, shared by every link: host candidates from the interfaces (never the
 overlay TAP or `[ice] ignore_interfaces`), server-reflexive ones through the `[ice] stun`
-servers, one relayed candidate per `[ice] turn` server (RFC 8656; lost allocations are
-re-made with backoff). All of it on the node's one UDP socket. The per-peer agents live in
+servers and from `[signalling] advertise` (an address that reaches our socket from outside,
+e.g. a port forward: server-reflexive by meaning, found by the operator instead of STUN),
+one relayed candidate per `[ice] turn` server (RFC 8656; lost allocations are re-made with
+backoff). All of it on the node's one UDP socket. The per-peer agents live in
 the link tasks (control/links.py), which `register` each with the function that wakes its
 task; this module finds them their datagrams, gives every registered agent the candidates
 found late, and sends the agents' datagrams: from a host candidate with IP_PKTINFO, or
@@ -101,6 +103,7 @@ class IceService:
         *,
         tap_name: str,
         listen_host: str,
+        advertise: Iterable[Addr] = (),
         rng: random.Random | None = None,
     ) -> None:
         self.udp = udp
@@ -110,6 +113,7 @@ class IceService:
         self.listen_host = listen_host
         self._rng = rng or random.SystemRandom()
         self.port = udp.local[1]
+        self.advertise = tuple(advertise)
         self.host: list[Candidate] = []
         self.srflx: list[Candidate] = []
         self.relays: dict[Addr, Relay] = {
@@ -142,6 +146,10 @@ class IceService:
         self.host = [
             host_candidate((a, self.port), 65535 - i) for i, a in enumerate(addresses[:32])
         ]
+        for addr in self.advertise:
+            base = next((h for h in self.host if (":" in h.address) == (":" in addr[0])), None)
+            if base is not None:
+                self._add_srflx(srflx_candidate(addr, base, addr), addr)
         return self.host
 
     def _add_candidate(self, cand: Candidate) -> None:

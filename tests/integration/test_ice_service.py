@@ -26,7 +26,7 @@ from ipop_trio.proto.ice import (
     Nominated,
     host_candidate,
 )
-from ipop_trio.proto.stun import Class, Method
+from ipop_trio.proto.stun import Addr, Class, Method
 from ipop_trio.proto.turn import TurnClient, TurnState
 from ipop_trio.stats import Stats
 
@@ -38,13 +38,14 @@ DROPS = frozenset(
 )
 
 
-def service(config: IceConfig | None = None) -> IceService:
+def service(config: IceConfig | None = None, advertise: tuple[Addr, ...] = ()) -> IceService:
     return IceService(
         UdpSocket(LOOPBACK, 0),
         Stats(),
         config or IceConfig(),
         tap_name="ipop-test",
         listen_host=LOOPBACK,
+        advertise=advertise,
         rng=random.Random(7),
     )
 
@@ -178,6 +179,22 @@ def test_a_specific_listen_host_is_the_one_host_candidate() -> None:
         assert cand.addr == (LOOPBACK, svc.udp.local[1]) and cand.base == cand.addr
         assert svc.local_candidates() == [cand]
         assert svc.offer_lines() == [cand.to_sdp()]
+
+
+def test_advertised_addresses_are_server_reflexive_candidates_of_the_host() -> None:
+    svc = service(advertise=(("198.51.100.20", 14600), ("2001:db8::20", 14600)))
+    try:
+        [host] = svc.gather_hosts()
+        # The IPv6 address has no host candidate of its family to stand for: left out.
+        [forwarded] = svc.srflx
+        assert forwarded.type is CandidateType.SRFLX
+        assert forwarded.addr == ("198.51.100.20", 14600) and forwarded.base == host.addr
+        assert forwarded.related_address == LOOPBACK
+        assert svc.local_candidates() == [host, forwarded]
+        again = Candidate.from_sdp_untrusted(svc.offer_lines()[1])  # as a peer reads it
+        assert again.addr == forwarded.addr and again.type is CandidateType.SRFLX
+    finally:
+        svc.udp.sock.close()
 
 
 def test_a_relay_that_is_not_allocated_drops_every_data_datagram() -> None:
