@@ -90,10 +90,6 @@ def is_datapath(frame: str) -> bool:
     return any(part in f.file for part in DATAPATH_FILES)
 
 
-def is_ipop(frame: str) -> bool:
-    return "ipop_trio/" in parse_frame(frame).file
-
-
 @dataclass(slots=True)
 class Node:
     """One node of the top-down tree: `total` samples with this path on the stack, `self`
@@ -285,7 +281,6 @@ __all__ = [
     "format_tree",
     "function_table",
     "is_datapath",
-    "is_ipop",
     "parse_collapsed",
     "parse_frame",
     "short_name",

@@ -82,7 +82,7 @@ class Inbound:
         """Open one receive call's datagrams; accepted TAP writes are appended to `out`.
 
         A GRO batch comes from one sender, so runs of datagrams share a session: each run
-        is opened by one `open_batch_untrusted` call and its payloads pushed into the peer's
+        is opened by one `open_batch` call and its payloads pushed into the peer's
         reassembler, with the per-peer bookkeeping done once per run, not per datagram."""
         t0 = now_ns()
         stats = self.stats
@@ -113,7 +113,7 @@ class Inbound:
                 stats.drop("plain_wrong_path")
                 i += 1
                 continue
-            j = session.open_batch_untrusted(datagrams, i, payloads)
+            j = session.open_batch(datagrams, i, payloads)
             t1 = now_ns()
             if j == i:  # not a datagram this session can open at all (type, pad, length)
                 j += 1

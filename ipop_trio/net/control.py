@@ -67,19 +67,20 @@ async def _serve_one(stream: trio.abc.Stream, handlers: dict[str, Handler]) -> N
                 if not chunk:
                     break
                 data += chunk
-            reply = handle_request_untrusted(data.split(b"\n", 1)[0], handlers)
+            reply = reply_to_request(data.split(b"\n", 1)[0], handlers)
             try:
                 await stream.send_all(json.dumps(reply).encode() + b"\n")
             except trio.BrokenResourceError:
                 pass
 
 
-def handle_request_untrusted(line: bytes, handlers: dict[str, Handler]) -> dict[str, Any]:
+def reply_to_request(line: bytes, handlers: dict[str, Handler]) -> dict[str, Any]:
+    """The reply to one request line: the handler's, or an error object. Never raises."""
     if len(line) > MAX_REQUEST:
         return {"error": f"request longer than {MAX_REQUEST} bytes"}
     try:
         req = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting: RecursionError
         return {"error": 'request is not JSON; send {"cmd": "status"}'}
     if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
         return {"error": 'request must be an object with a "cmd" string'}

@@ -33,11 +33,6 @@ def configure_tap(
         raise TapError(f"cannot configure {name}: {exc}") from None
 
 
-def link_exists(name: str) -> bool:
-    with IPRoute() as ipr:
-        return bool(ipr.link_lookup(ifname=name))
-
-
 def host_addresses(
     *, skip: frozenset[str] = frozenset(), version: int = 4
 ) -> list[tuple[str, str]]:

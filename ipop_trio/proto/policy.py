@@ -56,7 +56,7 @@ def advertise(policy: SecurityPolicy, groups: frozenset[str]) -> dict[str, Any]:
     return {POLICY_KEY: policy.value, GROUPS_KEY: sorted(groups)}
 
 
-def peer_claims_untrusted(ext: Mapping[str, Any]) -> tuple[SecurityPolicy, frozenset[str] | None]:
+def peer_claims(ext: Mapping[str, Any]) -> tuple[SecurityPolicy, frozenset[str] | None]:
     """The peer's stated policy and (narrowed) groups. Anything missing or malformed reads as
     policy `always` / no narrowing: the safe side. Never raises."""
     raw_policy = ext.get(POLICY_KEY)
@@ -83,7 +83,7 @@ def decide(
     """The link's mode, from our policy and groups, the peer's authenticated claims, and the
     peer's certified groups. Symmetric: the peer, deciding with the roles swapped, gets the
     same answer (the intersection is symmetric and a link is plain only if both say so)."""
-    peer_policy, claimed = peer_claims_untrusted(peer_ext)
+    peer_policy, claimed = peer_claims(peer_ext)
     peer_groups = peer_certified if claimed is None else peer_certified & claimed
     matched = local_groups & peer_groups
     if local_policy is SecurityPolicy.ALWAYS:

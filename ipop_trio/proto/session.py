@@ -147,7 +147,7 @@ class ReplayWindow:
         """Accept the counters first..last (inclusive), all above `highest` and below
         REJECT_AFTER_MESSAGES: the same window as `update` on each in turn, with one bit mask
         per 64-counter block instead of one call per counter (the in-order run a GRO batch
-        carries). The caller guarantees the preconditions (`Session.open_batch_untrusted`)."""
+        carries). The caller guarantees the preconditions (`Session.open_batch`)."""
         self._advance(last)
         ring = self._ring
         top = last >> _BLOCK_BITS_LOG
@@ -294,14 +294,6 @@ class Session:
             return True
         return initiator and now - self.created >= REKEY_AFTER_TIME
 
-    def should_rekey_on_receive(self, now: float, initiator: bool) -> bool:
-        """Receiver side (§6.2): the initiator rekeys on data received when the session is
-        REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT old, so a session that only
-        receives is replaced before it expires."""
-        return initiator and (
-            now - self.created >= REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
-        )
-
     def expired(self, now: float) -> bool:
         """Neither send nor accept on this session any more: REJECT_AFTER_TIME old, or
         its send counter is exhausted."""
@@ -398,7 +390,7 @@ class Session:
         self.open_into_untrusted(datagram, out)
         return bytes(out)
 
-    def open_batch_untrusted(
+    def open_batch(
         self, datagrams: Sequence[bytes | memoryview], start: int, payloads: list[bytes]
     ) -> int:
         """Open `datagrams[start:]` in order, appending each payload to `payloads`, until one

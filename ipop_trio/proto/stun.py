@@ -76,7 +76,7 @@ import stringprep
 import struct
 import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import BadPacket, LocalProtocolError
@@ -601,11 +601,6 @@ def error_response(request: Message, code: int, reason: str = "", **attrs: Any) 
         error_code=ErrorCode(code, reason),
         **attrs,
     )
-
-
-def with_attrs(msg: Message, **attrs: Any) -> Message:
-    """`msg` with some attributes replaced (e.g. a retry with NONCE and USERNAME)."""
-    return replace(msg, **attrs)
 
 
 # --- Client transactions (RFC 8489 §6.2.1) -------------------------------------------------

@@ -37,7 +37,7 @@ receiver takes the length from the header and accepts either):
     |                               |  padding (0..3 bytes)         |
     +-------------------------------+-------------------------------+
 
-The first byte of a ChannelData message is 0x40..0x4F, which is how `wire.demux` tells it
+The first byte of a ChannelData message is 0x40..0x4F, which is how `wire.DEMUX` tells it
 from STUN (0..3) and from our own datagrams (RFC 7983 ranges).
 
 This module must never read a clock, touch a socket or an event loop (a test scans the

@@ -49,8 +49,6 @@ from __future__ import annotations
 import enum
 import struct
 
-from ..errors import BadPacket
-
 
 class Kind(enum.IntEnum):
     """First byte of an underlay datagram, for the kinds ipop-trio owns."""
@@ -97,18 +95,3 @@ for _k in (Kind.HANDSHAKE_INIT, Kind.HANDSHAKE_RESP, Kind.COOKIE_REPLY):
 for _k in (Kind.DATA_SECURE, Kind.DATA_PLAIN):
     _DEMUX[_k] = Demux.DATA
 DEMUX: tuple[Demux, ...] = tuple(_DEMUX)
-
-
-def demux(first_byte: int) -> Demux:
-    """Classify a datagram by its first byte (never raises: unknown bytes are DROP)."""
-    return DEMUX[first_byte]
-
-
-def parse_data_header_untrusted(datagram: bytes | memoryview) -> tuple[int, int, int]:
-    """Return (type, receiver_index, counter) of a data datagram, or raise BadPacket."""
-    if len(datagram) < DATA_HEADER_SIZE:
-        raise BadPacket("data datagram shorter than its header")
-    kind, index, counter = DATA_HEADER.unpack_from(datagram)
-    if kind not in (Kind.DATA_SECURE, Kind.DATA_PLAIN):
-        raise BadPacket(f"not a data datagram (type {kind:#x})")
-    return kind, index, counter

@@ -3,7 +3,7 @@
 Two layers, as h11 and its drivers:
 
   * `ServerCore` is the protocol, sans-IO: `open(peer)` a connection, feed it every text
-    message with `receive_untrusted(conn, data, now)`, tell it `closed(conn)`; it queues
+    message with `receive(conn, data, now)`, tell it `closed(conn)`; it queues
     `Send(conn, text)` and `Close(conn, code, reason)` actions (`actions()`). It keeps the
     overlays and their members, verifies certificates and possession proofs
     (proto/signalling.py), rate-limits each connection (a token bucket fed by `now`), and
@@ -186,7 +186,7 @@ class ServerCore:
         self._leave(conn)
         conn.state = ConnState.CLOSED
 
-    def receive_untrusted(self, conn_id: int, data: str | bytes, now: float) -> None:
+    def receive(self, conn_id: int, data: str | bytes, now: float) -> None:
         """One message from a client. Bad input closes that client; nothing raises."""
         conn = self.conns.get(conn_id)
         if conn is None or conn.state is ConnState.CLOSED:
@@ -471,7 +471,7 @@ class SignallingServer:
                         core.count("closed_too_big")
                         client.close(CLOSE_TOO_BIG, "message too big", flush=False)
                     return
-                core.receive_untrusted(client.id, data, self.now())
+                core.receive(client.id, data, self.now())
                 self._dispatch()
                 continue
             core.timed_out(client.id)

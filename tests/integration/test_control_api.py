@@ -2,13 +2,13 @@ from pathlib import Path
 
 import trio
 
-from ipop_trio.net.control import MAX_REQUEST, handle_request_untrusted, serve_control
+from ipop_trio.net.control import MAX_REQUEST, reply_to_request, serve_control
 
 HANDLERS = {"status": lambda req: {"ok": True}}
 
 
 def test_requests_are_validated() -> None:
-    assert handle_request_untrusted(b'{"cmd": "status"}', HANDLERS) == {"ok": True}
+    assert reply_to_request(b'{"cmd": "status"}', HANDLERS) == {"ok": True}
     for bad in (
         b"",
         b"nope",
@@ -17,8 +17,9 @@ def test_requests_are_validated() -> None:
         b'{"cmd": "reboot"}',
         b"\xff\xfe",
         b"x" * (MAX_REQUEST + 1),
+        b"[" * (MAX_REQUEST - 1),  # nesting deeper than the JSON parser's recursion limit
     ):
-        assert "error" in handle_request_untrusted(bad, HANDLERS)
+        assert "error" in reply_to_request(bad, HANDLERS)
 
 
 async def test_serves_over_a_unix_socket_and_removes_it(tmp_path: Path) -> None:

@@ -551,9 +551,7 @@ def test_malformed_and_unauthenticated_stun_is_counted_and_ignored() -> None:
     ]
     for data in junk:
         agent.receive(data, base, src, now)
-    agent.receive(
-        stun.encode(request(username=good_user), key=key), ("9.9.9.9", 1), src, now
-    )
+    agent.receive(stun.encode(request(username=good_user), key=key), ("9.9.9.9", 1), src, now)
     assert agent.datagrams_to_send() == []
     assert agent.next_event() is None
     diff = agent.stats - stats_before

@@ -44,7 +44,7 @@ from ipop_trio.proto.session import (
     Cipher,
     Session,
 )
-from ipop_trio.proto.wire import parse_data_header_untrusted
+from ipop_trio.proto.wire import DATA_HEADER
 
 from ._lab_identities import NOW, Node, alice, bob, carol
 
@@ -103,7 +103,7 @@ class Peer:
                     raise BadPacket("response for an unknown index")
                 self.link.receive_response_untrusted(data, now)
             else:
-                _, index, _ = parse_data_header_untrusted(data)
+                _, index, _ = DATA_HEADER.unpack_from(data)
                 session = self.sessions.get(index)
                 if session is None:
                     raise BadPacket("data for an unknown index")

@@ -14,7 +14,7 @@ from ipop_trio.proto.policy import (
     advertise,
     decide,
     effective_groups,
-    peer_claims_untrusted,
+    peer_claims,
 )
 
 ALWAYS, GROUPS = SecurityPolicy.ALWAYS, SecurityPolicy.GROUPS
@@ -79,7 +79,7 @@ def test_configuration_narrows_never_widens() -> None:
     )
 )
 def test_peer_claims_never_raise_and_fail_closed(ext) -> None:
-    policy, _groups = peer_claims_untrusted(ext)
+    policy, _groups = peer_claims(ext)
     assert policy in (ALWAYS, GROUPS)
     d = decide(GROUPS, frozenset({WEB}), ext, frozenset({BATCH}))
     assert d.secure == (policy is ALWAYS)
