@@ -13,7 +13,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-# The data path's stages, in flow order (DESIGN.md §2). outbound = TAP -> UDP, inbound = UDP -> TAP.
+# The data path's stages, in flow order (docs/architecture.md, "The data path").
+# outbound = TAP -> UDP, inbound = UDP -> TAP.
 STAGES = (
     "tap_read",
     "switch",

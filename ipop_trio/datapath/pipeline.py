@@ -1,4 +1,4 @@
-"""The data path's Trio tasks (DESIGN.md §2):
+"""The data path's Trio tasks (docs/architecture.md, "The task tree"):
 
     tap reader  --[batches, bounded]-->  outbound (route, seal, GSO send)
     udp receiver (GRO, demux, open)  --[batches, bounded queue]-->  TAP writer thread

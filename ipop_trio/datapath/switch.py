@@ -1,7 +1,7 @@
 """The overlay's Ethernet switch: which peer a frame goes to, ARP answered locally.
 
-The overlay is one Ethernet segment (DESIGN.md §1). Every node's TAP MAC is derived from its
-certificate key, so the switch knows every peer's MAC without learning:
+The overlay is one Ethernet segment (docs/architecture.md, "What a node does"). Every node's TAP
+MAC is derived from its certificate key, so the switch knows every peer's MAC without learning:
   * unicast to a peer's MAC goes to that peer;
   * an ARP request for a known peer's address is answered locally from the peer table
     (the request never crosses the overlay);

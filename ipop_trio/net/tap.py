@@ -118,7 +118,7 @@ class TapWriter:
     """One thread writing frame batches to the TAP, fed by a bounded queue.
 
     `submit` never blocks the Trio thread: a full queue drops the batch and counts it
-    (the data path's full-queue policy, DESIGN.md §2).
+    (the data path's full-queue policy: docs/architecture.md, "The task tree").
 
     Small batches are written inline when the thread has nothing pending: waking a thread
     costs ~0.2 ms here (p99 ~3 ms, the GIL switch interval), which would double a ping's

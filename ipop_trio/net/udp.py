@@ -1,7 +1,7 @@
 """The node's one UDP socket: batch send with UDP GSO, batch receive with UDP GRO.
 
 The only module that owns the underlay socket. Everything is non-blocking; callers make one
-`await wait_readable()` per batch and then drain (perf-techniques.md §5). GSO and GRO are
+`await wait_readable()` per batch and then drain. GSO and GRO are
 probed and switched off cleanly where the kernel or the egress device refuses them
 (wireguard-go `errShouldDisableUDPGSO`).
 """
@@ -203,7 +203,8 @@ def _runs(sizes: list[int]) -> Iterator[tuple[int, int, int, int]]:
     """Group datagram sizes into GSO runs: (first index, count, segment size, total bytes).
 
     A run is a sequence of equal sizes, optionally closed by one shorter datagram, at most
-    UDP_MAX_SEGMENTS long and GSO_MAX_BYTES in total (perf-techniques.md §2)."""
+    UDP_MAX_SEGMENTS long and GSO_MAX_BYTES in total (the kernel's limits for one
+    UDP_SEGMENT send: udp_send_skb refuses more segments or a longer datagram)."""
     i, n = 0, len(sizes)
     while i < n:
         seg = sizes[i]

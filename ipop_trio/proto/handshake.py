@@ -1,6 +1,7 @@
 """Link handshake: Noise IK over X25519 (cryptography), carrying node certificates.
 
-One round trip turns two node keys into a pair of session keys (DESIGN.md §5):
+One round trip turns two node keys into a pair of session keys (docs/architecture.md,
+"Identity and selective security"):
 
     Noise_IK_25519_AESGCM_SHA256      (the default: hardware AES)
     Noise_IK_25519_ChaChaPoly_SHA256  (selectable per overlay)

@@ -2,12 +2,13 @@
 
 The TAP is opened with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR and TUNSETOFFLOAD(TUN_F_CSUM |
 TUN_F_TSO4 | TUN_F_TSO6), so the kernel hands us frames whose checksum is left to us and TCP
-super-frames of up to ~64 KiB (DESIGN.md §6). Outbound, `encode_outbound` cuts one TAP read into
-inner payloads that each fit one UDP datagram and are sealed on their own, so one lost datagram
-costs at most one inner TCP segment. Inbound, one `Reassembler` per peer glues the pieces of a
-super-frame back into the byte-identical TAP write (the receiving kernel segments and checksums
-it), or, when a piece is missing, rebuilds the pieces that did arrive as individual valid
-segments (the split half of wireguard-go's `tun/offload_linux.go` gsoSplit, done lazily).
+super-frames of up to ~64 KiB (docs/architecture.md, "The data path"). Outbound,
+`encode_outbound` cuts one TAP read into inner payloads that each fit one UDP datagram and are
+sealed on their own, so one lost datagram costs at most one inner TCP segment. Inbound, one
+`Reassembler` per peer glues the pieces of a super-frame back into the byte-identical TAP write
+(the receiving kernel segments and checksums it), or, when a piece is missing, rebuilds the
+pieces that did arrive as individual valid segments (the split half of wireguard-go's
+`tun/offload_linux.go` gsoSplit, done lazily).
 
 This module never does I/O and never computes an L4 checksum over payload in Python: it only
 forwards NEEDS_CSUM so the kernel finishes it (at most an IPv4 header checksum and a TCP

@@ -11,7 +11,7 @@ This module must never:
   * send two datagrams with the same counter under one key (the counter is the AEAD nonce);
   * move the replay window for a datagram whose tag has not verified;
   * raise anything but `BadPacket` from an `*_untrusted` function;
-  * log, or allocate more than it must, on the per-packet path (DESIGN.md §6).
+  * log, or allocate more than it must, on the per-packet path.
 
 A Session has a single owner: it is not thread-safe.
 

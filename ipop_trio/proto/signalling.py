@@ -1,9 +1,9 @@
 """Signalling messages: types, `encode`, `decode_untrusted`, and the possession proof (sans-IO).
 
-Nodes and the signalling server (DESIGN.md §5) exchange JSON objects over WebSocket, one per
-text message, each with a "type". Bytes (keys, certificates, nonces) are standard base64.
-A node is known by its X25519 link key ("key", base64 of the 32 raw bytes): names are for
-people, keys are what the link handshake proves.
+Nodes and the signalling server (docs/architecture.md, "Control plane") exchange JSON objects
+over WebSocket, one per text message, each with a "type". Bytes (keys, certificates, nonces) are
+standard base64. A node is known by its X25519 link key ("key", base64 of the 32 raw bytes):
+names are for people, keys are what the link handshake proves.
 
     node                                   server
      │ hello {v, cert}                        │  cert must chain to a configured CA: that

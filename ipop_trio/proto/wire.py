@@ -1,7 +1,7 @@
 """Datagram formats of the one UDP socket, and the first-byte demultiplexer.
 
 Everything a node sends on its underlay socket is one of these (RFC 7983 style ranges,
-DESIGN.md §4). This module only names bytes; it never does I/O.
+docs/architecture.md, "Wire format"). This module only names bytes; it never does I/O.
 
     first byte   what
     0..3         STUN (ICE checks, STUN/TURN servers)
@@ -39,7 +39,7 @@ receiver parses it from the end and the body needs no copy:
                                 a frame whose L4 checksum the receiving kernel finishes
                                 (virtio NEEDS_CSUM forwarded, never computed in Python)
     chunk | headers | piece meta (PIECE.size) | 0x02
-                                one segment-sized piece of a TSO super-frame (DESIGN §6):
+                                one segment-sized piece of a TSO super-frame (offload.py):
                                 every piece carries the super-frame's headers so it can be
                                 rebuilt into a valid segment on its own when others are lost
 """
