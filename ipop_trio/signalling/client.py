@@ -19,6 +19,7 @@ server for PING_TIMEOUT counts as lost. trio-websocket is used only in this pack
 
 from __future__ import annotations
 
+import enum
 import logging
 import random
 import ssl
@@ -46,6 +47,12 @@ BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
 OUTBOX_SIZE = 256  # messages the controller may queue while a send is in flight
 CONNECT_TIMEOUT = 10.0
 STABLE_AFTER = 10.0  # a connection that lasted this long resets the backoff
+
+
+class ClientState(enum.Enum):
+    CONNECTING = "connecting"  # opening the WebSocket, proving our key
+    CONNECTED = "connected"  # admitted: events flow
+    BACKOFF = "backoff"  # lost or refused: waiting before the next attempt
 
 
 class AdmissionRefused(Exception):
@@ -139,7 +146,7 @@ class SignallingClient:
         self.ssl_context = ssl_context
         self._rng = rng or random.Random()
         self._clock = clock
-        self.state = "connecting"
+        self.state = ClientState.CONNECTING
         self.connected_since: float | None = None
         self.connects = 0
         self.last_error: str | None = None
@@ -159,7 +166,7 @@ class SignallingClient:
     def status(self) -> dict[str, object]:
         return {
             "url": self.url,
-            "state": self.state,
+            "state": self.state.value,
             "overlay": self.overlay,
             "connects": self.connects,
             "last_error": self.last_error,
@@ -171,18 +178,18 @@ class SignallingClient:
         task_status.started()
         attempt = 0
         while True:
-            self.state = "connecting"
+            self.state = ClientState.CONNECTING
             started = trio.current_time()
             reason = await self._session()
             self._outbox = None
             self.last_error = reason
-            if self.state == "connected":
+            if self.state is ClientState.CONNECTED:
                 await self.events.send(sig.Disconnected(reason))
             if trio.current_time() - started >= STABLE_AFTER:
                 attempt = 0
             delay = backoff_delay(attempt, self._rng)
             attempt += 1
-            self.state = "backoff"
+            self.state = ClientState.BACKOFF
             log.info("signalling %s: %s; reconnecting in %.1f s", self.url, reason, delay)
             await trio.sleep(delay)
 
@@ -213,7 +220,7 @@ class SignallingClient:
         except ConnectionClosed as exc:
             return f"closed by the server during admission: {exc.reason}"
         local = ws.local.address if isinstance(ws.local, Endpoint) else None
-        self.state = "connected"
+        self.state = ClientState.CONNECTED
         self.connects += 1
         self.overlay = welcome.overlay
         log.info(
@@ -302,6 +309,7 @@ class SignallingClient:
 
 
 __all__ = [
+    "ClientState",
     "SignallingClient",
     "backoff_delay",
 ]

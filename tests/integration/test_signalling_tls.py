@@ -29,7 +29,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from ipop_trio import pki
 from ipop_trio.proto import signalling as sig
 from ipop_trio.proto.signalling import ClientEvent, Connected
-from ipop_trio.signalling.client import CONNECT_TIMEOUT, SignallingClient
+from ipop_trio.signalling.client import CONNECT_TIMEOUT, ClientState, SignallingClient
 from ipop_trio.signalling.server import SignallingServer
 
 NOW = time.time()
@@ -198,7 +198,7 @@ async def test_nodes_are_admitted_and_see_each_other_over_wss(
         assert isinstance(first, Connected), first
         assert first.welcome == sig.Welcome("lab", member(nodes[0]), ())
         assert first.local == "127.0.0.1"
-        assert a.client.state == "connected" and a.client.overlay == "lab"
+        assert a.client.state is ClientState.CONNECTED and a.client.overlay == "lab"
 
         b = await start_client(nursery, url, nodes[1], node_context(tls.ca))
         second = await b.next_event()
@@ -237,7 +237,7 @@ async def test_a_node_that_does_not_trust_the_server_certificate_is_never_admitt
         node = await start_client(nursery, url, nodes[0], context)
         # The client keeps trying (backoff) and says why it cannot get in.
         await eventually(lambda: node.client.last_error is not None)
-        assert node.client.state in ("backoff", "connecting")
+        assert node.client.state in (ClientState.BACKOFF, ClientState.CONNECTING)
         assert "certificate verify failed" in (node.client.last_error or "").lower(), (
             node.client.status()
         )
