@@ -42,7 +42,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
+from typing import Any
 
 import trio
 from trio_websocket import (
@@ -50,7 +50,7 @@ from trio_websocket import (
     Endpoint,
     WebSocketConnection,
     WebSocketRequest,
-    serve_websocket,
+    wrap_server_stream,
 )
 
 from ..errors import BadPacket, CertificateRefused
@@ -392,25 +392,22 @@ class SignallingServer:
         ssl_context: ssl.SSLContext | None = None,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Listen until cancelled; `started(port)` once accepting connections."""
-        async with trio.open_nursery() as nursery:
-            server = await nursery.start(
-                partial(
-                    serve_websocket,
-                    self._handle,
-                    host,
-                    port,
-                    ssl_context,
-                    handler_nursery=nursery,
-                    max_message_size=self.limits.max_message,
-                    message_queue_size=1,
-                    # A client that never completes TLS or the WebSocket opening (a ws://
-                    # client on a wss:// port) holds its socket no longer than admission may.
-                    connect_timeout=self.limits.auth_timeout,
-                    disconnect_timeout=self.limits.auth_timeout,
-                )
+        """Listen until cancelled; `started(port)` once accepting connections.
+
+        Each connection runs in its own nursery behind `_connection`, which keeps whatever
+        it raises (trio-websocket's reader task included) in that connection: with
+        trio-websocket's own `serve_websocket`, an exception of one connection's reader task
+        reached the server's nursery and stopped the server."""
+        listeners: list[Any]  # trio.SocketListener or trio.SSLListener
+        if ssl_context is None:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+        else:
+            listeners = await trio.open_ssl_over_tcp_listeners(
+                port, ssl_context, host=host, https_compatible=True
             )
-            self.port = int(server.port)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self._connection, listeners)
+            self.port = _port_of(listeners[0])
             log.info(
                 "signalling server listening on %s:%d (%s), overlays: %s",
                 host or "*",
@@ -433,6 +430,32 @@ class SignallingServer:
                     self._dispatch()
             else:
                 client.close(action.code, action.reason, flush=True)
+
+    async def _connection(self, stream: trio.abc.Stream) -> None:
+        """One client connection, from the WebSocket opening to the socket's close. Whatever
+        happens here stays here: the peer's bytes, trio-websocket and TLS may raise anything
+        (LocalProtocolError, BrokenResourceError, ssl errors), and it ends this connection
+        only, counted and logged."""
+        try:
+            async with trio.open_nursery() as nursery:
+                # A client that never completes TLS or the WebSocket opening (a ws:// client
+                # on a wss:// port) holds its socket no longer than admission may.
+                with trio.move_on_after(self.limits.auth_timeout) as opening:
+                    request = await wrap_server_stream(
+                        nursery,
+                        stream,
+                        message_queue_size=1,
+                        max_message_size=self.limits.max_message,
+                    )
+                if not opening.cancelled_caught:
+                    await self._handle(request)
+                nursery.cancel_scope.cancel()  # the library's reader task, if still running
+        except Exception as exc:  # the one boundary a connection has: nothing passes it
+            self.core.count("connection_errors")
+            log.info("connection ended by an error: %s", _describe(exc))
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(FLUSH_TIME):
+                await stream.aclose()
 
     async def _handle(self, request: WebSocketRequest) -> None:
         try:
@@ -490,6 +513,21 @@ class SignallingServer:
         except ConnectionClosed:
             pass
         client.scope.cancel()  # the outbox is closed and sent, or the socket broke
+
+
+def _port_of(listener: trio.abc.Listener[trio.abc.Stream]) -> int:
+    """The TCP port a (TLS-over-)TCP listener is bound to."""
+    while isinstance(listener, trio.SSLListener):
+        listener = listener.transport_listener
+    assert isinstance(listener, trio.SocketListener)
+    return int(listener.socket.getsockname()[1])
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for the log: an exception, or the leaves of an exception group."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(e) for e in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"[:200]
 
 
 def raise_fd_limit() -> int:
