@@ -7,12 +7,19 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# rustup puts cargo in ~/.cargo/bin, which a non-login shell (CI) may not have on PATH; the
+# native core (native/) is built when cargo is found, the pure-Python path is used otherwise.
+CARGO_BIN := $(wildcard $(HOME)/.cargo/bin)
+ifneq ($(CARGO_BIN),)
+export PATH := $(CARGO_BIN):$(PATH)
+endif
+NATIVE_SRC := native/Cargo.toml $(wildcard native/Cargo.lock native/src/*.rs) setup.py
 
 .PHONY: venv deps test lint demo bench profile root
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(NATIVE_SRC)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $@
