@@ -112,14 +112,18 @@ def test_seal_is_byte_identical_and_each_opens_the_other(
     payloads: list[bytes],
 ) -> None:
     args = {"cipher": cipher, "secure": secure, "created": 0.0}
-    py_tx = Session(send_key=keys[0], recv_key=keys[1], local_index=indices[0],
-                    remote_index=indices[1], **args)  # fmt: skip
-    nt_tx = native.Session(send_key=keys[0], recv_key=keys[1], local_index=indices[0],
-                           remote_index=indices[1], **args)  # fmt: skip
-    py_rx = Session(send_key=keys[1], recv_key=keys[0], local_index=indices[1],
-                    remote_index=indices[0], **args)  # fmt: skip
-    nt_rx = native.Session(send_key=keys[1], recv_key=keys[0], local_index=indices[1],
-                           remote_index=indices[0], **args)  # fmt: skip
+    py_tx = Session(
+        send_key=keys[0], recv_key=keys[1], local_index=indices[0], remote_index=indices[1], **args
+    )
+    nt_tx = native.Session(
+        send_key=keys[0], recv_key=keys[1], local_index=indices[0], remote_index=indices[1], **args
+    )
+    py_rx = Session(
+        send_key=keys[1], recv_key=keys[0], local_index=indices[1], remote_index=indices[0], **args
+    )
+    nt_rx = native.Session(
+        send_key=keys[1], recv_key=keys[0], local_index=indices[1], remote_index=indices[0], **args
+    )
     for p in payloads:
         d = py_tx.seal(p)
         assert nt_tx.seal(p) == d
@@ -150,8 +154,8 @@ _op = st.one_of(
     st.tuples(st.just("seal"), st.binary(max_size=300)),
     st.tuples(st.just("replay"), st.integers(0, 50)),
     st.tuples(
-        st.just("mutate"), st.tuples(st.integers(0, 50), st.integers(0, 4), st.integers(0, 2000),
-                                     st.integers(0, 255)),  # fmt: skip
+        st.just("mutate"),
+        st.tuples(st.integers(0, 50), st.integers(0, 4), st.integers(0, 2000), st.integers(0, 255)),
     ),
     st.tuples(st.just("garbage"), st.binary(max_size=80)),
 )
@@ -188,11 +192,25 @@ def test_memoryview_and_bytearray_inputs() -> None:
 def test_constructor_refusals_match() -> None:
     for cls in (Session, native.Session):
         with pytest.raises(LocalProtocolError):
-            cls(send_key=bytes(31), recv_key=bytes(32), local_index=1, remote_index=2,
-                cipher=Cipher.AES_256_GCM, secure=True, created=0.0)  # fmt: skip
+            cls(
+                send_key=bytes(31),
+                recv_key=bytes(32),
+                local_index=1,
+                remote_index=2,
+                cipher=Cipher.AES_256_GCM,
+                secure=True,
+                created=0.0,
+            )
         with pytest.raises(LocalProtocolError):
-            cls(send_key=b"", recv_key=b"", local_index=2**32, remote_index=2,
-                cipher=Cipher.AES_256_GCM, secure=False, created=0.0)  # fmt: skip
+            cls(
+                send_key=b"",
+                recv_key=b"",
+                local_index=2**32,
+                remote_index=2,
+                cipher=Cipher.AES_256_GCM,
+                secure=False,
+                created=0.0,
+            )
 
 
 def test_timers_match() -> None:
@@ -488,8 +506,14 @@ class Side:
         return self.inbound.reassembly_counters()
 
 
-_NOT_DATA = [b"\x00\x01\x00\x00" + bytes(16), b"\xa1" + bytes(40), b"\x40" + bytes(10),
-             b"\x99junk", b"", b"\xa4\x00\x00\x00short"]  # fmt: skip
+_NOT_DATA = [
+    b"\x00\x01\x00\x00" + bytes(16),
+    b"\xa1" + bytes(40),
+    b"\x40" + bytes(10),
+    b"\x99junk",
+    b"",
+    b"\xa4\x00\x00\x00short",
+]
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
