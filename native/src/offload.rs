@@ -589,3 +589,214 @@ impl Reassembler {
         self.have = 0;
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    fn rfc1071(data: &[u8]) -> u32 {
+        let mut sum: u32 = data
+            .chunks(2)
+            .map(|w| u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]) as u32)
+            .sum();
+        while sum >> 16 != 0 {
+            sum = (sum & 0xFFFF) + (sum >> 16);
+        }
+        sum
+    }
+
+    /// A TAP read as the kernel hands over a TSO super-frame (NEEDS_CSUM, pseudo-header sum
+    /// in the TCP checksum field); tests/unit/test_offload.py's build_read.
+    pub(crate) fn build_read(data_len: usize, v6: bool, gso_size: u16, flags: u8) -> Vec<u8> {
+        let data: Vec<u8> = (0..data_len).map(|i| (i * 7 + 3) as u8).collect();
+        let opts = [1u8, 1, 8, 10, 0, 1, 2, 3, 4, 5, 6, 7];
+        let tcp_len = 20 + opts.len() + data_len;
+        let mut f = Vec::new();
+        f.extend_from_slice(&[2, 0xaa, 0xbb, 0xcc, 0xdd, 2, 2, 0xaa, 0xbb, 0xcc, 0xdd, 1]);
+        let (src, dst): (Vec<u8>, Vec<u8>);
+        if v6 {
+            f.extend_from_slice(&ETH_P_IPV6.to_be_bytes());
+            f.extend_from_slice(&[0x60, 0, 0, 0]);
+            f.extend_from_slice(&(tcp_len as u16).to_be_bytes());
+            f.extend_from_slice(&[6, 64]);
+            src = [0xfd; 16].to_vec();
+            dst = [0xfe; 16].to_vec();
+        } else {
+            f.extend_from_slice(&ETH_P_IP.to_be_bytes());
+            let total = (20 + tcp_len) as u16;
+            f.extend_from_slice(&[0x45, 0]);
+            f.extend_from_slice(&total.to_be_bytes());
+            f.extend_from_slice(&[0xFF, 0xF0, 0x40, 0, 64, 6, 0, 0]);
+            src = vec![10, 77, 0, 2];
+            dst = vec![10, 77, 0, 3];
+        }
+        f.extend_from_slice(&src);
+        f.extend_from_slice(&dst);
+        if !v6 {
+            let c = 0xFFFF - rfc1071(&f[14..34]) as u16;
+            f[24..26].copy_from_slice(&c.to_be_bytes());
+        }
+        let cs = f.len();
+        let mut pseudo = [src.clone(), dst.clone()].concat();
+        pseudo.extend_from_slice(&[0, 6]);
+        pseudo.extend_from_slice(&(tcp_len as u16).to_be_bytes());
+        f.extend_from_slice(&[0x9c, 0x40, 0x14, 0x51, 0xFF, 0xFF, 0xF0, 0, 1, 2, 3, 4]);
+        f.push((((20 + opts.len()) / 4) << 4) as u8);
+        f.push(flags);
+        f.extend_from_slice(&[2, 0]);
+        f.extend_from_slice(&(rfc1071(&pseudo) as u16).to_be_bytes());
+        f.extend_from_slice(&[0, 0]);
+        f.extend_from_slice(&opts);
+        let hdr_len = f.len();
+        f.extend_from_slice(&data);
+        let gso_type = if v6 { GSO_TCPV6 } else { GSO_TCPV4 };
+        let mut read = vnet(
+            F_NEEDS_CSUM,
+            gso_type,
+            hdr_len as u16,
+            gso_size,
+            cs as u16,
+            16,
+        )
+        .to_vec();
+        read.extend_from_slice(&f);
+        read
+    }
+
+    fn reassemble(r: &mut Reassembler, payloads: &[Vec<u8>]) -> Writes {
+        let mut out = Writes::default();
+        for p in payloads {
+            r.push_untrusted(p, &mut out).unwrap();
+        }
+        out
+    }
+
+    #[test]
+    fn super_frames_round_trip_byte_identical() {
+        for v6 in [false, true] {
+            for data_len in [1, 100, 1348, 1349, 45 * 1348, 63_000] {
+                let mss = if v6 { 1328 } else { 1348 };
+                let read = build_read(data_len, v6, mss, 0x18);
+                let payloads = encode_outbound(&read, 7, DEFAULT_MAX_PAYLOAD).unwrap();
+                assert_eq!(payloads.len(), data_len.div_ceil(mss as usize));
+                assert!(payloads.iter().all(|p| p.len() <= DEFAULT_MAX_PAYLOAD));
+                let mut r = Reassembler::new();
+                let mut shuffled = payloads.clone();
+                shuffled.reverse();
+                let out = reassemble(&mut r, &shuffled);
+                assert_eq!(out.spans.len(), 1);
+                assert_eq!(out.get(0), &read[..]);
+                assert_eq!(r.counters.frames_whole, 1);
+                assert_eq!(r.pending(), 0);
+            }
+        }
+    }
+
+    #[test]
+    fn lost_middle_piece_flushes_two_valid_runs() {
+        for v6 in [false, true] {
+            let read = build_read(20 * 1000, v6, 1000, 0x19);
+            let mut payloads = encode_outbound(&read, 9, DEFAULT_MAX_PAYLOAD).unwrap();
+            payloads.remove(5);
+            let mut r = Reassembler::new();
+            let mut out = reassemble(&mut r, &payloads);
+            assert_eq!(out.spans.len(), 0);
+            assert_eq!(r.pending(), 19);
+            r.flush(&mut out);
+            assert_eq!(out.spans.len(), 2);
+            assert_eq!(r.counters.frames_partial, 1);
+            assert_eq!(r.counters.segments_rebuilt, 19);
+            let cs = if v6 { 54 } else { 34 };
+            for (i, first) in [(0usize, 0usize), (1, 6)] {
+                let w = out.get(i);
+                let f = &w[VNET_HDR_LEN..];
+                if !v6 {
+                    assert_eq!(rfc1071(&f[14..cs]), 0xFFFF, "IPv4 header checksum");
+                    assert_eq!(be16(f, 16) as usize, f.len() - 14);
+                    assert_eq!(be16(f, 18), 0xFFF0u16.wrapping_add(first as u16));
+                } else {
+                    assert_eq!(be16(f, 18) as usize, f.len() - cs);
+                }
+                let seq = u32::from_be_bytes([f[cs + 4], f[cs + 5], f[cs + 6], f[cs + 7]]);
+                assert_eq!(seq, 0xFFFF_F000u32.wrapping_add(first as u32 * 1000));
+                // FIN|PSH only on the run that holds the last piece.
+                assert_eq!(f[cs + 13], if i == 1 { 0x19 } else { 0x10 });
+            }
+            // A late piece of the flushed frame goes out on its own.
+            let late = encode_outbound(&read, 9, DEFAULT_MAX_PAYLOAD).unwrap()[5].clone();
+            let mut more = Writes::default();
+            r.push_untrusted(&late, &mut more).unwrap();
+            assert_eq!(more.spans.len(), 1);
+            assert_eq!(more.get(0)[1], GSO_NONE);
+            assert_eq!(r.counters.pieces_late, 1);
+        }
+    }
+
+    #[test]
+    fn refused_pieces_leave_the_pending_frame() {
+        let read = build_read(6 * 1348 - 10, false, 1348, 0x18);
+        let good = encode_outbound(&read, 5, DEFAULT_MAX_PAYLOAD).unwrap();
+        let mut r = Reassembler::new();
+        reassemble(&mut r, &good[..1]);
+        let mut bad = vec![good[0].clone()]; // duplicate
+        let mut p = good[1].clone();
+        let n = p.len();
+        p[n - 2] ^= 1; // csum_offset in the tail
+        bad.push(p);
+        let mut p = good[1].clone();
+        p[1400] ^= 1; // inside the header block
+        bad.push(p);
+        bad.push(good[1][..100].to_vec()); // short
+        bad.push(vec![7]);
+        bad.push(vec![0; 14]);
+        let mut out = Writes::default();
+        for b in &bad {
+            assert!(r.push_untrusted(b, &mut out).is_err());
+            assert_eq!(r.pending(), 1);
+        }
+        let out = reassemble(&mut r, &good[1..]);
+        assert_eq!(out.get(0), &read[..]);
+    }
+
+    #[test]
+    fn reset_forgets_frame_ids_and_old_ids_are_late() {
+        let read = build_read(4 * 1348, false, 1348, 0x18);
+        let mut r = Reassembler::new();
+        let at = |fid| encode_outbound(&read, fid, DEFAULT_MAX_PAYLOAD).unwrap();
+        assert_eq!(reassemble(&mut r, &at(1000)).spans.len(), 1);
+        let old = reassemble(&mut r, &at(1000u32.wrapping_sub(1 << 31) + 1)[..1]);
+        assert_eq!((old.spans.len(), r.counters.pieces_late), (1, 1));
+        let mut out = Writes::default();
+        r.reset(&mut out);
+        assert_eq!(reassemble(&mut r, &at(0)).spans.len(), 1);
+        assert_eq!(r.counters.pieces_late, 1);
+    }
+
+    #[test]
+    fn refused_reads() {
+        let read = build_read(20_000, false, 1348, 0x18);
+        let mut ecn = read.clone();
+        ecn[1] |= GSO_ECN;
+        let mut no_csum = read.clone();
+        no_csum[0] = 0;
+        let mut gso0 = read.clone();
+        gso0[4..6].copy_from_slice(&[0, 0]);
+        let mut udp = read.clone();
+        udp[VNET_HDR_LEN + 23] = 17;
+        for bad in [
+            &read[..23],
+            &ecn,
+            &no_csum,
+            &gso0,
+            &udp,
+            &read[..VNET_HDR_LEN + 66],
+        ] {
+            assert!(plan(bad, DEFAULT_MAX_PAYLOAD).is_err());
+        }
+        assert!(plan(&build_read(64_000, false, 1420, 0x18), DEFAULT_MAX_PAYLOAD).is_err());
+        let mut small = vec![0u8; 10];
+        small.extend_from_slice(&[0u8; 1440]); // + the kind byte: one over the budget
+        assert!(plan(&small, DEFAULT_MAX_PAYLOAD).is_err());
+        assert!(plan(&small[..10 + 1439], DEFAULT_MAX_PAYLOAD).is_ok());
+    }
+}
