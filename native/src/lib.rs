@@ -1,4 +1,6 @@
 pub mod datapath;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod offload;
 pub mod replay;
 pub mod session;
