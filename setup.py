@@ -32,7 +32,9 @@ else:
             debug=False,
         )
     )
-if why:
+# Once per install: the build step itself, not the metadata steps pip runs before it.
+_BUILDS = {"bdist_wheel", "editable_wheel", "build", "build_ext", "develop", "install"}
+if why and _BUILDS & set(sys.argv):
     print(
         f"WARNING: ipop-trio: building without its native core ({why}); "
         "the data path runs on pure Python",
