@@ -28,7 +28,9 @@ Contract (every `*_untrusted` call counts what the network sent, it never raises
   `runs` are (offset, length, segment size, count): one UDP GSO sendmsg each, grouped as
   net/udp.py's `_runs` groups sizes. Also `frame_id` (next), `datagrams`, `nbytes`,
   `frame_bytes` (for port.tx_bytes). Counter exhaustion raises LocalProtocolError with
-  nothing sealed.
+  nothing sealed. An `out` that cannot be resized (a view of it still alive) raises
+  BufferError after sealing: those counters are spent, the datagrams lost (as a send
+  failure would lose them).
 * `SessionTable()`: local index -> (session, peer), `peer` an int the caller chooses; each
   peer has one reassembler, shared by its sessions. `insert(session, peer)`,
   `remove(local_index)`, `remove_peer(peer, out)`, `set_paths(peer, tokens)` (where a plain
