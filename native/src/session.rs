@@ -1,0 +1,366 @@
+//! A transport session: AEAD seal/open of data datagrams, the send counter, the replay
+//! window and the counters, byte-identical to proto/session.py's `Session`.
+//!
+//! secure: ciphertext||tag = AEAD(send_key, nonce, payload, aad = the 16 header bytes)
+//! nonce (12 bytes)        = 4 zero bytes || counter (u64, little endian)
+//! plain (0xA5):             the same header and counters, the payload in clear, no tag.
+//!
+//! Order on receive (whitepaper §5.4.6): checks that cost no cryptography first; the replay
+//! window is only *checked* before the tag verifies and only *updated* after, so a forged
+//! counter never moves it.
+
+use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
+
+use crate::replay::ReplayWindow;
+use crate::wire::{
+    u32le, u64le, DATA_HEADER_SIZE, DATA_PLAIN, DATA_SECURE, REJECT_AFTER_MESSAGES, TAG_SIZE,
+};
+
+pub const KEY_SIZE: usize = 32;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cipher {
+    Aes256Gcm,
+    ChaCha20Poly1305,
+}
+
+impl Cipher {
+    pub fn from_name(name: &str) -> Option<Cipher> {
+        match name {
+            "aes-256-gcm" => Some(Cipher::Aes256Gcm),
+            "chacha20-poly1305" => Some(Cipher::ChaCha20Poly1305),
+            _ => None,
+        }
+    }
+
+    fn algorithm(self) -> &'static aead::Algorithm {
+        match self {
+            Cipher::Aes256Gcm => &aead::AES_256_GCM,
+            Cipher::ChaCha20Poly1305 => &aead::CHACHA20_POLY1305,
+        }
+    }
+}
+
+/// Why a datagram was refused: proto/session.py's `Refusal`, same names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    Short,
+    Type,
+    Index,
+    Limit,
+    Replayed,
+    TooLong,
+    BadTag,
+}
+
+pub const REFUSALS: [Refusal; 7] = [
+    Refusal::Short,
+    Refusal::Type,
+    Refusal::Index,
+    Refusal::Limit,
+    Refusal::Replayed,
+    Refusal::TooLong,
+    Refusal::BadTag,
+];
+
+impl Refusal {
+    pub fn name(self) -> &'static str {
+        match self {
+            Refusal::Short => "short",
+            Refusal::Type => "type",
+            Refusal::Index => "index",
+            Refusal::Limit => "limit",
+            Refusal::Replayed => "replayed",
+            Refusal::TooLong => "too_long",
+            Refusal::BadTag => "bad_tag",
+        }
+    }
+}
+
+/// What building a session or sealing can refuse: the caller's mistake, never the network's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LocalError {
+    KeySize,
+    /// The send counter reached REJECT_AFTER_MESSAGES: rekey.
+    Exhausted,
+}
+
+/// Is this datagram one `open` would even look at (length, type and pad, index)? The data
+/// path's batch loop asks before it counts a datagram as this session's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fit {
+    Ours(u64),
+    Short,
+    Type,
+    Index,
+}
+
+pub struct SessionCore {
+    kind: u8,
+    pub local_index: u32,
+    pub remote_index: u32,
+    /// (seal, open) keys; None on a plain link.
+    keys: Option<(LessSafeKey, LessSafeKey)>,
+    send: u64,
+    window: ReplayWindow,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+    pub rx_packets: u64,
+    pub refused: [u64; 7],
+}
+
+fn nonce(counter: u64) -> Nonce {
+    let mut n = [0u8; 12];
+    n[4..].copy_from_slice(&counter.to_le_bytes());
+    Nonce::assume_unique_for_key(n)
+}
+
+impl SessionCore {
+    /// `send_key` / `recv_key` are borrowed only to build ring's keys: no copy of them is
+    /// kept outside ring's key objects. Plain sessions ignore them.
+    pub fn new(
+        cipher: Cipher,
+        send_key: &[u8],
+        recv_key: &[u8],
+        local_index: u32,
+        remote_index: u32,
+        secure: bool,
+    ) -> Result<SessionCore, LocalError> {
+        let keys = if secure {
+            if send_key.len() != KEY_SIZE || recv_key.len() != KEY_SIZE {
+                return Err(LocalError::KeySize);
+            }
+            let key = |k: &[u8]| {
+                UnboundKey::new(cipher.algorithm(), k)
+                    .map(LessSafeKey::new)
+                    .map_err(|_| LocalError::KeySize)
+            };
+            Some((key(send_key)?, key(recv_key)?))
+        } else {
+            None
+        };
+        Ok(SessionCore {
+            kind: if secure { DATA_SECURE } else { DATA_PLAIN },
+            local_index,
+            remote_index,
+            keys,
+            send: 0,
+            window: ReplayWindow::new(),
+            tx_bytes: 0,
+            rx_bytes: 0,
+            rx_packets: 0,
+            refused: [0; 7],
+        })
+    }
+
+    pub fn secure(&self) -> bool {
+        self.keys.is_some()
+    }
+
+    pub fn send_counter(&self) -> u64 {
+        self.send
+    }
+
+    pub fn recv_highest(&self) -> Option<u64> {
+        self.window.highest()
+    }
+
+    /// Header, plus the tag on secure links.
+    pub fn overhead(&self) -> usize {
+        DATA_HEADER_SIZE + if self.secure() { TAG_SIZE } else { 0 }
+    }
+
+    /// Reserve `count` counters at once, all or nothing.
+    pub fn reserve(&self, count: u64) -> Result<(), LocalError> {
+        match self.send.checked_add(count) {
+            Some(end) if end <= REJECT_AFTER_MESSAGES => Ok(()),
+            _ => Err(LocalError::Exhausted),
+        }
+    }
+
+    /// Append one datagram carrying the concatenation of `parts` to `out`, with the next
+    /// counter; return its length.
+    pub fn seal_parts(&mut self, out: &mut Vec<u8>, parts: &[&[u8]]) -> Result<usize, LocalError> {
+        self.reserve(1)?;
+        let counter = self.send;
+        self.send += 1;
+        let start = out.len();
+        out.push(self.kind);
+        out.extend_from_slice(&[0, 0, 0]);
+        out.extend_from_slice(&self.remote_index.to_le_bytes());
+        out.extend_from_slice(&counter.to_le_bytes());
+        for p in parts {
+            out.extend_from_slice(p);
+        }
+        let n = out.len() - start - DATA_HEADER_SIZE;
+        if let Some((seal, _)) = &self.keys {
+            let (header, body) = out[start..].split_at_mut(DATA_HEADER_SIZE);
+            let tag = seal
+                .seal_in_place_separate_tag(nonce(counter), Aad::from(&*header), body)
+                .expect("ring refuses only inputs longer than AES-GCM's limit");
+            out.extend_from_slice(tag.as_ref());
+        }
+        self.tx_bytes += n as u64;
+        Ok(out.len() - start)
+    }
+
+    /// Header checks only (no window, no cryptography).
+    pub fn fit(&self, datagram: &[u8]) -> Fit {
+        if datagram.len() < self.overhead() {
+            return Fit::Short;
+        }
+        // The first word is type | pad << 8: one comparison checks the pad is zero too.
+        if u32le(datagram, 0) != self.kind as u32 {
+            return Fit::Type;
+        }
+        if u32le(datagram, 4) != self.local_index {
+            return Fit::Index;
+        }
+        Fit::Ours(u64le(datagram, 8))
+    }
+
+    /// Open `datagram` in place (the caller's own copy): on success the payload is
+    /// `datagram[16..16 + n]` and `n` is returned. Counts the refusal in `refused`.
+    /// After a refusal the bytes of `datagram` are unspecified.
+    pub fn open_in_place(&mut self, datagram: &mut [u8]) -> Result<usize, Refusal> {
+        let result = self.open_inner(datagram);
+        if let Err(r) = result {
+            self.refused[r as usize] += 1;
+        }
+        result
+    }
+
+    fn open_inner(&mut self, datagram: &mut [u8]) -> Result<usize, Refusal> {
+        let counter = match self.fit(datagram) {
+            Fit::Short => return Err(Refusal::Short),
+            Fit::Type => return Err(Refusal::Type),
+            Fit::Index => return Err(Refusal::Index),
+            Fit::Ours(c) => c,
+        };
+        self.open_checked(datagram, counter)
+    }
+
+    /// Open a datagram `fit` already accepted with `counter`: window check, tag, window
+    /// update. Does not count the refusal (the caller does, by reason).
+    pub fn open_checked(&mut self, datagram: &mut [u8], counter: u64) -> Result<usize, Refusal> {
+        if !self.window.check(counter) {
+            return Err(if counter >= REJECT_AFTER_MESSAGES {
+                Refusal::Limit
+            } else {
+                Refusal::Replayed
+            });
+        }
+        let (header, body) = datagram.split_at_mut(DATA_HEADER_SIZE);
+        let n = match &self.keys {
+            None => body.len(),
+            Some((_, open)) => open
+                .open_in_place(nonce(counter), Aad::from(&*header), body)
+                .map_err(|_| Refusal::BadTag)?
+                .len(),
+        };
+        // Authenticated (or a plain link): now, and only now, the window moves.
+        self.window.update(counter);
+        self.rx_packets += 1;
+        self.rx_bytes += n as u64;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(cipher: Cipher, secure: bool) -> (SessionCore, SessionCore) {
+        let (k1, k2) = ([1u8; 32], [2u8; 32]);
+        let a = SessionCore::new(cipher, &k1, &k2, 10, 20, secure).unwrap();
+        let b = SessionCore::new(cipher, &k2, &k1, 20, 10, secure).unwrap();
+        (a, b)
+    }
+
+    fn seal(s: &mut SessionCore, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        s.seal_parts(&mut out, &[payload]).unwrap();
+        out
+    }
+
+    #[test]
+    fn round_trip_both_ciphers_and_plain() {
+        for cipher in [Cipher::Aes256Gcm, Cipher::ChaCha20Poly1305] {
+            for secure in [true, false] {
+                let (mut a, mut b) = pair(cipher, secure);
+                for (i, payload) in [&b""[..], b"x", &[7u8; 1500][..]].iter().enumerate() {
+                    let mut d = seal(&mut a, payload);
+                    assert_eq!(d.len(), payload.len() + a.overhead());
+                    assert_eq!(u64le(&d, 8), i as u64);
+                    let n = b.open_in_place(&mut d).unwrap();
+                    assert_eq!(&d[16..16 + n], *payload);
+                }
+                assert_eq!(a.send_counter(), 3);
+                assert_eq!(b.recv_highest(), Some(2));
+                assert_eq!(b.rx_packets, 3);
+            }
+        }
+    }
+
+    #[test]
+    fn refusals_in_order() {
+        let (mut a, mut b) = pair(Cipher::Aes256Gcm, true);
+        let d = seal(&mut a, b"hello");
+        let mut short = d[..31].to_vec();
+        assert_eq!(b.open_in_place(&mut short), Err(Refusal::Short));
+        let mut pad = d.clone();
+        pad[2] = 1;
+        assert_eq!(b.open_in_place(&mut pad), Err(Refusal::Type));
+        let mut plain = d.clone();
+        plain[0] = DATA_PLAIN;
+        assert_eq!(b.open_in_place(&mut plain), Err(Refusal::Type));
+        let mut index = d.clone();
+        index[4] ^= 1;
+        assert_eq!(b.open_in_place(&mut index), Err(Refusal::Index));
+        let mut forged = d.clone();
+        forged[20] ^= 1;
+        assert_eq!(b.open_in_place(&mut forged), Err(Refusal::BadTag));
+        assert_eq!(b.recv_highest(), None, "a forgery never moves the window");
+        assert!(b.open_in_place(&mut d.clone()).is_ok());
+        assert_eq!(b.open_in_place(&mut d.clone()), Err(Refusal::Replayed));
+        let mut limit = d.clone();
+        limit[8..16].copy_from_slice(&REJECT_AFTER_MESSAGES.to_le_bytes());
+        assert_eq!(b.open_in_place(&mut limit), Err(Refusal::Limit));
+        assert_eq!(b.refused, [1, 2, 1, 1, 1, 0, 1]);
+    }
+
+    #[test]
+    fn forged_far_ahead_counter_does_not_slide_the_window() {
+        let (mut a, mut b) = pair(Cipher::ChaCha20Poly1305, true);
+        let first = seal(&mut a, b"one");
+        let mut forged = first.clone();
+        forged[8..16].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        assert_eq!(b.open_in_place(&mut forged), Err(Refusal::BadTag));
+        assert!(b.open_in_place(&mut first.clone()).is_ok());
+    }
+
+    #[test]
+    fn ciphers_differ_and_tag_covers_header() {
+        let (mut a, _) = pair(Cipher::Aes256Gcm, true);
+        let (mut c, _) = pair(Cipher::ChaCha20Poly1305, true);
+        assert_ne!(seal(&mut a, b"same"), seal(&mut c, b"same"));
+    }
+
+    #[test]
+    fn send_counter_stops_at_the_reject_limit() {
+        let (mut a, _) = pair(Cipher::Aes256Gcm, true);
+        a.send = REJECT_AFTER_MESSAGES - 1;
+        assert!(a.reserve(1).is_ok());
+        assert_eq!(a.reserve(2), Err(LocalError::Exhausted));
+        seal(&mut a, b"last");
+        let mut out = Vec::new();
+        assert_eq!(a.seal_parts(&mut out, &[b"x"]), Err(LocalError::Exhausted));
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn bad_key_sizes() {
+        assert!(SessionCore::new(Cipher::Aes256Gcm, &[0; 31], &[0; 32], 1, 2, true).is_err());
+        assert!(SessionCore::new(Cipher::Aes256Gcm, &[], &[], 1, 2, false).is_ok());
+    }
+}
