@@ -64,7 +64,7 @@ def python_in(rx: Session, r: offload.Reassembler, calls: list, segs: list) -> i
         view = memoryview(buf)
         datagrams = [view[i : i + seg] for i in range(0, len(buf), seg)]
         payloads: list[bytes] = []
-        rx.open_batch_untrusted(datagrams, 0, payloads)
+        rx.open_batch(datagrams, 0, payloads)
         writes: list[bytes] = []
         for p in payloads:
             r.push_untrusted(p, writes)
@@ -121,7 +121,7 @@ def measure(name: str, reads: list[bytes], cipher: Cipher, seconds: float) -> No
         table = native.SessionTable()
         table.insert(rx, 0)
         for buf, seg in zip(calls, segs, strict=True):
-            table.open_batch_untrusted(buf, seg, 0, out)
+            table.open_batch(buf, seg, 0, out)
 
     py_rate, nt_rate = rate(py_in, seconds), rate(nt_in, seconds)
     show(name, "inbound", py_rate * frame_bits, nt_rate * frame_bits)

@@ -16,7 +16,7 @@ Contract (every `*_untrusted` call counts what the network sent, it never raises
   what a finished handshake leaves, as proto/session.py's `Session` takes it (cipher: a
   `Cipher` or its value). Keys go in and never come back out. It has the Python Session's
   counters (`send_counter`, `recv_highest`, `tx_bytes`, `rx_bytes`, `rx_packets`, `refused`
-  by `Refusal` name), timers (`should_rekey`, `should_rekey_on_receive`, `expired`),
+  by `Refusal` name), timers (`should_rekey`, `expired`),
   `overhead()`, `seal(payload)` (keepalives) and `open_untrusted(datagram)` (raises
   `Refused(reason)`, a BadPacket, args[0] one of the `Refusal` values).
 * `Session.seal_tap_batch(reads, frame_id, out, *, max_payload, max_segments, max_bytes)`
@@ -36,7 +36,7 @@ Contract (every `*_untrusted` call counts what the network sent, it never raises
   `remove(local_index)`, `remove_peer(peer, out)`, `set_paths(peer, tokens)` (where a plain
   session's datagrams may come from: ints the caller assigns to distinct (address, relay)
   paths, its endpoint's and the ICE-valid ones), `pending(peer)`, `reassembly_counters(peer=None)`.
-* `SessionTable.open_batch_untrusted(data, segment, path, out)` -> `InboundBatch`: one
+* `SessionTable.open_batch(data, segment, path, out)` -> `InboundBatch`: one
   receive call (`data` the filled part of the receive buffer, cut every `segment` bytes as
   recv_once cuts it, all from path token `path`). Per datagram, as Inbound.process: not data
   (STUN, ChannelData, handshake, other, runt, empty) -> `others` (offset, length) for

@@ -236,7 +236,7 @@ impl Table {
                 Fit::Ours(counter) => match session.open_checked(d, counter) {
                     Ok(n) => Some(n),
                     Err(why) => {
-                        // As open_batch_untrusted counts them (length and type are not).
+                        // As open_batch counts them (length and type are not).
                         debug_assert!(matches!(
                             why,
                             Refusal::Limit | Refusal::Replayed | Refusal::BadTag

@@ -12,7 +12,7 @@
 //! * outbound (`Session.seal_tap_batch`, datapath.rs): TAP reads -> `encode_outbound`'s
 //!   inner payloads (offload.rs) -> sealed datagrams back to back in one caller-owned
 //!   buffer, with the GSO runs (offset, length, segment, count) to send them by.
-//! * inbound (`SessionTable.open_batch_untrusted`): one receive call's buffer and segment
+//! * inbound (`SessionTable.open_batch`): one receive call's buffer and segment
 //!   size -> header, session by receiver index, window, open, the peer's reassembler ->
 //!   TAP writes in one caller-owned buffer with their offsets; per-session results for the
 //!   caller's bookkeeping; drops counted by the names inbound.py gives them; datagrams that

@@ -19,8 +19,6 @@ use crate::wire;
 const REKEY_AFTER_MESSAGES: u64 = 1 << 60;
 const REKEY_AFTER_TIME: f64 = 120.0;
 const REJECT_AFTER_TIME: f64 = 180.0;
-const KEEPALIVE_TIMEOUT: f64 = 10.0;
-const REKEY_TIMEOUT: f64 = 5.0;
 
 static REFUSED: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 
@@ -205,10 +203,6 @@ impl Session {
         initiator && now - self.created >= REKEY_AFTER_TIME
     }
 
-    fn should_rekey_on_receive(&self, now: f64, initiator: bool) -> bool {
-        initiator && now - self.created >= REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
-    }
-
     fn expired(&self, now: f64) -> bool {
         now - self.created >= REJECT_AFTER_TIME
             || lock(&self.core).send_counter() >= wire::REJECT_AFTER_MESSAGES
@@ -301,7 +295,7 @@ pub struct OutboundBatch {
     frame_bytes: i64,
 }
 
-/// What `SessionTable.open_batch_untrusted` did.
+/// What `SessionTable.open_batch` did.
 #[pyclass(frozen, get_all, module = "ipop_trio._native")]
 pub struct InboundBatch {
     /// (offset, length, slot) of each TAP write in `out`, in order; slot indexes `sessions`
@@ -417,7 +411,7 @@ impl SessionTable {
     /// writes go into `out` (a caller-owned bytearray, resized); returns an InboundBatch.
     /// Never raises for what the network sent: every datagram is opened, counted as a drop
     /// or handed back in `others`.
-    fn open_batch_untrusted(
+    fn open_batch(
         &mut self,
         py: Python<'_>,
         data: &Bound<'_, PyAny>,

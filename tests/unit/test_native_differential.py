@@ -4,7 +4,7 @@ Sessions: the same keys and counters seal byte-identical datagrams, each opens t
 and both make the same decision, for the same reason, on garbage, truncations, replays,
 reorders, forgeries and wrong indices. Outbound: one TAP batch gives the same datagrams and
 GSO runs as encode_outbound + seal_iov + udp._runs. Inbound: the same receive calls through
-datapath/inbound.py's `Inbound.process` and through `SessionTable.open_batch_untrusted` (with
+datapath/inbound.py's `Inbound.process` and through `SessionTable.open_batch` (with
 the per-batch bookkeeping the data path will do) give the same TAP writes, drops and
 counters, with pieces lost, duplicated, reordered and corrupted.
 
@@ -29,7 +29,8 @@ if not native.AVAILABLE:
     pytest.skip(f"native core unavailable: {native.WHY}", allow_module_level=True)
 
 from ipop_trio import _native  # type: ignore[attr-defined]
-from ipop_trio.datapath.inbound import Inbound, SessionEntry
+from ipop_trio.datapath.inbound import Inbound
+from ipop_trio.datapath.sessions import SessionEntry, SessionTable
 from ipop_trio.datapath.switch import PeerPort, Switch
 from ipop_trio.errors import BadPacket, LocalProtocolError
 from ipop_trio.net import udp
@@ -219,9 +220,6 @@ def test_timers_match() -> None:
     for now in (0.0, 119.9, 120.0, 164.9, 165.0, 179.9, 180.0):
         for initiator in (False, True):
             assert py_s.should_rekey(now, initiator) == nt_s.should_rekey(now, initiator)
-            assert py_s.should_rekey_on_receive(now, initiator) == nt_s.should_rekey_on_receive(
-                now, initiator
-            )
         assert py_s.expired(now) == nt_s.expired(now)
 
 
@@ -450,9 +448,15 @@ class Side:
         self.port.endpoint = ADDR if secure_path else ("198.51.100.7", 1)
         self.switch.add(self.port)
         self.handshakes: list[bytes] = []
-        self.entries = {s.local_index: SessionEntry(s, self.port, None) for s in sessions}
+        self.sessions: SessionTable[str] = SessionTable()
+        for s in sessions:
+            # the sessions chose their own indices: entered as the link tasks would
+            self.sessions.entries[s.local_index] = SessionEntry(s, self.port, None)
         self.inbound = Inbound(
-            self.switch, self.stats, self.entries, lambda d, a, v: self.handshakes.append(d)
+            self.switch,
+            self.stats,
+            self.sessions,
+            on_handshake=lambda d, a, v: self.handshakes.append(d),
         )
         self.table = native.SessionTable()
         for s in sessions:
@@ -467,7 +471,7 @@ class Side:
         return out
 
     def native(self, buf: bytes, seg: int) -> list[bytes]:
-        got = self.table.open_batch_untrusted(buf, seg, PATH, self.out)
+        got = self.table.open_batch(buf, seg, PATH, self.out)
         for name, n in got.drops:
             self.stats.drop(name, n)
         view = memoryview(buf)
@@ -588,14 +592,14 @@ def test_inbound_results_name_sessions_and_others() -> None:
     datagrams = [tx.seal(p) for p in payloads[:-1]]  # the last piece is still on its way
     buf = b"".join(datagrams) + b"\x00\x01junk"
     out = bytearray()
-    got = table.open_batch_untrusted(buf, len(datagrams[0]), PATH, out)
+    got = table.open_batch(buf, len(datagrams[0]), PATH, out)
     assert got.datagrams == len(datagrams) + 1
     assert got.others == [(len(buf) - 6, 6)]
     assert got.writes == [] and got.pending and table.pending(5) == len(payloads) - 1
     (index, peer, opened, refused, bad, data, nbytes) = got.sessions[0]
     assert (index, peer, opened, refused, bad, data) == (7, 5, len(datagrams), 0, 0, True)
     assert nbytes == sum(map(len, payloads[:-1]))
-    got = table.open_batch_untrusted(tx.seal(payloads[-1]), 0, PATH, out)
+    got = table.open_batch(tx.seal(payloads[-1]), 0, PATH, out)
     assert [(o, n) for o, n, _slot in got.writes] == [(0, len(read))] and bytes(out) == read
     assert not got.pending
     assert table.reassembly_counters(5)["frames_whole"] == 1
