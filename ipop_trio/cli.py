@@ -183,15 +183,15 @@ def main(argv: list[str] | None = None) -> int:
                 return pki.cmd_ca_sign(args)
             parser.parse_args(["ca", "--help"])
         if args.command == "demo":
-            from .demo import run_demo
+            from .lab.demo import run_demo
 
             return run_demo()
         if args.command == "bench":
             if args.nat:
-                from .natbench import run_nat_bench
+                from .lab.natbench import run_nat_bench
 
                 return run_nat_bench(tries=args.tries, json_path=args.json)
-            from .bench import run_bench
+            from .lab.bench import run_bench
 
             return run_bench(duration=args.duration, json_path=args.json, quick=args.quick)
         parser.print_help()

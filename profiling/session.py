@@ -1,7 +1,7 @@
 """Taking a profile: pick the node processes, record them, write the artefacts.
 
 Two ways in:
-  * `profile_lab`: a two-node lab (ipop_trio.lab: hosts a and b on one veth, nodes alpha and
+  * `profile_lab`: a two-node lab (ipop_trio.lab.netns: hosts a and b on one veth, nodes alpha and
     beta), iperf3 alpha -> beta for the duration while py-spy records both nodes; with
     `scalene` the nodes run under scalene and their profiles are written when they stop.
   * `profile_nodes`: attach to running nodes, given their control socket or pid, and record
@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import ipop_trio
-from ipop_trio.bench import (
+from ipop_trio.errors import IpopError, LabError
+from ipop_trio.lab.bench import (
     IperfResult,
     cpu_seconds,
     iperf3,
@@ -52,8 +53,8 @@ from ipop_trio.bench import (
     ping_rtts,
     start_iperf3_server,
 )
-from ipop_trio.errors import IpopError, LabError
-from ipop_trio.lab import Lab, Overlay, OverlayNode, control_request
+from ipop_trio.lab.netns import Lab
+from ipop_trio.lab.overlay import Overlay, OverlayNode, control_request
 
 from . import calltree, stages
 from .errors import ProfileError

@@ -2,7 +2,7 @@
 the overlay over a lossy wire losing single datagrams rather than whole super-frames, and
 iperf3 through the overlay with TAP offload on and off.
 
-The kernel has no netem; `ipop_trio.labwire` (in a third namespace) loses and delays frames.
+The kernel has no netem; `ipop_trio.lab.wire` (in a third namespace) loses and delays frames.
 Everything is polled with deadlines; the lab's teardown removes the wire with the rest.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from ipop_trio.bench import (
+from ipop_trio.lab.bench import (
     SCENARIOS,
     format_table,
     iperf3,
@@ -25,14 +25,15 @@ from ipop_trio.bench import (
     ping_rtts,
     start_iperf3_server,
 )
-from ipop_trio.lab import Lab, Overlay, OverlayNode
-from ipop_trio.labnet_impair import (
+from ipop_trio.lab.impair import (
     Impairment,
     WiredOverlay,
     WiredPair,
     build_wired_pair,
     wire_delta,
 )
+from ipop_trio.lab.netns import Lab
+from ipop_trio.lab.overlay import Overlay, OverlayNode
 
 from .conftest import TwoHosts, failed, print_logs
 

@@ -24,8 +24,7 @@ from typing import Literal
 import pytest
 
 from ipop_trio.errors import BadPacket
-from ipop_trio.lab import Host, Lab
-from ipop_trio.labnat import (
+from ipop_trio.lab.nat import (
     BLOCK_TABLE,
     TURN_RELAY_PORTS,
     NatRouter,
@@ -38,6 +37,7 @@ from ipop_trio.labnat import (
     stun_binding,
     unblock,
 )
+from ipop_trio.lab.netns import Host, Lab
 from ipop_trio.proto import turn as turnproto
 from ipop_trio.proto.stun import Addr
 
@@ -174,7 +174,7 @@ def test_hole_punching_between_two_eim_nats(world: World) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The NAT cases of the ICE lab tests (labnat.add_nat_pair) and blocking a path
+# The NAT cases of the ICE lab tests (nat.add_nat_pair) and blocking a path
 
 
 @pytest.mark.parametrize(

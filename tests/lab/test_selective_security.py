@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
-from ipop_trio.bench import ping_rtts
-from ipop_trio.lab import Lab, LabSwitch, Overlay, OverlayNode
+from ipop_trio.lab.bench import ping_rtts
+from ipop_trio.lab.netns import Lab, LabSwitch
+from ipop_trio.lab.overlay import Overlay, OverlayNode
 
 from .capture import Capture
 from .conftest import failed, print_logs

@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 
-from ipop_trio.bench import ping_rtts
-from ipop_trio.lab import Host, Lab, LabSwitch, Overlay, OverlayNode
+from ipop_trio.lab.bench import ping_rtts
+from ipop_trio.lab.netns import Host, Lab, LabSwitch
+from ipop_trio.lab.overlay import Overlay, OverlayNode
 
 from .conftest import failed, print_logs
 

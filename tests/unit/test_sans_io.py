@@ -26,7 +26,32 @@ def test_proto_is_sans_io(path: Path) -> None:
 
 def test_pyroute2_only_in_netlink_and_lab() -> None:
     users = {p.relative_to(PKG).as_posix() for p in PKG.rglob("*.py") if "pyroute2" in _imports(p)}
-    assert users <= {"net/netlink.py", "lab.py"}
+    assert users <= {"net/netlink.py", "lab/netns.py"}
+
+
+def _modules(path: Path) -> set[str]:
+    """Every module `path` imports, dotted in full (relative imports resolved)."""
+    package = ["ipop_trio", *path.relative_to(PKG).parent.parts]
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(package[: len(package) - node.level + 1]) if node.level else ""
+            module = ".".join(part for part in (base, node.module or "") if part)
+            names.add(module)
+            names.update(f"{module}.{a.name}" for a in node.names)
+    return names
+
+
+def test_only_the_cli_imports_the_lab() -> None:
+    users = {
+        p.relative_to(PKG).as_posix()
+        for p in PKG.rglob("*.py")
+        if "lab" not in p.relative_to(PKG).parts[:1]
+        and any(m == "ipop_trio.lab" or m.startswith("ipop_trio.lab.") for m in _modules(p))
+    }
+    assert users == {"cli.py"}
 
 
 def test_dev_net_tun_only_in_tap() -> None:

@@ -2,7 +2,7 @@
 
 Topology (perf-techniques §7, after WireGuard's netns.sh): two lab hosts joined by one veth,
 a node on each. For the impaired rows a second lab puts a wire between them instead
-(`ipop_trio.labnet_impair`: this kernel has no netem, so `ipop_trio.labwire` loses and delays
+(`ipop_trio.lab.impair`: this kernel has no netem, so `ipop_trio.lab.wire` loses and delays
 frames, and the JSON says so). For each scenario: iperf3 TCP (-J: received bits/s,
 retransmits; single-stream rows run `runs` times, median and spread reported, the rows' runs
 interleaved round by round so a noisy machine's drift falls on every row alike), ping RTT both
@@ -39,8 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ipop_trio.errors import IpopError, LabError
-from ipop_trio.lab import UNDERLAY_MTU, Host, Lab, Overlay, OverlayNode, sigterm_raises
-from ipop_trio.labnet_impair import (
+from ipop_trio.lab.impair import (
     RX_COALESCE_NS,
     Impairment,
     WiredOverlay,
@@ -48,6 +47,8 @@ from ipop_trio.labnet_impair import (
     build_wired_pair,
     wire_delta,
 )
+from ipop_trio.lab.netns import UNDERLAY_MTU, Host, Lab, sigterm_raises
+from ipop_trio.lab.overlay import Overlay, OverlayNode
 
 IPERF_PORT = 5201
 ECHO_PORT = 5202

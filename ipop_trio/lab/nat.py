@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from ipop_trio.errors import BadPacket, LabError
-from ipop_trio.lab import LAB_NETWORK, POLL_INTERVAL, Host, Iface, Lab, LabSwitch
+from ipop_trio.lab.netns import LAB_NETWORK, POLL_INTERVAL, Host, Iface, Lab, LabSwitch
 from ipop_trio.proto import stun
 from ipop_trio.proto.stun import Addr
 
