@@ -14,12 +14,11 @@ never install a signal handler on its own (CLI entry points wrap their work in
 
 Topology: hosts and point-to-point veth links addressed from 10.199.0.0/16; switches
 (``add_switch``: a bridge in its own namespace, e.g. the "internet", 10.199.(255 - n).0/24 unless
-given a subnet) that hosts join with ``attach``. NAT (issue 4, built in `ipop_trio.lab.nat` on this
-module's public API, so teardown needs nothing new): ``add_nat(name, internet, mapping="eim" |
-"symmetric")`` (a router namespace with nftables masquerade and a private LAN switch,
-192.168.N.0/24), ``add_host_behind(router, name)`` and ``add_turn(host, users=...)`` (coturn, a
-tracked process with its config in the lab's workdir). ``Host.udp_socket`` gives the lab's own
-process a socket inside a host's namespace (for STUN/TURN probes without helper processes).
+given a subnet) that hosts join with ``attach``. NAT routers, hosts behind them and coturn are
+built on this module's public API by `ipop_trio.lab.nat` (``nat.add_nat(lab, ...)``,
+``nat.add_host_behind(lab, ...)``, ``nat.add_turn(lab, ...)``), so teardown needs nothing new;
+this module never imports it. ``Host.udp_socket`` gives the lab's own process a socket inside a
+host's namespace (for STUN/TURN probes without helper processes).
 """
 
 from __future__ import annotations
@@ -41,14 +40,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pyroute2 import IPRoute, netns
 
 from ipop_trio.errors import LabError
-
-if TYPE_CHECKING:
-    from ipop_trio.lab.nat import NatMapping, NatRouter, TurnServer
 
 # Underlay addresses: link n gets 10.199.n.0/24 (first end .1, second end .2).
 LAB_NETWORK = ipaddress.IPv4Network("10.199.0.0/16")
@@ -509,46 +505,6 @@ class Lab:
         switch = LabSwitch(index, host, net)
         self.switches.append(switch)
         return switch
-
-    # -- NAT and TURN (issue 4; built by ipop_trio.lab.nat) --------------------------------
-
-    def add_nat(
-        self,
-        name: str,
-        internet: LabSwitch,
-        *,
-        mapping: NatMapping = "eim",
-        lan: str | None = None,
-    ) -> NatRouter:
-        """A NAT router `name` between `internet` and a new private LAN switch (``lan``,
-        default 192.168.N.0/24); see `ipop_trio.lab.nat.add_nat`."""
-        from ipop_trio.lab import nat as labnat
-
-        return labnat.add_nat(self, name, internet, mapping=mapping, lan=lan)
-
-    def add_host_behind(self, router: NatRouter, name: str) -> Host:
-        """A new host on `router`'s LAN, default route through the router."""
-        from ipop_trio.lab import nat as labnat
-
-        return labnat.add_host_behind(self, router, name)
-
-    def add_turn(
-        self,
-        host: Host,
-        *,
-        users: dict[str, str],
-        realm: str = "ipop",
-        port: int = 3478,
-        aux_ports: Sequence[int] = (3479,),
-        timeout: float = 10.0,
-    ) -> TurnServer:
-        """Start coturn on `host` (STUN and TURN with long-term credentials for `users`) and
-        wait until it answers a STUN Binding; see `ipop_trio.lab.nat.add_turn`."""
-        from ipop_trio.lab import nat as labnat
-
-        return labnat.add_turn(
-            self, host, users=users, realm=realm, port=port, aux_ports=aux_ports, timeout=timeout
-        )
 
     def attach(self, host: Host, switch: LabSwitch, *, mtu: int = UNDERLAY_MTU) -> Iface:
         """Plug `host` into `switch` with a veth; the host end gets the next address."""
