@@ -43,7 +43,7 @@ from typing import Any, TextIO
 
 import ipop_trio
 from ipop_trio.errors import IpopError, LabError
-from ipop_trio.lab.bench import (
+from ipop_trio.lab.measure import (
     IperfResult,
     cpu_seconds,
     iperf3,

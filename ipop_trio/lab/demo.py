@@ -34,7 +34,7 @@ from typing import Any
 
 from ipop_trio.errors import IpopError
 from ipop_trio.lab import nat
-from ipop_trio.lab.bench import iperf3, ping_rtts, start_iperf3_server
+from ipop_trio.lab.measure import iperf3, ping_rtts, start_iperf3_server
 from ipop_trio.lab.nat import DEFAULT_TURN_USERS, NatRouter, TurnServer
 from ipop_trio.lab.netns import Host, Lab, sigterm_raises
 from ipop_trio.lab.overlay import Overlay, OverlayNode

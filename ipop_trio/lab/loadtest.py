@@ -32,6 +32,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from ipop_trio import pki
+from ipop_trio.lab.measure import cpu_seconds
 from ipop_trio.proto import signalling as sig
 from ipop_trio.signalling.client import open_connection
 from ipop_trio.signalling.server import raise_fd_limit
@@ -50,11 +51,6 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _reader(node: SimNode) -> None:

@@ -16,15 +16,7 @@ from typing import Any
 
 import pytest
 
-from ipop_trio.lab.bench import (
-    SCENARIOS,
-    format_table,
-    iperf3,
-    measure,
-    percentile,
-    ping_rtts,
-    start_iperf3_server,
-)
+from ipop_trio.lab.bench import SCENARIOS, format_table, measure
 from ipop_trio.lab.impair import (
     Impairment,
     WiredOverlay,
@@ -32,6 +24,7 @@ from ipop_trio.lab.impair import (
     build_wired_pair,
     wire_delta,
 )
+from ipop_trio.lab.measure import iperf3, percentile, ping_rtts, start_iperf3_server
 from ipop_trio.lab.netns import Lab
 from ipop_trio.lab.overlay import Overlay, OverlayNode
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from ipop_trio.lab.bench import ping_rtts
+from ipop_trio.lab.measure import ping_rtts
 from ipop_trio.lab.netns import Lab, LabSwitch
 from ipop_trio.lab.overlay import Overlay, OverlayNode
 

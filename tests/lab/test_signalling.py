@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from ipop_trio.lab.bench import ping_rtts
+from ipop_trio.lab.measure import ping_rtts
 from ipop_trio.lab.netns import Host, Lab, LabSwitch
 from ipop_trio.lab.overlay import Overlay, OverlayNode
 

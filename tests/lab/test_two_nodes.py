@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from ipop_trio.lab.bench import iperf3, ping_rtts, start_iperf3_server
+from ipop_trio.lab.measure import iperf3, ping_rtts, start_iperf3_server
 from ipop_trio.lab.netns import Host
 from ipop_trio.lab.overlay import Overlay, OverlayNode
 
