@@ -18,7 +18,6 @@ import ipaddress
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,38 +28,12 @@ from typing import Any
 
 from ipop_trio.errors import LabError
 from ipop_trio.lab.netns import POLL_INTERVAL, Host, Lab
+from ipop_trio.net.control import ControlReplyError, query
 
 DEFAULT_OVERLAY_NETWORK = "10.77.0.0/24"
 DEFAULT_PORT = 4600
 READY_TIMEOUT = 20.0
 LOG_TAIL_LINES = 40
-
-
-def control_request(
-    path: Path | str, request: dict[str, Any], timeout: float = 5.0
-) -> dict[str, Any]:
-    """One request on a node's control socket: a JSON line out, a JSON line back."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(str(path))
-            sock.sendall(json.dumps(request).encode() + b"\n")
-            buf = bytearray()
-            while b"\n" not in buf:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-    except OSError as exc:
-        raise LabError(f"control socket {path}: {exc}") from exc
-    line = bytes(buf).split(b"\n", 1)[0]
-    try:
-        reply = json.loads(line)
-    except ValueError as exc:
-        raise LabError(f"control socket {path}: not JSON: {line[:200]!r}") from exc
-    if not isinstance(reply, dict):
-        raise LabError(f"control socket {path}: expected an object, got {line[:200]!r}")
-    return reply
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,7 +341,12 @@ class Overlay:
 
     def status(self, node: OverlayNode, timeout: float = 5.0) -> dict[str, Any]:
         """The node's ``status`` reply (a dict, see the control protocol)."""
-        return control_request(node.control, {"cmd": "status"}, timeout)
+        try:
+            return query(node.control, "status", timeout=timeout)
+        except OSError as exc:  # no node answers there
+            raise LabError(f"control socket {node.control}: {exc}") from exc
+        except ControlReplyError as exc:  # it names the socket
+            raise LabError(f"control socket {exc}") from exc
 
     def peer_status(self, node: OverlayNode, peer: OverlayNode) -> dict[str, Any] | None:
         """`node`'s status entry for `peer`, or None when it lists no such peer."""
@@ -493,5 +471,4 @@ __all__ = [
     "Overlay",
     "OverlayNode",
     "SignalServer",
-    "control_request",
 ]
