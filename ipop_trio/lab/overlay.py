@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ipop_trio.config import DEFAULT_PORT
 from ipop_trio.errors import LabError
 from ipop_trio.lab.netns import POLL_INTERVAL, Host, Lab
 from ipop_trio.net.control import ControlReplyError, query
 
 DEFAULT_OVERLAY_NETWORK = "10.77.0.0/24"
-DEFAULT_PORT = 4600
 READY_TIMEOUT = 20.0
 LOG_TAIL_LINES = 40
 
