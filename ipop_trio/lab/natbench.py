@@ -27,6 +27,7 @@ from ipop_trio.errors import LabError
 from ipop_trio.lab.nat import DEFAULT_TURN_USERS, NatPair, Placement, add_nat_pair
 from ipop_trio.lab.netns import Lab
 from ipop_trio.lab.overlay import Overlay, OverlayNode
+from ipop_trio.proto.cert import format_mac, mac_for_key
 
 CASES: list[tuple[str, Placement, Placement | str]] = [
     ("no NAT", None, None),
@@ -49,7 +50,7 @@ def _entry(overlay: Overlay, node: OverlayNode, peer: OverlayNode) -> dict[str, 
 def _one_try(pair: NatPair, overlay: Overlay, a: OverlayNode, b: OverlayNode) -> dict[str, Any]:
     overlay.start(a)
     b_key = pki.public_key_of(pki.load_private_key_bytes(b.key_pem))
-    mac = pki.format_mac(pki.mac_for_key(b_key))
+    mac = format_mac(mac_for_key(b_key))
     neigh = ["ip", "neigh", "replace", b.address, "lladdr", mac, "dev", a.tap, "nud", "permanent"]
     pair.a.check(neigh)
     ping = pair.a.popen(
