@@ -16,7 +16,7 @@ from typing import Any
 
 from ipop_trio.stats import HIST_BUCKETS, STAGES
 
-# What each stage covers, for people reading a report (DESIGN.md §2 and §6).
+# What each stage covers, for people reading a report (docs/architecture.md, "The data path").
 STAGE_LABELS: dict[str, str] = {
     "tap_read": "TAP read",
     "switch": "switch (route, ARP)",

@@ -1,6 +1,6 @@
 """`ipop-trio bench`: the direct underlay against the overlay, measured in one run.
 
-Topology (perf-techniques §7, after WireGuard's netns.sh): two lab hosts joined by one veth,
+Topology (after WireGuard's netns.sh): two lab hosts joined by one veth,
 a node on each. For the impaired rows a second lab puts a wire between them instead
 (`ipop_trio.lab.impair`: this kernel has no netem, so `ipop_trio.lab.wire` loses and delays
 frames, and the JSON says so). For each scenario: iperf3 TCP (-J: received bits/s,
@@ -61,7 +61,7 @@ RUNS = 3  # iperf3 runs of each single-stream row (median and spread reported)
 
 Print = Callable[[str], None]
 
-# The underlay impairment of issue 6's loss rows: `tc netem loss 1% delay 5ms` on each way.
+# The underlay impairment of the loss rows: `tc netem loss 1% delay 5ms` on each way.
 # Seeded, so two runs lose the same frame numbers (the traffic differs, so not the same data).
 LOSSY = Impairment(loss=0.01, delay=0.005, seed=6)
 WIRE_NOTE = "labwire"  # how the impairment is made (no netem in this kernel)
@@ -414,7 +414,7 @@ def _ratio(x: dict[str, Any] | None, y: dict[str, Any] | None) -> float | None:
     return round(x["throughput_mbps"] / y["throughput_mbps"], 3)
 
 
-# Issue 6's targets, as (ratio key, comparison, bound).
+# The overlay's performance targets, as (ratio key, comparison, bound).
 TARGETS = {
     "secure_over_direct": (">=", 0.15),
     "secure_over_plain": (">=", 0.9),
@@ -426,7 +426,7 @@ TARGETS = {
 
 
 def ratios(rows: Sequence[dict[str, Any]]) -> dict[str, float | None]:
-    """Issue 6's comparisons from single-stream rows (None where a side is missing)."""
+    """The targets' comparisons from single-stream rows (None where a side is missing)."""
     direct, secure = _find(rows, "direct", False), _find(rows, "secure", False)
     plain = _find(rows, "plain", False)
     lossy_direct, lossy_secure = _find(rows, "direct", True), _find(rows, "secure", True)

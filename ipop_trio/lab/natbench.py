@@ -1,4 +1,4 @@
-"""`ipop-trio bench --nat`: how long a link takes to come up in each NAT case (issue 4).
+"""`ipop-trio bench --nat`: how long a link takes to come up in each NAT case.
 
 For each case of `nat.add_nat_pair` (no NAT, EIM/EIM, symmetric/EIM, symmetric/symmetric,
 one shared NAT) one lab is built with coturn and the signalling server on its "internet";

@@ -1,4 +1,4 @@
-"""NAT traversal end to end (issue 4): two nodes that know each other only through the
+"""NAT traversal end to end: two nodes that know each other only through the
 signalling server, behind the lab's nftables NATs, with coturn for STUN and TURN.
 
 Each case states the path ICE must choose for the NAT behaviours the lab built, and why;

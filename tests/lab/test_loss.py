@@ -1,4 +1,4 @@
-"""Loss robustness in the lab (issue 6): the lab wire itself (delay and loss as configured),
+"""Loss robustness in the lab: the lab wire itself (delay and loss as configured),
 the overlay over a lossy wire losing single datagrams rather than whole super-frames, and
 iperf3 through the overlay with TAP offload on and off.
 

@@ -1,4 +1,4 @@
-"""The lab's NAT routers and coturn behave as built (issue 4, deliverable 4).
+"""The lab's NAT routers and coturn behave as built.
 
 Topology of the `world` fixture (all in namespaces; "public" = the internet switch):
 

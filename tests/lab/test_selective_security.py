@@ -1,4 +1,4 @@
-"""Selective security (issue 5) in the lab: three nodes on one switch,
+"""Selective security in the lab: three nodes on one switch,
 A{web}, B{web, db}, C{batch}.
 
 With `security = "groups"` the A-B link shares a group and is secure, while A-C and B-C share

@@ -1,4 +1,4 @@
-"""Nodes that find each other through the signalling server (issue 3), in namespaces.
+"""Nodes that find each other through the signalling server, in namespaces.
 
 Topology: one switch (a bridge namespace) with the signalling server's host and one host per
 node on it. No node has a [[peer]]: every link comes from membership.
