@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import signal
@@ -175,23 +176,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "signal":
             return cmd_signal(args)
         if args.command == "ca":
-            from . import pki
-
             if args.ca_command == "init":
-                return pki.cmd_ca_init(args)
+                return cmd_ca_init(args)
             if args.ca_command == "sign":
-                return pki.cmd_ca_sign(args)
+                return cmd_ca_sign(args)
             parser.parse_args(["ca", "--help"])
         if args.command == "demo":
-            from .demo import run_demo
+            from .lab.demo import run_demo
 
             return run_demo()
         if args.command == "bench":
             if args.nat:
-                from .natbench import run_nat_bench
+                from .lab.natbench import run_nat_bench
 
                 return run_nat_bench(tries=args.tries, json_path=args.json)
-            from .bench import run_bench
+            from .lab.bench import run_bench
 
             return run_bench(duration=args.duration, json_path=args.json, quick=args.quick)
         parser.print_help()
@@ -347,6 +346,69 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         print(format_status(reply))
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# `ipop-trio ca init | sign` (pki.py does the work; a PkiError is an IpopError: main prints it)
+
+
+def parse_groups(text: str | None) -> list[str]:
+    """`--groups a,b` as a list; blanks around names and empty items are ignored."""
+    if not text:
+        return []
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def cmd_ca_init(args: argparse.Namespace) -> int:
+    """`ipop-trio ca init`: args.dir, args.name, args.network, args.days (default 3650)."""
+    from . import pki
+
+    days = getattr(args, "days", None)
+    days = pki.DEFAULT_CA_DAYS if days is None else days
+    key_path, cert_path = pki.init_ca(Path(args.dir), args.name, args.network, days)
+    anchor = pki.load_trust_anchor(cert_path)
+    print(f"wrote CA key         {key_path} (mode 0600: keep it secret, keep it offline)")
+    print(f"wrote CA certificate {cert_path}")
+    print(f"overlay {anchor.name}, network {anchor.network}, expires {_day(anchor.not_after)}")
+    return 0
+
+
+def cmd_ca_sign(args: argparse.Namespace) -> int:
+    """`ipop-trio ca sign`: args.ca (dir), args.name, args.address, args.groups (comma-separated
+    or None), args.days (default 365), args.out (dir), args.public_key (path or None)."""
+    from . import pki
+    from .proto.cert import encode_key, format_mac
+
+    days = getattr(args, "days", None)
+    days = pki.DEFAULT_NODE_DAYS if days is None else days
+    out = getattr(args, "out", None) or "."
+    public_key_file = getattr(args, "public_key", None)
+    signed = pki.sign_node_files(
+        Path(args.ca),
+        args.name,
+        args.address,
+        parse_groups(getattr(args, "groups", None)),
+        days,
+        Path(out),
+        None if public_key_file is None else Path(public_key_file),
+    )
+    identity = signed.identity
+    if signed.key_path is not None:
+        print(f"wrote node key         {signed.key_path} (mode 0600)")
+    print(f"wrote node certificate {signed.cert_path}")
+    print(f"node       {identity.name} in overlay {identity.overlay}")
+    print(f"address    {identity.address}/{identity.network.prefixlen}")
+    print(f"mac        {format_mac(identity.mac)}")
+    print(f"groups     {', '.join(sorted(identity.groups)) or '(none)'}")
+    print(f"expires    {_day(identity.not_after)}")
+    print(f'public_key = "{encode_key(identity.public_key)}"')
+    return 0
+
+
+def _day(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC).strftime(
+        "%Y-%m-%d %H:%M UTC"
+    )
 
 
 if __name__ == "__main__":

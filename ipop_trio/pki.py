@@ -3,8 +3,9 @@
 Two layers:
   * in memory, clock-free (`now` comes in as Unix seconds): `new_ca`, `issue_node`, and the
     `new_ca_bundle` / `issue_node_bundle` conveniences that tests and the lab use;
-  * files: `init_ca`, `sign_node` (the only functions here that read the clock), the
-    `load_*` readers a node uses at start-up, and the `ipop-trio ca init|sign` commands.
+  * files: `init_ca`, `sign_node` (the only functions here that read the clock) and the
+    `load_*` readers a node uses at start-up. The `ipop-trio ca init|sign` commands over
+    them live in cli.py.
 
 Verification lives in `ipop_trio/proto/cert.py` (`TrustAnchor.verify_untrusted`), which is the
 trust boundary; this module is operator-side, so every failure is a `PkiError` saying what the
@@ -14,7 +15,6 @@ briefly world-readable.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import ipaddress
 import os
@@ -38,8 +38,6 @@ from ipop_trio.proto.cert import (
     IPNetwork,
     TrustAnchor,
     decode_key,
-    encode_key,
-    format_mac,
     mac_for_key,
     usable_address,
     valid_name,
@@ -588,61 +586,3 @@ def sign_node(
     Never overwrites. Returns (key path or None, certificate path)."""
     signed = sign_node_files(ca_dir, name, address, groups, days, out_dir, public_key_file)
     return signed.key_path, signed.cert_path
-
-
-# ---------------------------------------------------------------------------------------------
-# `ipop-trio ca init | sign` (cli.py builds the parser and turns PkiError into a message)
-
-
-def parse_groups(text: str | None) -> list[str]:
-    """`--groups a,b` as a list; blanks around names and empty items are ignored."""
-    if not text:
-        return []
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def cmd_ca_init(args: argparse.Namespace) -> int:
-    """`ipop-trio ca init`: args.dir, args.name, args.network, args.days (default 3650)."""
-    days = getattr(args, "days", None)
-    days = DEFAULT_CA_DAYS if days is None else days
-    key_path, cert_path = init_ca(Path(args.dir), args.name, args.network, days)
-    anchor = load_trust_anchor(cert_path)
-    print(f"wrote CA key         {key_path} (mode 0600: keep it secret, keep it offline)")
-    print(f"wrote CA certificate {cert_path}")
-    print(f"overlay {anchor.name}, network {anchor.network}, expires {_day(anchor.not_after)}")
-    return 0
-
-
-def cmd_ca_sign(args: argparse.Namespace) -> int:
-    """`ipop-trio ca sign`: args.ca (dir), args.name, args.address, args.groups (comma-separated
-    or None), args.days (default 365), args.out (dir), args.public_key (path or None)."""
-    days = getattr(args, "days", None)
-    days = DEFAULT_NODE_DAYS if days is None else days
-    out = getattr(args, "out", None) or "."
-    public_key_file = getattr(args, "public_key", None)
-    signed = sign_node_files(
-        Path(args.ca),
-        args.name,
-        args.address,
-        parse_groups(getattr(args, "groups", None)),
-        days,
-        Path(out),
-        None if public_key_file is None else Path(public_key_file),
-    )
-    identity = signed.identity
-    if signed.key_path is not None:
-        print(f"wrote node key         {signed.key_path} (mode 0600)")
-    print(f"wrote node certificate {signed.cert_path}")
-    print(f"node       {identity.name} in overlay {identity.overlay}")
-    print(f"address    {identity.address}/{identity.network.prefixlen}")
-    print(f"mac        {format_mac(identity.mac)}")
-    print(f"groups     {', '.join(sorted(identity.groups)) or '(none)'}")
-    print(f"expires    {_day(identity.not_after)}")
-    print(f'public_key = "{encode_key(identity.public_key)}"')
-    return 0
-
-
-def _day(timestamp: float) -> str:
-    return datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC).strftime(
-        "%Y-%m-%d %H:%M UTC"
-    )

@@ -98,7 +98,7 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Take the profile, print the summary; errors propagate to the CLI as ProfileError."""
-    from ipop_trio.lab import sigterm_raises
+    from ipop_trio.lab.netns import sigterm_raises
 
     from .report import summary_text
     from .session import Options, profile_lab, profile_nodes

@@ -1,7 +1,7 @@
 """Taking a profile: pick the node processes, record them, write the artefacts.
 
 Two ways in:
-  * `profile_lab`: a two-node lab (ipop_trio.lab: hosts a and b on one veth, nodes alpha and
+  * `profile_lab`: a two-node lab (ipop_trio.lab.netns: hosts a and b on one veth, nodes alpha and
     beta), iperf3 alpha -> beta for the duration while py-spy records both nodes; with
     `scalene` the nodes run under scalene and their profiles are written when they stop.
   * `profile_nodes`: attach to running nodes, given their control socket or pid, and record
@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import ipop_trio
-from ipop_trio.bench import (
+from ipop_trio.errors import IpopError, LabError
+from ipop_trio.lab.measure import (
     IperfResult,
     cpu_seconds,
     iperf3,
@@ -52,8 +53,9 @@ from ipop_trio.bench import (
     ping_rtts,
     start_iperf3_server,
 )
-from ipop_trio.errors import IpopError, LabError
-from ipop_trio.lab import Lab, Overlay, OverlayNode, control_request
+from ipop_trio.lab.netns import Lab
+from ipop_trio.lab.overlay import Overlay, OverlayNode
+from ipop_trio.net.control import ControlReplyError, query
 
 from . import calltree, stages
 from .errors import ProfileError
@@ -144,13 +146,21 @@ def sched_times(pid: int) -> dict[int, tuple[float, float]]:
     return out
 
 
+def _query(path: Path, cmd: str, who: str) -> dict[str, Any]:
+    """`cmd`'s reply from the control socket at `path`; ProfileError naming `who` and the
+    socket when no node answers there or the reply is not a JSON object."""
+    try:
+        return query(path, cmd, timeout=5.0)
+    except OSError as exc:
+        raise ProfileError(f"{who}: control socket {path}: {exc}") from exc
+    except ControlReplyError as exc:  # it names the socket
+        raise ProfileError(f"{who}: control socket {exc}") from exc
+
+
 def _stats(target: Target) -> dict[str, Any] | None:
     if target.control is None:
         return None
-    try:
-        reply = control_request(target.control, {"cmd": "stats"}, timeout=5.0)
-    except LabError as exc:
-        raise ProfileError(f"node {target.name}: {exc}") from exc
+    reply = _query(target.control, "stats", f"node {target.name}")
     if "error" in reply:
         raise ProfileError(f"node {target.name}: stats: {reply['error']}")
     return reply
@@ -488,18 +498,15 @@ def resolve_target(spec: str, out: Path) -> Target:
         control = _control_from_cmdline(pid)
         name = f"pid{pid}"
         if control is not None and control.exists():
-            with contextlib.suppress(LabError):
-                name = str(control_request(control, {"cmd": "status"})["node"]["name"])
+            with contextlib.suppress(ProfileError):
+                name = str(_query(control, "status", f"--node {spec}")["node"]["name"])
         else:
             control = None
         return Target(name, pid, control, "node", out / name)
     path = Path(spec)
     if not path.exists():
         raise ProfileError(f"--node {spec}: neither a pid nor an existing control socket")
-    try:
-        status = control_request(path, {"cmd": "status"})
-    except LabError as exc:
-        raise ProfileError(f"--node {spec}: {exc}") from exc
+    status = _query(path, "status", f"--node {spec}")
     node = status.get("node") or {}
     if "pid" not in node:
         raise ProfileError(f"--node {spec}: its status has no node pid: {shlex.quote(str(status))}")

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from ipop_trio.lab import Host
+from ipop_trio.lab.netns import Host
 
 
 class Lines:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from ipop_trio.lab import Host, Lab, Link, Overlay, OverlayNode, cleanup_stale
+from ipop_trio.lab.netns import Host, Lab, Link, cleanup_stale
+from ipop_trio.lab.overlay import Overlay, OverlayNode
 
 LAB_DIR = Path(__file__).parent
 

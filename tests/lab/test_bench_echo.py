@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ipop_trio.bench import udp_echo_rtts
+from ipop_trio.lab.measure import udp_echo_rtts
 
 from .conftest import TwoHosts
 

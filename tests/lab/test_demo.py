@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ipop_trio.lab import REGISTRY_DIR
+from ipop_trio.lab.netns import REGISTRY_DIR
 
 from .conftest import processes_mentioning
 from .test_lab import leftovers, netns_names

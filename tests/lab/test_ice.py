@@ -1,10 +1,10 @@
-"""NAT traversal end to end (issue 4): two nodes that know each other only through the
+"""NAT traversal end to end: two nodes that know each other only through the
 signalling server, behind the lab's nftables NATs, with coturn for STUN and TURN.
 
 Each case states the path ICE must choose for the NAT behaviours the lab built, and why;
 the test asserts that ping works and that both nodes report that path type. The lab's NATs
 filter by address *and* port (conntrack: only replies to an existing 5-tuple come in) and
-do not hairpin (labnat.py).
+do not hairpin (lab/nat.py).
 """
 
 from __future__ import annotations
@@ -17,15 +17,16 @@ from typing import Any
 
 import pytest
 
-from ipop_trio.lab import Lab, Overlay, OverlayNode
-from ipop_trio.labnat import DEFAULT_TURN_USERS, NatPair, Placement, add_nat_pair, block, unblock
+from ipop_trio.lab.nat import DEFAULT_TURN_USERS, NatPair, Placement, add_nat_pair, block, unblock
+from ipop_trio.lab.netns import Lab
+from ipop_trio.lab.overlay import Overlay, OverlayNode
 
 from .conftest import print_logs
 
 pytestmark = pytest.mark.lab
 
 PATH_TIMEOUT = 30.0
-# Failover waits for consent on the direct path to expire (control/ice.py CONSENT_TIMEOUT,
+# Failover waits for consent on the direct path to expire (proto/ice.py CONSENT_TIMEOUT,
 # 10 s after the last answered check); going back waits for the recheck of failed better
 # pairs (RECHECK_INTERVAL, 10 s) and the nomination that follows.
 FAILOVER_TIMEOUT = 30.0

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ipop_trio.errors import LabError
-from ipop_trio.lab import REGISTRY_DIR, Host, Lab, cleanup_stale
+from ipop_trio.lab.netns import REGISTRY_DIR, Host, Lab, cleanup_stale
 
 from .conftest import TwoHosts
 
@@ -75,7 +75,7 @@ def ping_ok(host: Host, address: str) -> bool:
 # A lab owned by a child process; it prints "<lab id> <pid of a process in the lab>" and waits.
 CHILD = """
 import signal, subprocess, sys
-from ipop_trio.lab import Lab, sigterm_raises
+from ipop_trio.lab.netns import Lab, sigterm_raises
 
 prefix, stray_root_veth = sys.argv[1], sys.argv[2] == "1"
 with sigterm_raises():

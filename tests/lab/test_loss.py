@@ -1,8 +1,8 @@
-"""Loss robustness in the lab (issue 6): the lab wire itself (delay and loss as configured),
+"""Loss robustness in the lab: the lab wire itself (delay and loss as configured),
 the overlay over a lossy wire losing single datagrams rather than whole super-frames, and
 iperf3 through the overlay with TAP offload on and off.
 
-The kernel has no netem; `ipop_trio.labwire` (in a third namespace) loses and delays frames.
+The kernel has no netem; `ipop_trio.lab.wire` (in a third namespace) loses and delays frames.
 Everything is polled with deadlines; the lab's teardown removes the wire with the rest.
 """
 
@@ -16,23 +16,17 @@ from typing import Any
 
 import pytest
 
-from ipop_trio.bench import (
-    SCENARIOS,
-    format_table,
-    iperf3,
-    measure,
-    percentile,
-    ping_rtts,
-    start_iperf3_server,
-)
-from ipop_trio.lab import Lab, Overlay, OverlayNode
-from ipop_trio.labnet_impair import (
+from ipop_trio.lab.bench import SCENARIOS, format_table, measure
+from ipop_trio.lab.impair import (
     Impairment,
     WiredOverlay,
     WiredPair,
     build_wired_pair,
     wire_delta,
 )
+from ipop_trio.lab.measure import iperf3, percentile, ping_rtts, start_iperf3_server
+from ipop_trio.lab.netns import Lab
+from ipop_trio.lab.overlay import Overlay, OverlayNode
 
 from .conftest import TwoHosts, failed, print_logs
 

@@ -1,4 +1,4 @@
-"""The lab's NAT routers and coturn behave as built (issue 4, deliverable 4).
+"""The lab's NAT routers and coturn behave as built.
 
 Topology of the `world` fixture (all in namespaces; "public" = the internet switch):
 
@@ -24,20 +24,23 @@ from typing import Literal
 import pytest
 
 from ipop_trio.errors import BadPacket
-from ipop_trio.lab import Host, Lab
-from ipop_trio.labnat import (
+from ipop_trio.lab.nat import (
     BLOCK_TABLE,
     TURN_RELAY_PORTS,
     NatRouter,
     Placement,
     TurnServer,
+    add_host_behind,
+    add_nat,
     add_nat_pair,
+    add_turn,
     block,
     nat_ruleset,
     probe_mappings,
     stun_binding,
     unblock,
 )
+from ipop_trio.lab.netns import Host, Lab
 from ipop_trio.proto import turn as turnproto
 from ipop_trio.proto.stun import Addr
 
@@ -71,11 +74,11 @@ def world() -> Iterator[World]:
         lab.attach(server, internet)
         peer = lab.add_host("peer")
         lab.attach(peer, internet)
-        eim = lab.add_nat("eimnat", internet, mapping="eim")
-        sym = lab.add_nat("symnat", internet, mapping="symmetric")
-        a = lab.add_host_behind(eim, "a")
-        b = lab.add_host_behind(sym, "b")
-        turn = lab.add_turn(server, users=USERS, realm=REALM, aux_ports=(3479, 3480))
+        eim = add_nat(lab, "eimnat", internet, mapping="eim")
+        sym = add_nat(lab, "symnat", internet, mapping="symmetric")
+        a = add_host_behind(lab, eim, "a")
+        b = add_host_behind(lab, sym, "b")
+        turn = add_turn(lab, server, users=USERS, realm=REALM, aux_ports=(3479, 3480))
         yield World(lab, turn, peer, eim, sym, a, b)
 
 
@@ -165,8 +168,8 @@ def test_hole_punching_between_two_eim_nats(world: World) -> None:
     """The path ICE predicts as direct srflx: both sides learn their mapping from STUN, then
     send to each other's; the first datagram into the not-yet-opened NAT is dropped without
     stealing the mapping (the router's input drop), so the punch then works both ways."""
-    other = world.lab.add_nat("eimnat2", world.eim.internet, mapping="eim")
-    c = world.lab.add_host_behind(other, "c")
+    other = add_nat(world.lab, "eimnat2", world.eim.internet, mapping="eim")
+    c = add_host_behind(world.lab, other, "c")
     with world.a.udp_socket() as a_sock, c.udp_socket() as c_sock:
         a_mapped = stun_binding(a_sock, world.turn.server)
         c_mapped = stun_binding(c_sock, world.turn.server)
@@ -174,7 +177,7 @@ def test_hole_punching_between_two_eim_nats(world: World) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The NAT cases of the ICE lab tests (labnat.add_nat_pair) and blocking a path
+# The NAT cases of the ICE lab tests (add_nat_pair) and blocking a path
 
 
 @pytest.mark.parametrize(
@@ -367,9 +370,9 @@ def test_teardown_leaves_no_namespace_and_no_turnserver() -> None:
         internet = lab.add_switch("inet")
         server = lab.add_host("turn")
         lab.attach(server, internet)
-        router = lab.add_nat("nat", internet, mapping="symmetric")
-        lab.add_host_behind(router, "a")
-        turn = lab.add_turn(server, users=USERS)
+        router = add_nat(lab, "nat", internet, mapping="symmetric")
+        add_host_behind(lab, router, "a")
+        turn = add_turn(lab, server, users=USERS)
         assert turn.proc is not None
         pid, config = turn.proc.pid, turn.config
         assert processes_mentioning(str(config))

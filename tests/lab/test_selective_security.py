@@ -1,4 +1,4 @@
-"""Selective security (issue 5) in the lab: three nodes on one switch,
+"""Selective security in the lab: three nodes on one switch,
 A{web}, B{web, db}, C{batch}.
 
 With `security = "groups"` the A-B link shares a group and is secure, while A-C and B-C share
@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
-from ipop_trio.bench import ping_rtts
-from ipop_trio.lab import Lab, LabSwitch, Overlay, OverlayNode
+from ipop_trio.lab.measure import ping_rtts
+from ipop_trio.lab.netns import Lab, LabSwitch
+from ipop_trio.lab.overlay import Overlay, OverlayNode
 
 from .capture import Capture
 from .conftest import failed, print_logs

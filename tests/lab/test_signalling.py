@@ -1,4 +1,4 @@
-"""Nodes that find each other through the signalling server (issue 3), in namespaces.
+"""Nodes that find each other through the signalling server, in namespaces.
 
 Topology: one switch (a bridge namespace) with the signalling server's host and one host per
 node on it. No node has a [[peer]]: every link comes from membership.
@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 
-from ipop_trio.bench import ping_rtts
-from ipop_trio.lab import Host, Lab, LabSwitch, Overlay, OverlayNode
+from ipop_trio.lab.measure import ping_rtts
+from ipop_trio.lab.netns import Host, Lab, LabSwitch
+from ipop_trio.lab.overlay import Overlay, OverlayNode
 
 from .conftest import failed, print_logs
 

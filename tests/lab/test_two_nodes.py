@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from ipop_trio.bench import iperf3, ping_rtts, start_iperf3_server
-from ipop_trio.lab import Host, Overlay, OverlayNode
+from ipop_trio.lab.measure import iperf3, ping_rtts, start_iperf3_server
+from ipop_trio.lab.netns import Host
+from ipop_trio.lab.overlay import Overlay, OverlayNode
 
 from .capture import Capture, Lines
 from .conftest import Pair, TwoHosts

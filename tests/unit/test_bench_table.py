@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ipop_trio.bench import _add_counts, _interleave, format_table
+from ipop_trio.lab.bench import _add_counts, _interleave, format_table
 
 
 def row(scenario: str, rtt: float, mbps: float, cpu: float | None) -> dict[str, Any]:

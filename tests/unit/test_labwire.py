@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from ipop_trio.labwire import VNET_HDR, Direction, Verdict, Wire, is_ipv4_udp
+from ipop_trio.lab.wire import VNET_HDR, Direction, Verdict, Wire, is_ipv4_udp
 
 
 def direction(loss: float = 0.0, delay: float = 0.0, limit: int = 1000, seed: int = 1) -> Direction:

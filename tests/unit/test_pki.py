@@ -1,8 +1,7 @@
-"""pki.py: issuing the overlay CA and node certificates, key and certificate files, `ca` cmds."""
+"""pki.py: issuing the overlay CA and node certificates, key and certificate files."""
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import os
 import re
@@ -19,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from ipop_trio import pki
 from ipop_trio.errors import PkiError
-from ipop_trio.proto.cert import TrustAnchor, mac_for_key
+from ipop_trio.proto.cert import TrustAnchor, decode_key, encode_key
 
 from .conftest import PKI_NOW, MakeCa, MakeNode
 
@@ -218,10 +217,10 @@ def test_public_key_of_and_base64_helpers() -> None:
         serialization.Encoding.Raw, serialization.PublicFormat.Raw
     )
     assert pki.public_key_of(raw) == public
-    text = pki.encode_key(public)
+    text = encode_key(public)
     assert len(text) == 44
-    assert pki.decode_key(text) == public
-    assert pki.decode_key(f"  {text}\n") == public
+    assert decode_key(text) == public
+    assert decode_key(f"  {text}\n") == public
     with pytest.raises(PkiError):
         pki.public_key_of(b"short")
 
@@ -229,12 +228,12 @@ def test_public_key_of_and_base64_helpers() -> None:
 @pytest.mark.parametrize("text", ["", "not base64!", "AAAA", "A" * 43, "A" * 44 + "=="])
 def test_decode_key_refuses(text: str) -> None:
     with pytest.raises(ValueError):
-        pki.decode_key(text)
+        decode_key(text)
 
 
 def test_encode_key_refuses_wrong_length() -> None:
     with pytest.raises(ValueError):
-        pki.encode_key(b"\x00" * 31)
+        encode_key(b"\x00" * 31)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,7 +319,7 @@ def test_sign_node_with_public_key_file(ca_dir: Path, tmp_path: Path, form: str)
     content = {
         "pem": public.public_bytes(serialization.Encoding.PEM, spki),
         "der": public.public_bytes(serialization.Encoding.DER, spki),
-        "base64": pki.encode_key(raw).encode() + b"\n",
+        "base64": encode_key(raw).encode() + b"\n",
     }[form]
     key_file = tmp_path / "n1.pub"
     key_file.write_bytes(content)
@@ -390,74 +389,9 @@ def test_load_private_key_forms(tmp_path: Path) -> None:
     forms = {
         "pem": private.private_bytes(serialization.Encoding.PEM, pkcs8, none),
         "der": private.private_bytes(serialization.Encoding.DER, pkcs8, none),
-        "base64": pki.encode_key(raw).encode(),
+        "base64": encode_key(raw).encode(),
     }
     for form, content in forms.items():
         path = tmp_path / f"key.{form}"
         path.write_bytes(content)
         assert pki.load_private_key(path) == raw
-
-
-# ---------------------------------------------------------------------------------------------
-# `ipop-trio ca init | sign`
-
-
-def test_cmd_ca_init_and_sign(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    ca = tmp_path / "ca"
-    init = argparse.Namespace(dir=str(ca), name="lab", network="10.77.0.0/24", days=3650)
-    assert pki.cmd_ca_init(init) == 0
-    out = capsys.readouterr().out
-    assert str(ca / "ca.key") in out and str(ca / "ca.crt") in out
-    assert "10.77.0.0/24" in out
-
-    sign = argparse.Namespace(
-        ca=str(ca),
-        name="n1",
-        address="10.77.0.7",
-        groups="eng, ops,",
-        days=365,
-        out=str(tmp_path / "out"),
-        public_key=None,
-    )
-    assert pki.cmd_ca_sign(sign) == 0
-    out = capsys.readouterr().out
-    key = pki.load_private_key(tmp_path / "out" / "n1.key")
-    mac = pki.format_mac(mac_for_key(pki.public_key_of(key)))
-    assert str(tmp_path / "out" / "n1.key") in out
-    assert str(tmp_path / "out" / "n1.crt") in out
-    assert mac in out
-    assert "10.77.0.7" in out
-    assert "eng, ops" in out
-    assert "expires" in out
-    identity = pki.load_trust_anchor(ca / "ca.crt").verify_untrusted(
-        pki.load_certificate_der(tmp_path / "out" / "n1.crt"), time.time()
-    )
-    assert identity.groups == {"eng", "ops"}
-
-
-def test_cmd_ca_sign_defaults_and_errors(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    ca = tmp_path / "ca"
-    pki.cmd_ca_init(argparse.Namespace(dir=str(ca), name="lab", network="10.77.0.0/24", days=None))
-    args = argparse.Namespace(
-        ca=str(ca), name="n2", address="10.77.0.8", groups=None, days=None, out=str(tmp_path)
-    )
-    assert pki.cmd_ca_sign(args) == 0
-    assert "(none)" in capsys.readouterr().out
-    anchor = pki.load_trust_anchor(ca / "ca.crt")
-    identity = anchor.verify_untrusted(pki.load_certificate_der(tmp_path / "n2.crt"), time.time())
-    assert identity.groups == frozenset()
-    assert identity.not_after - identity.not_before == pki.DEFAULT_NODE_DAYS * DAY
-    with pytest.raises(PkiError):
-        pki.cmd_ca_sign(args)  # files exist
-    with pytest.raises(PkiError):
-        pki.cmd_ca_init(
-            argparse.Namespace(dir=str(ca), name="lab", network="10.77.0.0/24", days=10)
-        )
-
-
-def test_parse_groups() -> None:
-    assert pki.parse_groups(None) == []
-    assert pki.parse_groups("") == []
-    assert pki.parse_groups("a, b ,,c") == ["a", "b", "c"]

@@ -26,7 +26,7 @@ def test_proto_is_sans_io(path: Path) -> None:
 
 def test_pyroute2_only_in_netlink_and_lab() -> None:
     users = {p.relative_to(PKG).as_posix() for p in PKG.rglob("*.py") if "pyroute2" in _imports(p)}
-    assert users <= {"net/netlink.py", "lab.py"}
+    assert users <= {"net/netlink.py", "lab/netns.py"}
 
 
 def test_dev_net_tun_only_in_tap() -> None:

@@ -1,7 +1,7 @@
 """An impaired underlay for the namespace lab: ``a — wire — b``, for the bench's loss rows
 and the loss tests.
 
-The lab's kernel has no netem, so loss and delay come from `ipop_trio.labwire`, a relay
+The lab's kernel has no netem, so loss and delay come from `ipop_trio.lab.wire`, a relay
 process in a third namespace ``w``:
 
     a [a-if 10.198.0.1/24] --veth-- [w-a  labwire  w-b] --veth-- [b-if 10.198.0.2/24] b
@@ -10,7 +10,7 @@ Hosts a and b share one subnet (the wire is a cable, not a router): the per-link
 `Lab.connect` gave are flushed and replaced. The wire's namespace has no addresses and no
 IPv6, so it neither answers nor originates anything. TSO, GSO and UDP segmentation are
 turned off on all four interfaces, and GRO on the wire's two, so every frame on the wire is a
-real Ethernet frame, lost or delayed on its own (see `ipop_trio.labwire`). Checksum offload
+real Ethernet frame, lost or delayed on its own (see `ipop_trio.lab.wire`). Checksum offload
 stays on: the wire carries each frame's virtio_net_hdr.
 
 The endpoints a and b receive as hosts with a real NIC do: GRO on, and the NIC's interrupt
@@ -40,9 +40,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ipop_trio import labwire
 from ipop_trio.errors import LabError
-from ipop_trio.lab import Host, Lab, Overlay, OverlayNode
+from ipop_trio.lab.netns import Host, Lab
+from ipop_trio.lab.overlay import Overlay, OverlayNode
+from ipop_trio.lab.wire import DEFAULT_LIMIT
 
 WIRE_NETWORK = ipaddress.IPv4Network("10.198.0.0/24")
 # Offloads that would put frames longer than the MTU on the wire (ethtool -K names).
@@ -69,7 +70,7 @@ class Impairment:
     loss: float = 0.0  # probability a frame is lost
     delay: float = 0.0  # one-way delay, seconds
     seed: int | None = None
-    limit: int = labwire.DEFAULT_LIMIT  # frames waiting per direction
+    limit: int = DEFAULT_LIMIT  # frames waiting per direction
 
     @property
     def netem(self) -> str:
@@ -82,7 +83,7 @@ class Impairment:
         return " ".join(parts) or "none"
 
     def argv(self, if_a: str, if_b: str) -> list[str]:
-        argv = [sys.executable, "-m", "ipop_trio.labwire", "--a", if_a, "--b", if_b]
+        argv = [sys.executable, "-m", "ipop_trio.lab.wire", "--a", if_a, "--b", if_b]
         argv += ["--loss", repr(self.loss), "--delay", repr(self.delay)]
         argv += ["--limit", str(self.limit)]
         return argv + ([] if self.seed is None else ["--seed", str(self.seed)])

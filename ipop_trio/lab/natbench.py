@@ -1,6 +1,6 @@
-"""`ipop-trio bench --nat`: how long a link takes to come up in each NAT case (issue 4).
+"""`ipop-trio bench --nat`: how long a link takes to come up in each NAT case.
 
-For each case of `labnat.add_nat_pair` (no NAT, EIM/EIM, symmetric/EIM, symmetric/symmetric,
+For each case of `nat.add_nat_pair` (no NAT, EIM/EIM, symmetric/EIM, symmetric/symmetric,
 one shared NAT) one lab is built with coturn and the signalling server on its "internet";
 then, `tries` times: start node a, pin b's overlay MAC in a's neighbour table (so no ARP
 retry timer sits in the measurement), ping b from a every 10 ms, start node b, and wait
@@ -24,8 +24,10 @@ from typing import Any
 
 from ipop_trio import pki
 from ipop_trio.errors import LabError
-from ipop_trio.lab import Lab, Overlay, OverlayNode
-from ipop_trio.labnat import DEFAULT_TURN_USERS, NatPair, Placement, add_nat_pair
+from ipop_trio.lab.nat import DEFAULT_TURN_USERS, NatPair, Placement, add_nat_pair
+from ipop_trio.lab.netns import Lab
+from ipop_trio.lab.overlay import Overlay, OverlayNode
+from ipop_trio.proto.cert import format_mac, mac_for_key
 
 CASES: list[tuple[str, Placement, Placement | str]] = [
     ("no NAT", None, None),
@@ -48,7 +50,7 @@ def _entry(overlay: Overlay, node: OverlayNode, peer: OverlayNode) -> dict[str, 
 def _one_try(pair: NatPair, overlay: Overlay, a: OverlayNode, b: OverlayNode) -> dict[str, Any]:
     overlay.start(a)
     b_key = pki.public_key_of(pki.load_private_key_bytes(b.key_pem))
-    mac = pki.format_mac(pki.mac_for_key(b_key))
+    mac = format_mac(mac_for_key(b_key))
     neigh = ["ip", "neigh", "replace", b.address, "lladdr", mac, "dev", a.tap, "nud", "permanent"]
     pair.a.check(neigh)
     ping = pair.a.popen(

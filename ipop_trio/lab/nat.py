@@ -1,4 +1,4 @@
-"""NAT routers and a coturn STUN/TURN server for the namespace lab (issue 4).
+"""NAT routers and a coturn STUN/TURN server for the namespace lab.
 
 What ICE meets in the field, rebuilt in namespaces with the real kernel's conntrack:
 
@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from ipop_trio.errors import BadPacket, LabError
-from ipop_trio.lab import LAB_NETWORK, POLL_INTERVAL, Host, Iface, Lab, LabSwitch
+from ipop_trio.lab.netns import LAB_NETWORK, POLL_INTERVAL, Host, Iface, Lab, LabSwitch
 from ipop_trio.proto import stun
 from ipop_trio.proto.stun import Addr
 
@@ -476,8 +476,8 @@ def add_nat_pair(
     coturn, host ``a`` behind a NAT of mapping `a` (or on the internet for None), and host
     ``b`` likewise, or behind a's NAT for ``b="same"``. Routers are ``nat-a`` / ``nat-b``.
 
-    Cases of issue 4: (None, None) no NAT; ("eim", "eim"); ("symmetric", "eim");
-    ("symmetric", "symmetric"); ("eim", "same")."""
+    The cases the ICE lab tests and `ipop-trio bench --nat` run: (None, None) no NAT;
+    ("eim", "eim"); ("symmetric", "eim"); ("symmetric", "symmetric"); ("eim", "same")."""
     internet = lab.add_switch("inet")
     server = lab.add_host("server")
     lab.attach(server, internet)

@@ -21,11 +21,11 @@ checksum the sending kernel left to "hardware" (CHECKSUM_PARTIAL on veth) keeps 
 through the wire and the receiving kernel does not drop it as corrupt. Frames must be real
 Ethernet frames (<= 1514 bytes): turn TSO, GSO, UDP segmentation and GRO off on the wire's two
 interfaces and on the two endpoints' veths (``ethtool -K IF tso off gso off gro off
-tx-udp-segmentation off tx-gso-list off``; `ipop_trio.labnet_impair` does). A super-frame
+tx-udp-segmentation off tx-gso-list off``; `ipop_trio.lab.impair` does). A super-frame
 that slips through anyway is relayed and counted as ``oversize``, because losing it would
 lose many segments at once, which is not what a wire does.
 
-Run: ``python -m ipop_trio.labwire --a IF1 --b IF2 --loss 0.01 --delay 0.005 [--seed N]
+Run: ``python -m ipop_trio.lab.wire --a IF1 --b IF2 --loss 0.01 --delay 0.005 [--seed N]
 [--limit 1000]``. Stdout carries JSON lines: ``{"event": "ready", ...}`` once both sockets
 are bound, ``{"event": "counters", ...}`` on SIGUSR1, and ``{"event": "exit", ...}`` on
 SIGTERM/SIGINT (then exit 0). Counters are per direction (``a_to_b``, ``b_to_a``):
@@ -325,7 +325,7 @@ def _emit(out: TextIO, event: str, body: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m ipop_trio.labwire",
+        prog="python -m ipop_trio.lab.wire",
         description="Relay Ethernet frames between two interfaces with random loss and a "
         "fixed one-way delay (a netem stand-in for the namespace lab). Needs root.",
     )

@@ -1,7 +1,7 @@
 """`ipop-trio demo`: three nodes, two of them behind NATs, find each other; explained.
 
 The project's main job, shown end to end in network namespaces with the real kernel's
-conntrack and nftables (`ipop_trio.labnat`):
+conntrack and nftables (`ipop_trio.lab.nat`):
 
     server: ipop-trio signal + coturn (STUN/TURN)      alpha (public, no NAT)
        |                                                  |
@@ -32,11 +32,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ipop_trio import labnat
-from ipop_trio.bench import iperf3, ping_rtts, start_iperf3_server
 from ipop_trio.errors import IpopError
-from ipop_trio.lab import Host, Lab, Overlay, OverlayNode, sigterm_raises
-from ipop_trio.labnat import DEFAULT_TURN_USERS, NatRouter, TurnServer
+from ipop_trio.lab import nat
+from ipop_trio.lab.measure import iperf3, ping_rtts, start_iperf3_server
+from ipop_trio.lab.nat import DEFAULT_TURN_USERS, NatRouter, TurnServer
+from ipop_trio.lab.netns import Host, Lab, sigterm_raises
+from ipop_trio.lab.overlay import Overlay, OverlayNode
 
 IPERF_SECONDS = 2
 MESH_TIMEOUT = 30.0
@@ -173,25 +174,25 @@ def _build(lab: Lab) -> tuple[Host, dict[str, Host], dict[str, NatRouter]]:
     lab.attach(alpha, internet)
     # A public host has a default route: datagrams to the peers' private addresses (their
     # host candidates) vanish, as on the Internet, instead of failing the send.
-    labnat.add_void_route(alpha)
+    nat.add_void_route(alpha)
     routers = {
-        "beta": labnat.add_nat(lab, "nat-beta", internet, mapping="eim"),
-        "gamma": labnat.add_nat(lab, "nat-gamma", internet, mapping="symmetric"),
+        "beta": nat.add_nat(lab, "nat-beta", internet, mapping="eim"),
+        "gamma": nat.add_nat(lab, "nat-gamma", internet, mapping="symmetric"),
     }
     hosts = {"alpha": alpha}
-    hosts |= {name: labnat.add_host_behind(lab, r, name) for name, r in routers.items()}
+    hosts |= {name: nat.add_host_behind(lab, r, name) for name, r in routers.items()}
     return server, hosts, routers
 
 
 def _start_turn(lab: Lab, server: Host, hosts: dict[str, Host]) -> TurnServer:
-    turn = labnat.add_turn(lab, server, users=DEFAULT_TURN_USERS)
+    turn = nat.add_turn(lab, server, users=DEFAULT_TURN_USERS)
     pid = turn.proc.pid if turn.proc is not None else "?"
     ports = ", ".join(str(p) for _, p in turn.endpoints)
     _say(f"coturn on {turn.address} UDP {ports} in {server.ns}, pid {pid}")
     _say('it answers STUN Binding ("which ip:port do you see me from?") and relays for')
     _say("nodes that log in with a TURN user. One socket on each host asks both its ports:")
     for name, host in hosts.items():
-        port, mapped = labnat.probe_mappings(host, turn.endpoints)
+        port, mapped = nat.probe_mappings(host, turn.endpoints)
         seen = " and ".join(f"{ip}:{p}" for ip, p in mapped)
         _say(f"  {name}: port {port} seen as {seen} ({_mapping_verdict(host, port, mapped)})")
     return turn

@@ -1,6 +1,6 @@
 """Load test of the signalling server: many simulated nodes on loopback.
 
-    .venv/bin/python -m ipop_trio.signalling.loadtest --nodes 1000 --requests 2000
+    .venv/bin/python -m ipop_trio.lab.loadtest --nodes 1000 --requests 2000
 
 Starts `ipop-trio signal` as a child process on 127.0.0.1 (so its memory is its own), issues
 one certificate per simulated node from a throwaway CA, and in this process:
@@ -31,10 +31,11 @@ from pathlib import Path
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from .. import pki
-from ..proto import signalling as sig
-from .client import open_connection
-from .server import raise_fd_limit
+from ipop_trio import pki
+from ipop_trio.lab.measure import cpu_seconds
+from ipop_trio.proto import signalling as sig
+from ipop_trio.signalling.client import open_connection
+from ipop_trio.signalling.server import raise_fd_limit
 
 
 @dataclass
@@ -50,11 +51,6 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _reader(node: SimNode) -> None:

@@ -1,0 +1,76 @@
+"""cli.py: the `ipop-trio ca init | sign` commands (what they write and print, their errors)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import pytest
+
+from ipop_trio import cli, pki
+from ipop_trio.errors import PkiError
+from ipop_trio.proto.cert import format_mac, mac_for_key
+
+DAY = 86400
+
+
+def test_cmd_ca_init_and_sign(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ca = tmp_path / "ca"
+    init = argparse.Namespace(dir=str(ca), name="lab", network="10.77.0.0/24", days=3650)
+    assert cli.cmd_ca_init(init) == 0
+    out = capsys.readouterr().out
+    assert str(ca / "ca.key") in out and str(ca / "ca.crt") in out
+    assert "10.77.0.0/24" in out
+
+    sign = argparse.Namespace(
+        ca=str(ca),
+        name="n1",
+        address="10.77.0.7",
+        groups="eng, ops,",
+        days=365,
+        out=str(tmp_path / "out"),
+        public_key=None,
+    )
+    assert cli.cmd_ca_sign(sign) == 0
+    out = capsys.readouterr().out
+    key = pki.load_private_key(tmp_path / "out" / "n1.key")
+    mac = format_mac(mac_for_key(pki.public_key_of(key)))
+    assert str(tmp_path / "out" / "n1.key") in out
+    assert str(tmp_path / "out" / "n1.crt") in out
+    assert mac in out
+    assert "10.77.0.7" in out
+    assert "eng, ops" in out
+    assert "expires" in out
+    identity = pki.load_trust_anchor(ca / "ca.crt").verify_untrusted(
+        pki.load_certificate_der(tmp_path / "out" / "n1.crt"), time.time()
+    )
+    assert identity.groups == {"eng", "ops"}
+
+
+def test_cmd_ca_sign_defaults_and_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ca = tmp_path / "ca"
+    cli.cmd_ca_init(argparse.Namespace(dir=str(ca), name="lab", network="10.77.0.0/24", days=None))
+    args = argparse.Namespace(
+        ca=str(ca), name="n2", address="10.77.0.8", groups=None, days=None, out=str(tmp_path)
+    )
+    assert cli.cmd_ca_sign(args) == 0
+    assert "(none)" in capsys.readouterr().out
+    anchor = pki.load_trust_anchor(ca / "ca.crt")
+    identity = anchor.verify_untrusted(pki.load_certificate_der(tmp_path / "n2.crt"), time.time())
+    assert identity.groups == frozenset()
+    assert identity.not_after - identity.not_before == pki.DEFAULT_NODE_DAYS * DAY
+    with pytest.raises(PkiError):
+        cli.cmd_ca_sign(args)  # files exist
+    with pytest.raises(PkiError):
+        cli.cmd_ca_init(
+            argparse.Namespace(dir=str(ca), name="lab", network="10.77.0.0/24", days=10)
+        )
+
+
+def test_parse_groups() -> None:
+    assert cli.parse_groups(None) == []
+    assert cli.parse_groups("") == []
+    assert cli.parse_groups("a, b ,,c") == ["a", "b", "c"]
