@@ -32,9 +32,9 @@ from .config import NodeConfig
 from .control.controller import EVENT_QUEUE, Controller
 from .control.ice import IceService
 from .control.links import LinkManager, PeerRuntime, PeerSetup
-from .datapath import pipeline
-from .datapath.inbound import Inbound
-from .datapath.outbound import Outbound
+from .datapath import native, pipeline
+from .datapath.inbound import Inbound, NativeInbound
+from .datapath.outbound import NativeOutbound, Outbound
 from .datapath.sessions import SessionTable
 from .datapath.switch import Switch
 from .errors import CertificateRefused, ConfigError, PkiError
@@ -145,7 +145,10 @@ class Node:
         self.stats = Stats()
         self.started_wall = time.time()
         self.switch = Switch(setup.identity.mac, self.stats)
-        self.sessions: SessionTable[PeerRuntime] = SessionTable()
+        # The per-datagram loops: the native core's when it was built (and not disabled by
+        # IPOP_TRIO_PURE_PYTHON=1), else the Python reference (datapath/native.py).
+        self.datapath = "native" if native.AVAILABLE else "python"
+        self.sessions: SessionTable[PeerRuntime] = SessionTable(native=native.AVAILABLE)
         self.writer = TapWriter(tap, self.stats)
         self.ice = IceService(
             udp,
@@ -157,7 +160,8 @@ class Node:
             if setup.config.signalling is None
             else [e.sockaddr for e in setup.config.signalling.advertise],
         )
-        self.outbound = Outbound(self.switch, udp, self.stats, send_relayed=self.ice.send_iov_via)
+        outbound = NativeOutbound if native.AVAILABLE else Outbound
+        self.outbound = outbound(self.switch, udp, self.stats, send_relayed=self.ice.send_iov_via)
         self.links = LinkManager(
             local=_local_identity(setup),
             cipher=setup.config.cipher,
@@ -172,7 +176,8 @@ class Node:
             ice=self.ice,
             stats=self.stats,
         )
-        self.inbound = Inbound(
+        inbound = NativeInbound if native.AVAILABLE else Inbound
+        self.inbound = inbound(
             self.switch,
             self.stats,
             self.sessions,
@@ -213,6 +218,8 @@ class Node:
                 "offload": self.tap.offload,
                 "gso": self.udp.gso,
                 "gro": self.udp.gro,
+                "datapath": self.datapath,
+                "datapath_why": native.WHY,
             },
             "peers": self.links.status(),
             "signalling": None
@@ -256,12 +263,14 @@ async def run_node(
             if cfg.signalling is not None:
                 await nursery.start(_run_signalling, node)
             log.info(
-                "node %s up: %s on %s, listening on %s:%d, %d peers",
+                "node %s up: %s on %s, listening on %s:%d, %d peers, %s data path%s",
                 ident.name,
                 iface,
                 tap.name,
                 *udp.local,
                 len(setup.peers),
+                node.datapath,
+                f" ({native.WHY})" if native.WHY else "",
             )
             task_status.started(node)
     finally:

@@ -80,7 +80,7 @@ from ..proto.link import (
 )
 from ..proto.policy import Decision, SecurityPolicy, advertise, decide
 from ..proto.ratelimit import RateLimiter
-from ..proto.session import Cipher
+from ..proto.session import Cipher, Session
 from ..proto.wire import Kind
 from ..stats import Stats
 from .ice import IceService
@@ -174,6 +174,7 @@ class PeerRuntime:
         replay_floor: int,
         allocate: Callable[[PeerRuntime], int],
         decide: Callable[[Identity, Mapping[str, Any]], Decision],
+        make_session: Callable[..., Session],
     ) -> None:
         self.setup = setup
         self.name = setup.config.name
@@ -201,6 +202,7 @@ class PeerRuntime:
             ext=ext,
             decide_secure=self._decide,
             replay_floor=replay_floor,
+            make_session=make_session,
         )
         # Answer one handshake here (address, relay), not on the path.
         self.reply_to: tuple[Addr, object | None] | None = None
@@ -358,6 +360,7 @@ class LinkManager:
             replay_floor=self.replay_floor.get(setup.public_key, -1),
             allocate=self.sessions.allocate,
             decide=self.decide,
+            make_session=self.sessions.make_session,
         )
         self.peers.append(rt)
         self.by_key[setup.public_key] = rt
@@ -408,7 +411,8 @@ class LinkManager:
         port = rt.port
         port.session = None
         port.staged.clear()
-        self.switch.remove(port)  # its half-reassembled frames are never flushed now
+        self.switch.remove(port)
+        self.sessions.forget_port(port)  # its half-reassembled frames are never flushed now
         log.info("%s: link removed (%s)", rt.name, why)
 
     def set_endpoint(self, public_key: bytes, endpoint: Addr) -> None:
@@ -580,7 +584,9 @@ class LinkManager:
                 # A restarted peer numbers its super-frames from 0 again: forget the ids
                 # we saw, or every piece would look late and be rebuilt one by one.
                 flushed: list[bytes] = []
-                port.reassembler.reset(flushed)
+                self.sessions.reset_reassembly(port, flushed)
+                # what the peer sent is the switch's to check, as every inbound write is
+                flushed = [w for w in flushed if self.switch.accept_inbound(port, w)]
                 if flushed:
                     self.writer.submit(flushed)
                 if ev.peer.address.version == 4 and port.ip4 != ev.peer.address.packed:

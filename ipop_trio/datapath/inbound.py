@@ -11,6 +11,10 @@ live session (or arrive on a plain link's current path) reaches the TAP.
 This stage never imports the control plane: it reads the session table the link tasks
 write, and hands the control plane what is its (handshakes, STUN) through the two callables
 it was built with.
+
+`Inbound` is the reference implementation, in Python; `NativeInbound` hands each receive
+call to the native core (datapath/native.py) in one call and does in Python only what is
+per session or per TAP write: roaming, the rekey handover, the switch's checks.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import BadPacket
+from ..net.udp import cut
 from ..proto.wire import DATA_HEADER_SIZE, DEMUX, Demux
 from ..stats import Stats, now_ns
 from .sessions import SessionTable
@@ -70,6 +75,16 @@ class Inbound:
             for key in REASSEMBLY_COUNTERS:
                 out[key] += getattr(r, key)
         return out
+
+    def has_pending(self) -> bool:
+        """Some peer holds an incomplete super-frame: flush it after PENDING_FLUSH."""
+        return bool(self.pending)
+
+    def receive(
+        self, data: memoryview, segment: int, addr: Addr, now: float, out: list[bytes]
+    ) -> None:
+        """One receive call (`data` cut every `segment` bytes, net/udp.py `recv_raw`)."""
+        self.process(cut(data, segment), addr, now, out)
 
     def process(
         self,
@@ -200,3 +215,151 @@ class Inbound:
             port.reassembler.flush(writes)
             self._accept(port, writes, out)
         self.pending.clear()
+
+
+class NativeInbound(Inbound):
+    """The inbound stage with the per-datagram loop in the native core: one `open_batch`
+    per receive call (header parse, session lookup, plain-path check, replay window, open,
+    reassembly), then Python per session touched and per TAP write."""
+
+    def __init__(
+        self,
+        switch: Switch,
+        stats: Stats,
+        sessions: SessionTable[Any],
+        *,
+        on_handshake: OnHandshake,
+        on_ice: OnIce | None = None,
+    ) -> None:
+        if sessions.native is None:
+            raise ValueError("NativeInbound needs a session table with a native table")
+        super().__init__(switch, stats, sessions, on_handshake=on_handshake, on_ice=on_ice)
+        self.table = sessions.native
+        self._buf = bytearray()
+        self._pending = False
+
+    def reassembly_counters(self) -> dict[str, int]:
+        return dict(self.table.reassembly_counters())
+
+    def has_pending(self) -> bool:
+        return self._pending
+
+    def receive(
+        self, data: memoryview, segment: int, addr: Addr, now: float, out: list[bytes]
+    ) -> None:
+        self._open(data, segment, addr, None, now, out)
+
+    def process(
+        self,
+        datagrams: list[memoryview] | list[bytes],
+        addr: tuple[str, int],
+        now: float,
+        out: list[bytes],
+        via: object | None = None,
+    ) -> None:
+        """Datagrams one by one (relayed ones; tests): runs of equal size, the last maybe
+        shorter, are one `open_batch` each, as GRO would have handed them over."""
+        i, n = 0, len(datagrams)
+        while i < n:
+            seg = len(datagrams[i])
+            j = i + 1
+            while j < n and len(datagrams[j]) == seg and seg:
+                j += 1
+            if j < n and j > i and 0 < len(datagrams[j]) < seg:
+                j += 1
+            data = datagrams[i] if j == i + 1 else b"".join(datagrams[i:j])
+            self._open(memoryview(data), seg, addr, via, now, out)
+            i = j
+
+    def _open(
+        self,
+        data: memoryview,
+        segment: int,
+        addr: Addr,
+        via: object | None,
+        now: float,
+        out: list[bytes],
+    ) -> None:
+        t0 = now_ns()
+        stats = self.stats
+        sessions = self.sessions
+        got = self.table.open_batch(data, segment, sessions.paths.get((addr, via)), self._buf)
+        t1 = now_ns()
+        for name, n in got.drops:
+            stats.drop(name, n)
+        entries, ports_by_id = sessions.entries, sessions.ports
+        ports: list[PeerPort | None] = []
+        opened_total = 0
+        for index, peer, opened, refused, bad_inner, data_seen, _nbytes in got.sessions:
+            port = ports_by_id.get(peer)
+            ports.append(port)
+            if port is None:
+                continue
+            if refused or bad_inner:
+                port.drops += refused + bad_inner
+            if not opened:
+                continue
+            opened_total += opened
+            entry = entries.get(index)
+            if entry is not None:
+                if (
+                    entry.session.secure
+                    and port.roam
+                    and (port.endpoint != addr or port.relay is not via)
+                ):
+                    port.endpoint = addr  # authenticated roaming, as WireGuard does
+                    port.relay = via
+                if entry.confirm is not None:
+                    entry.confirm()
+            port.last_received = now
+            if data_seen:
+                port.last_data = now
+        nbytes = 0
+        if got.writes:
+            nbytes = self._take(got.writes, ports, out)
+        self._pending = got.pending
+        relayed: list[tuple[object, Addr, bytes]] | None = None
+        for off, n in got.others:
+            extra = self._not_data(data[off : off + n], addr, via)
+            if extra is not None:
+                relayed = relayed or []
+                relayed.append(extra)
+        t2 = now_ns()
+        stats["open"].add(got.datagrams, len(data), t1 - t0)
+        stats["reassemble"].add(opened_total, nbytes, t2 - t1)
+        if relayed:  # as Inbound: one call per run from one peer through one relay
+            for (relay, peer), run in itertools.groupby(relayed, key=lambda r: (r[0], r[1])):
+                self.process([payload for _, _, payload in run], peer, now, out, via=relay)
+
+    def _take(
+        self, writes: list[tuple[int, int, int]], ports: list[PeerPort | None], out: list[bytes]
+    ) -> int:
+        """The TAP writes the switch accepts, copied out of the reused buffer into `out`."""
+        accept = self.switch.accept_inbound
+        view = memoryview(self._buf)
+        nbytes = 0
+        for off, n, slot in writes:
+            port = ports[slot]
+            if port is None:
+                continue
+            w = bytes(view[off : off + n])
+            if accept(port, w):
+                port.rx_packets += 1
+                port.rx_bytes += n - VNET
+                nbytes += n
+                out.append(w)
+            else:
+                port.drops += 1
+        view.release()
+        return nbytes
+
+    def flush_pending(self, out: list[bytes]) -> None:
+        """As Inbound.flush_pending: a peer removed meanwhile writes nothing more."""
+        spans = self.table.flush_pending(self._buf)
+        self._pending = False
+        ports_by_id, has = self.sessions.ports, self.switch.has
+        ports: list[PeerPort | None] = []
+        for _off, _n, peer in spans:
+            port = ports_by_id.get(peer)
+            ports.append(port if port is not None and has(port) else None)
+        self._take([(off, n, i) for i, (off, n, _peer) in enumerate(spans)], ports, out)

@@ -10,6 +10,10 @@ Per batch (never per packet: no await, no logging, no allocation beyond the fram
 A peer without a usable session keeps up to 128 frames staged and wakes its link task.
 A peer reached through a TURN relay (ICE chose a relayed pair) gets the same datagrams
 framed for the relay (`send_relayed`, control/ice.py).
+
+`Outbound` is the reference implementation, in Python; `NativeOutbound` does steps 2 and 3's
+layout in one native call per peer batch (`seal_tap_batch`, datapath/native.py): encoded,
+sealed and laid out back to back in one reused buffer, one GSO sendmsg per run.
 """
 
 from __future__ import annotations
@@ -80,4 +84,50 @@ class Outbound:
         stats["udp_send"].record(len(sizes), nbytes, t2)
         port.tx_packets += len(frames)
         port.tx_bytes += sum(map(len, frames)) - VNET * len(frames)
+        port.last_sent = now
+
+
+class NativeOutbound(Outbound):
+    """Outbound with encode + seal in the native core (the peer's session must be a native
+    `Session`: the node makes every session with the native factory when this runs)."""
+
+    def __init__(
+        self, switch: Switch, udp: UdpSocket, stats: Stats, *, send_relayed: SendRelayed
+    ) -> None:
+        super().__init__(switch, udp, stats, send_relayed=send_relayed)
+        self._buf = bytearray()
+
+    def send(self, port: PeerPort, frames: list[bytes], now: float) -> None:
+        session = port.session
+        endpoint = port.endpoint
+        if session is None or endpoint is None:
+            port.staged.extend(frames)
+            port.wake()
+            return
+        stats = self.stats
+        t0 = now_ns()
+        buf = self._buf
+        batch = session.seal_tap_batch(frames, port.frame_id, buf)  # type: ignore[attr-defined]
+        port.frame_id = batch.frame_id
+        if batch.bad_tap_frame:
+            stats.drop("bad_tap_frame", batch.bad_tap_frame)
+        t1 = now_ns()
+        stats["seal"].record(batch.datagrams, batch.nbytes, t0)
+        relay = port.relay
+        if relay is None:
+            dropped = self.udp.send_runs(buf, batch.runs, endpoint)
+        else:
+            iov: list[bytes] = []
+            sizes: list[int] = []
+            for off, length, seg, _count in batch.runs:
+                for at in range(off, off + length, seg):
+                    d = bytes(buf[at : min(at + seg, off + length)])
+                    iov += (d, b"")
+                    sizes.append(len(d))
+            dropped = self.send_relayed(relay, endpoint, iov, sizes)
+        if dropped:
+            stats.drop("udp_send_failed", dropped)
+        stats["udp_send"].record(batch.datagrams, batch.nbytes, t1)
+        port.tx_packets += len(frames)
+        port.tx_bytes += batch.frame_bytes
         port.last_sent = now

@@ -62,7 +62,7 @@ async def outbound_task(
 async def udp_receiver(udp: UdpSocket, inbound: Inbound, writer: TapWriter, stats: Stats) -> None:
     stage = stats["udp_recv"]
     while True:
-        if inbound.pending:
+        if inbound.has_pending():
             with trio.move_on_after(PENDING_FLUSH) as quiet:
                 await udp.wait_readable()
             if quiet.cancelled_caught:
@@ -77,13 +77,13 @@ async def udp_receiver(udp: UdpSocket, inbound: Inbound, writer: TapWriter, stat
         out = []
         for _ in range(MAX_RECV_CALLS):
             t0 = now_ns()
-            got = udp.recv_once()
+            got = udp.recv_raw()
             if got is None:
                 break
-            datagrams, addr = got
-            stage.record(len(datagrams), sum(map(len, datagrams)), t0)
-            if datagrams:
-                inbound.process(datagrams, addr, now, out)
+            data, segment, addr = got
+            n = len(data)
+            stage.record(-(-n // segment) if segment else 1, n, t0)
+            inbound.receive(data, segment, addr, now, out)
         if out:
             writer.submit(out)
 

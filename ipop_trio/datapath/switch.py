@@ -18,8 +18,10 @@ is a separate switch (TUNSETOFFLOAD), so there is one code path.
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections import deque
+from collections.abc import Callable
 
 from ..proto.offload import Reassembler
 from ..stats import Stats
@@ -33,24 +35,29 @@ ZERO_VNET = bytes(VNET)
 STAGED_FRAMES = 128  # frames kept per peer while its link comes up (WireGuard keeps 128)
 
 _ARP = struct.Struct("!8s6s4s6s4s")  # header, sha, spa, tha, tpa
+_PORT_IDS = itertools.count(1)
+
+Path = tuple[tuple[str, int], object | None]  # (address, relay or None)
 
 
 class PeerPort:
     """What the data path knows about one peer. Mutated by the peer's link task."""
 
     __slots__ = (
+        "_endpoint",
+        "_paths",
+        "_relay",
         "drops",
-        "endpoint",
         "frame_id",
+        "id",
         "ip4",
         "last_data",
         "last_received",
         "last_sent",
         "mac",
         "name",
-        "paths",
+        "on_path_change",
         "reassembler",
-        "relay",
         "roam",
         "rx_bytes",
         "rx_packets",
@@ -62,15 +69,18 @@ class PeerPort:
     )
 
     def __init__(self, name: str, mac: bytes, ip4: bytes | None) -> None:
+        self.id = next(_PORT_IDS)  # the native session table's name for this peer
         self.name = name
         self.mac = mac
         self.ip4 = ip4  # 4 bytes once the peer's certificate is known
-        self.endpoint: tuple[str, int] | None = None
+        # Told when the peer's paths change (the native data path keeps its own copy).
+        self.on_path_change: Callable[[PeerPort], None] | None = None
         # The path to the peer is (endpoint, relay): relay None sends from our socket to
         # the endpoint; a TURN client sends through it (ICE chose a relayed pair).
-        self.relay: object | None = None
+        self._endpoint: tuple[str, int] | None = None
+        self._relay: object | None = None
+        self._paths: frozenset[Path] = frozenset()  # ICE-valid
         self.roam = True  # follow authenticated data to a new address (not when ICE chooses)
-        self.paths: frozenset[tuple[tuple[str, int], object | None]] = frozenset()  # ICE-valid
         self.session: object | None = None  # proto.session.Session to send on, when up
         self.staged: deque[bytes] = deque(maxlen=STAGED_FRAMES)
         self.tx_bytes = self.rx_bytes = self.tx_packets = self.rx_packets = 0
@@ -80,6 +90,47 @@ class PeerPort:
         self.last_sent = self.last_received = 0.0
         self.last_data = 0.0  # last time a data frame (not a keepalive) arrived
         self.wake = _nothing
+
+    # The paths a plain session accepts data on: (endpoint, relay) and the ICE-valid ones.
+    @property
+    def endpoint(self) -> tuple[str, int] | None:
+        return self._endpoint
+
+    @endpoint.setter
+    def endpoint(self, value: tuple[str, int] | None) -> None:
+        if value != self._endpoint:
+            self._endpoint = value
+            if self.on_path_change is not None:
+                self.on_path_change(self)
+
+    @property
+    def relay(self) -> object | None:
+        return self._relay
+
+    @relay.setter
+    def relay(self, value: object | None) -> None:
+        if value is not self._relay:
+            self._relay = value
+            if self.on_path_change is not None:
+                self.on_path_change(self)
+
+    @property
+    def paths(self) -> frozenset[Path]:
+        return self._paths
+
+    @paths.setter
+    def paths(self, value: frozenset[Path]) -> None:
+        if value != self._paths:
+            self._paths = value
+            if self.on_path_change is not None:
+                self.on_path_change(self)
+
+    def accepted_paths(self) -> set[Path]:
+        """Every path a plain session of this peer accepts data from."""
+        out = set(self._paths)
+        if self._endpoint is not None:
+            out.add((self._endpoint, self._relay))
+        return out
 
 
 def _nothing() -> None:

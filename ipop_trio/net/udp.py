@@ -108,16 +108,20 @@ class UdpSocket:
 
     # --- receive -------------------------------------------------------------------------
 
-    def recv_once(self) -> tuple[list[memoryview], Address] | None:
-        """One receive call: the datagrams it returned (views into a reused buffer, valid
-        until the next call) and their source; None when nothing is waiting."""
-        try:
-            n, anc, _flags, addr = self.sock.recvmsg_into([self._rbuf], self._cmsg_space)
-        except BlockingIOError:
-            return None
-        except ConnectionRefusedError:
-            # ICMP port unreachable from an earlier send: not this datagram's problem.
-            return [], ("", 0)
+    def recv_raw(self) -> tuple[memoryview, int, Address] | None:
+        """One receive call, uncut: the filled part of the reused buffer (valid until the
+        next call), the GRO segment size it is cut by (its length when it is one datagram)
+        and the source; None when nothing is waiting."""
+        while True:
+            try:
+                n, anc, _flags, addr = self.sock.recvmsg_into([self._rbuf], self._cmsg_space)
+                break
+            except BlockingIOError:
+                return None
+            except ConnectionRefusedError:
+                # ICMP port unreachable from an earlier send: not this datagram's problem
+                # (the error is reported once; the next call returns what is waiting).
+                continue
         seg = 0
         info = None
         for level, kind, data in anc:
@@ -126,10 +130,18 @@ class UdpSocket:
             elif (level, kind) in _PKTINFO_CMSGS:
                 info = (kind, data)
         self._pktinfo = info
-        view = self._rview
         if seg <= 0 or seg >= n:
-            return [view[:n]], (addr[0], addr[1])
-        return [view[i : min(i + seg, n)] for i in range(0, n, seg)], (addr[0], addr[1])
+            seg = n
+        return self._rview[:n], seg, (addr[0], addr[1])
+
+    def recv_once(self) -> tuple[list[memoryview], Address] | None:
+        """One receive call: the datagrams it returned (views into a reused buffer, valid
+        until the next call) and their source; None when nothing is waiting."""
+        got = self.recv_raw()
+        if got is None:
+            return None
+        data, seg, addr = got
+        return cut(data, seg), addr
 
     # --- send ----------------------------------------------------------------------------
 
@@ -175,6 +187,48 @@ class UdpSocket:
                 dropped += 1
         return dropped
 
+    def send_runs(
+        self, buf: bytearray, runs: list[tuple[int, int, int, int]], addr: Address
+    ) -> int:
+        """Send datagrams laid out back to back in `buf` (the native core's seal): each run
+        (offset, length, segment size, count) is one GSO `sendmsg`. Returns the datagrams
+        the kernel refused, as `send_iov` does. No view of `buf` outlives the call."""
+        dropped = 0
+        sock = self.sock
+        view = memoryview(buf)
+        try:
+            for off, length, seg, count in runs:
+                part = view[off : off + length]
+                try:
+                    if count == 1:
+                        sock.sendmsg([part], (), 0, addr)
+                    elif self.gso:
+                        sock.sendmsg([part], [(SOL_UDP, UDP_SEGMENT, _GSO_CMSG.pack(seg))], 0, addr)
+                    else:
+                        dropped += self._send_cut(part, seg, addr)
+                except BlockingIOError:
+                    dropped += count
+                except OSError as exc:
+                    if exc.errno in (errno.EIO, errno.EINVAL) and count > 1 and self.gso:
+                        self.gso = False  # as in send_iov
+                        dropped += self._send_cut(part, seg, addr)
+                    else:
+                        dropped += count
+                finally:
+                    part.release()
+        finally:
+            view.release()
+        return dropped
+
+    def _send_cut(self, data: memoryview, seg: int, addr: Address) -> int:
+        dropped = 0
+        for i in range(0, len(data), seg):
+            try:
+                self.sock.sendto(data[i : i + seg], addr)
+            except OSError:
+                dropped += 1
+        return dropped
+
     def send_from(self, datagram: bytes, source: str, addr: Address) -> bool:
         """Send a control datagram from local address `source` (an ICE host candidate):
         with a wildcard-bound socket the kernel would otherwise pick the route's source."""
@@ -197,6 +251,14 @@ class UdpSocket:
         except (OSError, ValueError):  # ValueError: an address the socket cannot even parse
             return False
         return True
+
+
+def cut(data: memoryview, seg: int) -> list[memoryview]:
+    """A receive call's datagrams: `data` cut every `seg` bytes (GRO's layout)."""
+    n = len(data)
+    if seg <= 0 or seg >= n:
+        return [data] if n else []
+    return [data[i : min(i + seg, n)] for i in range(0, n, seg)]
 
 
 def _runs(sizes: list[int]) -> Iterator[tuple[int, int, int, int]]:

@@ -169,6 +169,7 @@ class Link:
         decide_secure: Callable[[Identity, Mapping[str, Any]], bool] | None = None,
         rng: random.Random | None = None,
         replay_floor: int = -1,
+        make_session: Callable[..., Session] = Session,
     ) -> None:
         if len(peer_static) != 32:
             raise LocalProtocolError("peer static key must be 32 raw bytes")
@@ -183,6 +184,8 @@ class Link:
         self._ext: Mapping[str, Any] = dict(ext or {})
         self._decide_secure = decide_secure or _always_secure
         self._rng = rng or random.Random()
+        # Session's keyword constructor: proto/session.py's, or the native core's twin
+        self._new_session = make_session
 
         self._out: list[bytes] = []
         self._events: collections.deque[LinkEvent] = collections.deque()
@@ -483,7 +486,7 @@ class Link:
             self._out.append(cur.session.seal(b""))
 
     def _make_session(self, keys: Keys, now: float) -> Session:
-        return Session(
+        return self._new_session(
             send_key=keys.send_key,
             recv_key=keys.recv_key,
             local_index=keys.local_index,

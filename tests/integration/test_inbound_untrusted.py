@@ -2,7 +2,8 @@
 
 Drives the real `Inbound` stage with a real session pair (no TAP, no sockets): random bytes,
 mutated valid datagrams and replays become counted drops, and only frames sealed by the peer's
-session, carrying the peer's own MAC, come out.
+session, carrying the peer's own MAC, come out. Every test runs on both implementations
+(`datapath`: the Python reference and the native core); the peer's session is Python's.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ipop_trio.datapath.inbound import Inbound
+from ipop_trio.datapath.inbound import Inbound, NativeInbound
 from ipop_trio.datapath.sessions import SessionEntry, SessionTable
 from ipop_trio.datapath.switch import ZERO_VNET, PeerPort, Switch
 from ipop_trio.proto.session import Cipher, Session
@@ -36,15 +37,18 @@ def entry(inbound: Inbound) -> SessionEntry:
     return only
 
 
-def make(secure: bool = True) -> tuple[Inbound, Session, Stats, list[tuple[bytes, tuple]]]:
+def make(
+    datapath: str, secure: bool = True
+) -> tuple[Inbound, Session, Stats, list[tuple[bytes, tuple]]]:
+    use_native = datapath == "native"
     stats = Stats()
     switch = Switch(OWN_MAC, stats)
     port = PeerPort("peer", PEER_MAC, PEER_IP)
     port.endpoint = ADDR
     switch.add(port)
-    sessions: SessionTable[str] = SessionTable()
+    sessions: SessionTable[str] = SessionTable(native=use_native)
     index = sessions.allocate("peer")
-    ours = Session(
+    ours = sessions.make_session(
         send_key=K1,
         recv_key=K2,
         local_index=index,
@@ -64,7 +68,7 @@ def make(secure: bool = True) -> tuple[Inbound, Session, Stats, list[tuple[bytes
     )
     handshakes: list[tuple[bytes, tuple]] = []
     sessions.add(index, SessionEntry(ours, port, None))
-    inbound = Inbound(
+    inbound = (NativeInbound if use_native else Inbound)(
         switch,
         stats,
         sessions,
@@ -73,8 +77,8 @@ def make(secure: bool = True) -> tuple[Inbound, Session, Stats, list[tuple[bytes
     return inbound, theirs, stats, handshakes
 
 
-def test_sealed_frames_pass_and_replays_do_not() -> None:
-    inbound, theirs, stats, _ = make()
+def test_sealed_frames_pass_and_replays_do_not(datapath: str) -> None:
+    inbound, theirs, stats, _ = make(datapath)
     d = theirs.seal(frame() + bytes([INNER_FRAME]))
     out: list[bytes] = []
     inbound.process([memoryview(d), memoryview(d)], ADDR, 1.0, out)
@@ -82,16 +86,16 @@ def test_sealed_frames_pass_and_replays_do_not() -> None:
     assert stats.drops == {"bad_datagram": 1}
 
 
-def test_spoofed_inner_source_is_dropped() -> None:
-    inbound, theirs, stats, _ = make()
+def test_spoofed_inner_source_is_dropped(datapath: str) -> None:
+    inbound, theirs, stats, _ = make(datapath)
     bad = frame()[:6] + bytes.fromhex("02cccccccccc") + frame()[12:]
     out: list[bytes] = []
     inbound.process([memoryview(theirs.seal(bad + bytes([INNER_FRAME])))], ADDR, 1.0, out)
     assert out == [] and stats.drops == {"spoofed_source": 1}
 
 
-def test_plain_link_accepts_only_the_current_path() -> None:
-    inbound, theirs, stats, _ = make(secure=False)
+def test_plain_link_accepts_only_the_current_path(datapath: str) -> None:
+    inbound, theirs, stats, _ = make(datapath, secure=False)
     d = theirs.seal(frame() + bytes([INNER_FRAME]))
     out: list[bytes] = []
     inbound.process([memoryview(d)], ("10.199.0.66", 4600), 1.0, out)
@@ -102,8 +106,8 @@ def test_plain_link_accepts_only_the_current_path() -> None:
 
 @settings(max_examples=400)
 @given(st.lists(st.binary(max_size=200), max_size=8))
-def test_random_datagrams_never_reach_the_tap(datagrams: list[bytes]) -> None:
-    inbound, _theirs, _stats, _ = make()
+def test_random_datagrams_never_reach_the_tap(datapath: str, datagrams: list[bytes]) -> None:
+    inbound, _theirs, _stats, _ = make(datapath)
     out: list[bytes] = []
     inbound.process([memoryview(d) for d in datagrams], ADDR, 1.0, out)
     assert out == []
@@ -111,8 +115,10 @@ def test_random_datagrams_never_reach_the_tap(datagrams: list[bytes]) -> None:
 
 @settings(max_examples=300)
 @given(st.integers(min_value=0, max_value=200), st.integers(min_value=1, max_value=255))
-def test_any_single_byte_change_of_a_valid_datagram_is_refused(pos: int, flip: int) -> None:
-    inbound, theirs, _stats, _ = make()
+def test_any_single_byte_change_of_a_valid_datagram_is_refused(
+    datapath: str, pos: int, flip: int
+) -> None:
+    inbound, theirs, _stats, _ = make(datapath)
     d = bytearray(theirs.seal(frame(b"x" * 100) + bytes([INNER_FRAME])))
     pos %= len(d)
     d[pos] ^= flip
@@ -125,8 +131,8 @@ class FakeRelay:
     """Stands for a TURN client: `on_ice` hands back what it 'unwrapped'."""
 
 
-def test_relayed_datagrams_are_processed_with_their_relay_as_path() -> None:
-    inbound, theirs, stats, _ = make(secure=False)
+def test_relayed_datagrams_are_processed_with_their_relay_as_path(datapath: str) -> None:
+    inbound, theirs, stats, _ = make(datapath, secure=False)
     relay = FakeRelay()
     d = theirs.seal(frame() + bytes([INNER_FRAME]))
     seen: list[tuple[bytes, tuple]] = []
@@ -151,8 +157,8 @@ def test_relayed_datagrams_are_processed_with_their_relay_as_path() -> None:
     assert len(out) == 1 and stats.drops == {"plain_wrong_path": 2}
 
 
-def test_a_relay_inside_a_relay_is_not_unwrapped() -> None:
-    inbound, _theirs, stats, _ = make()
+def test_a_relay_inside_a_relay_is_not_unwrapped(datapath: str) -> None:
+    inbound, _theirs, stats, _ = make(datapath)
     calls = []
 
     def on_ice(data: memoryview, addr: tuple):
@@ -166,8 +172,8 @@ def test_a_relay_inside_a_relay_is_not_unwrapped() -> None:
     assert stats.drops == {"relayed_stun_in_data_path": 1}
 
 
-def test_relayed_datagrams_of_one_receive_call_are_opened_per_peer_run() -> None:
-    inbound, theirs, stats, _ = make(secure=False)
+def test_relayed_datagrams_of_one_receive_call_are_opened_per_peer_run(datapath: str) -> None:
+    inbound, theirs, stats, _ = make(datapath, secure=False)
     relay = FakeRelay()
     entry(inbound).port.relay = relay
     sealed = [theirs.seal(frame(m) + bytes([INNER_FRAME])) for m in (b"one", b"two", b"six")]

@@ -20,8 +20,8 @@ from ipop_trio import pki
 from ipop_trio.config import Endpoint, IceConfig, PeerConfig
 from ipop_trio.control.ice import IceService
 from ipop_trio.control.links import Initiation, Learned, LinkManager, PeerRuntime, PeerSetup
-from ipop_trio.datapath.inbound import Inbound
-from ipop_trio.datapath.outbound import Outbound
+from ipop_trio.datapath.inbound import Inbound, NativeInbound
+from ipop_trio.datapath.outbound import NativeOutbound, Outbound
 from ipop_trio.datapath.sessions import SessionTable
 from ipop_trio.datapath.switch import VNET, Switch
 from ipop_trio.proto import handshake
@@ -80,6 +80,15 @@ class FakeUdp:
         self.wire.carry(self.local, addr, datagrams)
         return 0
 
+    def send_runs(self, buf: bytearray, runs: list[tuple[int, int, int, int]], addr: Addr) -> int:
+        datagrams = [
+            bytes(buf[at : min(at + seg, off + length)])
+            for off, length, seg, _count in runs
+            for at in range(off, off + length, seg)
+        ]
+        self.wire.carry(self.local, addr, datagrams)
+        return 0
+
 
 @dataclass
 class FakeWriter:
@@ -105,14 +114,17 @@ def peer_setup(bundle: pki.NodeBundle, endpoint: Addr | None) -> PeerSetup:
 
 
 class Node:
-    def __init__(self, wire: Wire, me: pki.NodeBundle, peers: list[PeerSetup]) -> None:
+    def __init__(
+        self, wire: Wire, me: pki.NodeBundle, peers: list[PeerSetup], datapath: str
+    ) -> None:
         assert me.private_key is not None
         self.bundle = me
         self.addr = ADDRS[me.name]
         self.stats = Stats()
         self.udp = FakeUdp(wire, self.addr)
         self.switch = Switch(me.mac, self.stats)
-        self.sessions: SessionTable[PeerRuntime] = SessionTable()
+        use_native = datapath == "native"
+        self.sessions: SessionTable[PeerRuntime] = SessionTable(native=use_native)
         self.writer = FakeWriter()
         self.ice = IceService(
             self.udp,  # type: ignore[arg-type]
@@ -121,7 +133,7 @@ class Node:
             tap_name="ipop-test",
             listen_host=self.addr[0],
         )
-        self.outbound = Outbound(
+        self.outbound = (NativeOutbound if use_native else Outbound)(
             self.switch,
             self.udp,  # type: ignore[arg-type]
             self.stats,
@@ -143,7 +155,7 @@ class Node:
             stats=self.stats,
             clock=trio.current_time,
         )
-        self.inbound = Inbound(
+        self.inbound = (NativeInbound if use_native else Inbound)(
             self.switch,
             self.stats,
             self.sessions,
@@ -187,16 +199,17 @@ async def until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
             await trio.sleep(0.05)
 
 
-def pair(wire: Wire) -> tuple[Node, Node]:
-    alpha = Node(wire, ALPHA, [peer_setup(BETA, ADDRS["beta"])])
-    beta = Node(wire, BETA, [peer_setup(ALPHA, ADDRS["alpha"])])
+def pair(wire: Wire, datapath: str) -> tuple[Node, Node]:
+    alpha = Node(wire, ALPHA, [peer_setup(BETA, ADDRS["beta"])], datapath)
+    beta = Node(wire, BETA, [peer_setup(ALPHA, ADDRS["alpha"])], datapath)
     return alpha, beta
 
 
 async def test_two_configured_peers_link_up_and_carry_staged_frames(
     autojump_clock: trio.testing.MockClock,
+    datapath: str,
 ) -> None:
-    alpha, beta = pair(Wire())
+    alpha, beta = pair(Wire(), datapath)
     async with trio.open_nursery() as nursery:
         await nursery.start(alpha.links.serve)
         alpha.send_frame(BETA, b"staged before the link")  # no session yet: staged, wakes
@@ -219,8 +232,9 @@ async def test_two_configured_peers_link_up_and_carry_staged_frames(
 
 async def test_rekeys_keep_traffic_flowing_and_retire_their_indices(
     autojump_clock: trio.testing.MockClock,
+    datapath: str,
 ) -> None:
-    alpha, beta = pair(Wire(loss=0.02, seed=7))
+    alpha, beta = pair(Wire(loss=0.02, seed=7), datapath)
     async with trio.open_nursery() as nursery:
         await nursery.start(alpha.links.serve)
         await nursery.start(beta.links.serve)
@@ -251,8 +265,9 @@ async def test_rekeys_keep_traffic_flowing_and_retire_their_indices(
 
 async def test_removing_a_peer_releases_its_indices_port_and_task(
     autojump_clock: trio.testing.MockClock,
+    datapath: str,
 ) -> None:
-    alpha, beta = pair(Wire())
+    alpha, beta = pair(Wire(), datapath)
     async with trio.open_nursery() as nursery:
         await nursery.start(alpha.links.serve)
         await nursery.start(beta.links.serve)
@@ -262,6 +277,9 @@ async def test_removing_a_peer_releases_its_indices_port_and_task(
         alpha.links.remove(BETA.public_key, "test")
         assert alpha.links.get(BETA.public_key) is None
         assert len(alpha.sessions) == 0 and alpha.sessions.entries == {}
+        if datapath == "native":  # the native table forgot the peer and its paths too
+            assert len(alpha.sessions.native) == 0 and alpha.sessions.ports == {}
+            assert len(alpha.sessions.paths) == 0
         assert not alpha.switch.has(rt.port) and rt.scope.cancel_called
         # Beta's datagrams are now for no session of alpha's: counted drops, nothing written.
         before = len(alpha.writer.frames)
@@ -274,10 +292,11 @@ async def test_removing_a_peer_releases_its_indices_port_and_task(
 
 async def test_an_initiation_from_a_member_is_admitted_through_the_controllers_hook(
     autojump_clock: trio.testing.MockClock,
+    datapath: str,
 ) -> None:
     wire = Wire()
-    alpha = Node(wire, ALPHA, [peer_setup(BETA, ADDRS["beta"])])
-    beta = Node(wire, BETA, [])  # knows nobody: as a node that learns alpha a moment late
+    alpha = Node(wire, ALPHA, [peer_setup(BETA, ADDRS["beta"])], datapath)
+    beta = Node(wire, BETA, [], datapath)  # knows nobody: as a node that learns alpha a moment late
     asked: list[str] = []
 
     def admit(identity: object, addr: Addr) -> bool:
@@ -299,10 +318,11 @@ async def test_an_initiation_from_a_member_is_admitted_through_the_controllers_h
 
 async def test_an_initiation_the_link_refuses_for_its_own_reasons_is_a_counted_drop(
     autojump_clock: trio.testing.MockClock,
+    datapath: str,
 ) -> None:
     """A LocalProtocolError from the Link (here: an initiation consumed with another cipher)
     drops that message; the link task, its peer's link and the node go on."""
-    alpha, beta = pair(Wire())
+    alpha, beta = pair(Wire(), datapath)
     async with trio.open_nursery() as nursery:
         await nursery.start(alpha.links.serve)
         await nursery.start(beta.links.serve)
@@ -321,8 +341,10 @@ async def test_an_initiation_the_link_refuses_for_its_own_reasons_is_a_counted_d
         nursery.cancel_scope.cancel()
 
 
-async def test_a_lossy_underlay_still_links_up(autojump_clock: trio.testing.MockClock) -> None:
-    alpha, beta = pair(Wire(loss=0.3, seed=3))  # handshakes are retransmitted
+async def test_a_lossy_underlay_still_links_up(
+    autojump_clock: trio.testing.MockClock, datapath: str
+) -> None:
+    alpha, beta = pair(Wire(loss=0.3, seed=3), datapath)  # handshakes are retransmitted
     async with trio.open_nursery() as nursery:
         await nursery.start(alpha.links.serve)
         await nursery.start(beta.links.serve)
