@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ipop_trio.errors import LabError
+from ipop_trio.lab.nat import nft
 from ipop_trio.lab.netns import Host, Lab
 from ipop_trio.lab.overlay import Overlay, OverlayNode
 from ipop_trio.lab.wire import DEFAULT_LIMIT
@@ -52,6 +53,7 @@ OFFLOADS_OFF = ("tso", "gso", "gro", "tx-udp-segmentation", "tx-gso-list")
 # gro_flush_timeout), as a NIC's interrupt moderation batches frames (mlx5, ixgbe: ~8-50 us).
 RX_COALESCE_NS = 20_000
 WIRE_READY_TIMEOUT = 10.0
+KERNEL_LOSS_SCALE = 100_000  # nftables: numgen random mod SCALE < loss * SCALE
 REACHABLE_TIMEOUT = 10.0
 
 
@@ -71,6 +73,15 @@ class Impairment:
     delay: float = 0.0  # one-way delay, seconds
     seed: int | None = None
     limit: int = DEFAULT_LIMIT  # frames waiting per direction
+    # In the kernel: w bridges its two ends and nftables (`numgen random`) drops `loss` of
+    # the frames it forwards; no user-space relay in the way, no delay, no seed.
+    kernel: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kernel and (self.delay or self.seed is not None):
+            raise LabError("in-kernel impairment: loss only (no netem here for delay)")
+        if self.kernel and round(self.loss * KERNEL_LOSS_SCALE) != self.loss * KERNEL_LOSS_SCALE:
+            raise LabError(f"in-kernel loss is in steps of 1/{KERNEL_LOSS_SCALE}")
 
     @property
     def netem(self) -> str:
@@ -160,6 +171,64 @@ class WireProcess:
             self._buf += chunk
 
 
+class KernelWire:
+    """w's two ends bridged (`br0`), nftables dropping `impairment.loss` of the frames the
+    bridge forwards, at random, with counters per direction in labwire's schema. Built in
+    the lab's namespace w, so the lab's teardown removes it all."""
+
+    proc = None  # no process of its own: its CPU is the kernel's (softirq)
+
+    def __init__(self, host: Host, if_a: str, if_b: str, impairment: Impairment) -> None:
+        self.host = host
+        self.impairment = impairment
+        self._ways = {"a_to_b": if_a, "b_to_a": if_b}
+        host.check(["ip", "link", "add", "br0", "type", "bridge"])
+        for ifname in (if_a, if_b):
+            host.check(["ip", "link", "set", ifname, "master", "br0"])
+        host.check(["ip", "link", "set", "br0", "up"])
+        keep = round(impairment.loss * KERNEL_LOSS_SCALE)
+        rules = []
+        for way, ifname in self._ways.items():
+            rules.append(f'        iifname "{ifname}" counter comment "{way} received"')
+            rules.append(
+                f'        iifname "{ifname}" numgen random mod {KERNEL_LOSS_SCALE} < {keep} '
+                f'counter drop comment "{way} lost"'
+            )
+        nft(
+            host,
+            "table bridge ipt_loss {\n    chain forward {\n"
+            "        type filter hook forward priority 0; policy accept;\n"
+            + "\n".join(rules)
+            + "\n    }\n}\n",
+            name="loss",
+        )
+        self.ready: dict[str, Any] = {"kernel": True, "loss": impairment.loss}
+
+    def counters(self, timeout: float = 5.0) -> dict[str, Any]:
+        """{"a_to_b": {"received", "lost", "waiting"}, "b_to_a": ...}, as labwire's."""
+        done = self.host.run(
+            ["nft", "-j", "list", "table", "bridge", "ipt_loss"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if done.returncode != 0:
+            raise LabError(f"nft list in {self.host.name}: {done.stderr.strip()}")
+        out: dict[str, Any] = {way: {"received": 0, "lost": 0, "waiting": 0} for way in self._ways}
+        for item in json.loads(done.stdout)["nftables"]:
+            rule = item.get("rule")
+            if not rule or " " not in rule.get("comment", ""):
+                continue
+            way, what = rule["comment"].split(" ", 1)
+            for expr in rule["expr"]:
+                if "counter" in expr:
+                    out[way][what] = int(expr["counter"]["packets"])
+        return out
+
+    def stop(self, timeout: float = 10.0) -> dict[str, Any]:
+        return self.counters(timeout)
+
+
 @dataclass(frozen=True, slots=True)
 class WiredPair:
     """Hosts a and b on one subnet, joined through the wire host w."""
@@ -172,7 +241,7 @@ class WiredPair:
     if_b: str  # b's interface towards the wire
     address_a: str
     address_b: str
-    wire: WireProcess
+    wire: WireProcess | KernelWire
 
     def address(self, host: Host) -> str:
         """`host`'s underlay address on the wired subnet."""
@@ -205,8 +274,9 @@ def build_wired_pair(
     names: tuple[str, str, str] = ("a", "b", "w"),
     network: ipaddress.IPv4Network = WIRE_NETWORK,
 ) -> WiredPair:
-    """Hosts a and b, a wire host w between them running labwire with `impairment`; returns
-    once a reaches b across the wire (a ping answered)."""
+    """Hosts a and b, a wire host w between them running labwire with `impairment` (or,
+    in-kernel, a bridge and nftables); returns once a reaches b across the wire (a ping
+    answered)."""
     a, b, w = (lab.add_host(n) for n in names)
     w.check(["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])
     w.check(["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"])
@@ -224,7 +294,11 @@ def build_wired_pair(
     address_a, address_b = str(next(hosts)), str(next(hosts))
     a.check(["ip", "addr", "add", f"{address_a}/{network.prefixlen}", "dev", ends[0][1]])
     b.check(["ip", "addr", "add", f"{address_b}/{network.prefixlen}", "dev", ends[3][1]])
-    wire = WireProcess(w, ends[1][1], ends[2][1], impairment)
+    wire: WireProcess | KernelWire
+    if impairment.kernel:
+        wire = KernelWire(w, ends[1][1], ends[2][1], impairment)
+    else:
+        wire = WireProcess(w, ends[1][1], ends[2][1], impairment)
     pair = WiredPair(lab, a, b, w, ends[0][1], ends[3][1], address_a, address_b, wire)
     if impairment.loss < 1.0:
         wait_reachable(a, address_b)
@@ -270,6 +344,7 @@ __all__ = [
     "OFFLOADS_OFF",
     "WIRE_NETWORK",
     "Impairment",
+    "KernelWire",
     "WireProcess",
     "WiredOverlay",
     "WiredPair",

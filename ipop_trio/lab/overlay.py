@@ -66,6 +66,9 @@ class OverlayNode:
     security: str | None = None  # [node] security ("always" / "groups"); None: the default
     stun: tuple[str, ...] = ()  # [ice] stun URLs
     turn: tuple[tuple[str, str, str], ...] = ()  # [ice] turn servers: (url, username, password)
+    # "python" runs the node with IPOP_TRIO_PURE_PYTHON=1; None: the default (native if built)
+    datapath: str | None = None
+    offload: bool | None = None  # [tap] offload; None: the default
     proc: subprocess.Popen[Any] | None = None
 
     @property
@@ -167,12 +170,18 @@ class Overlay:
         security: str | None = None,
         stun: Iterable[str] = (),
         turn: Iterable[tuple[str, str, str]] = (),
+        datapath: str | None = None,
+        offload: bool | None = None,
     ) -> OverlayNode:
         """Issue a certificate for a node on `host` (next free overlay address unless given).
         The node is configured and started by `start`. With `signalling`, it learns its peers
         from the overlay's signalling server (`start_signalling`) and has no static peers
         unless `peers` names some. `stun` URLs and `turn` servers, as (url, username,
-        password), go into the node's [ice] section."""
+        password), go into the node's [ice] section. `datapath` "python" forces the
+        pure-Python data path (IPOP_TRIO_PURE_PYTHON=1); "native" requires the native core.
+        `offload` sets [tap] offload (None: the node's default)."""
+        if datapath not in (None, "python", "native"):
+            raise LabError(f"datapath {datapath!r}: expected 'python' or 'native'")
         from ipop_trio import pki
 
         if name in self.nodes:
@@ -202,6 +211,8 @@ class Overlay:
             security=security,
             stun=tuple(stun),
             turn=tuple(turn),
+            datapath=datapath,
+            offload=offload,
         )
         self.nodes[name] = node
         return node
@@ -264,6 +275,7 @@ class Overlay:
             "[tap]",
             f"name = {_toml_str(node.tap)}",
             f"mtu = {self.tap_mtu}",
+            *([] if node.offload is None else [f"offload = {str(node.offload).lower()}"]),
         ]
         if node.signalling:
             if self.signal is None:
@@ -304,6 +316,10 @@ class Overlay:
             with contextlib.suppress(FileNotFoundError):
                 node.control.unlink()
             env = dict(os.environ, PYTHONUNBUFFERED="1")
+            if node.datapath == "python":
+                env["IPOP_TRIO_PURE_PYTHON"] = "1"
+            elif node.datapath == "native":
+                env.pop("IPOP_TRIO_PURE_PYTHON", None)
             with open(node.log, "ab") as log:
                 node.proc = node.host.popen(
                     [sys.executable, "-m", "ipop_trio", "run", "-c", str(node.config)],
