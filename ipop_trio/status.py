@@ -45,6 +45,9 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
         f"node {node.get('name')}  overlay {node.get('overlay')}  address {node.get('address')}  "
         f"tap {node.get('tap')} ({node.get('mac')})  listen {node.get('listen')}",
     ]
+    if node.get("datapath"):
+        why = f" ({node['datapath_why']})" if node.get("datapath_why") else ""
+        lines.append(f"datapath {node['datapath']}{why}  cipher {node.get('cipher')}")
     sg = status.get("signalling")
     if sg:
         lines.append(

@@ -48,3 +48,13 @@ def test_the_table_shows_path_type_rtt_pair_and_relay() -> None:
     assert " direct " in gamma  # a configured peer: no ICE, a fixed endpoint
     assert "beta: 10.199.255.1:49160 (relay) -> 10.199.255.3:4600 (srflx) via relay" in text
     assert "ice 3 candidates  stun 10.199.255.1:3478  turn 10.199.255.1:3478 allocated" in text
+
+
+def test_the_table_says_which_data_path_runs_and_why_not_native() -> None:
+    native = {**STATUS, "node": {"name": "alpha", "datapath": "native", "cipher": "aes-256-gcm"}}
+    assert "datapath native  cipher aes-256-gcm" in format_status(native, now=1000.0)
+    python = {
+        **STATUS,
+        "node": {"datapath": "python", "datapath_why": "disabled by IPOP_TRIO_PURE_PYTHON=1"},
+    }
+    assert "datapath python (disabled by IPOP_TRIO_PURE_PYTHON=1)" in format_status(python, now=1.0)
