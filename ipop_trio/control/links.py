@@ -318,9 +318,21 @@ class LinkManager:
                 continue
             if new_cert or self.decide(peer, link.peer_ext).secure != session.secure:
                 link.rekey(now)
+                # Tightened (plain -> secure): nothing more leaves in clear; frames wait in
+                # the port's stage until the secure session exists (fail closed: an on-path
+                # party that drops the handshake stops the link, it cannot keep it plain).
+                rt.port.session = self._sendable(rt, link.current)
                 rt.wake()
                 rekeyed += 1
         return rekeyed
+
+    def _sendable(self, rt: PeerRuntime, session: Session | None) -> Session | None:
+        """`session`, unless it is plain and our configuration now wants the link secure."""
+        if session is None or session.secure or rt.link.peer is None:
+            return session
+        if self.decide(rt.link.peer, rt.link.peer_ext).secure:
+            return None
+        return session
 
     # --- called by the data path (sync, per handshake datagram) --------------------------
 
@@ -607,7 +619,7 @@ class LinkManager:
                     rt.refused = ev.reason
                     self.stats.drop("peer_refused")
                 log.warning("%s: %s; retrying in %.0f s", rt.name, ev.reason, backoff)
-        port.session = link.current
+        port.session = self._sendable(rt, link.current)
         out = link.datagrams_to_send()
         dest, relay = rt.reply_to or (port.endpoint, port.relay)
         rt.reply_to = None
@@ -764,7 +776,7 @@ class LinkManager:
             if entry is not None:
                 entry.confirm = None
             if rt.link.confirm(index, self._now(rt.link)):
-                rt.port.session = rt.link.current
+                rt.port.session = self._sendable(rt, rt.link.current)
                 rt.wake()
 
         return confirm

@@ -51,11 +51,13 @@ class Wire:
         self.loss = loss
         self.rng = random.Random(seed)
         self.sent = 0
+        self.carried: list[bytes] = []  # every datagram put on the wire, lost or not
 
     def carry(self, src: Addr, dst: Addr, datagrams: list[bytes]) -> None:
         node = self.nodes.get(dst)
         for d in datagrams:
             self.sent += 1
+            self.carried.append(d)
             if node is not None and self.rng.random() >= self.loss:
                 node.arrive(src, d)
 
@@ -115,7 +117,12 @@ def peer_setup(bundle: pki.NodeBundle, endpoint: Addr | None) -> PeerSetup:
 
 class Node:
     def __init__(
-        self, wire: Wire, me: pki.NodeBundle, peers: list[PeerSetup], datapath: str
+        self,
+        wire: Wire,
+        me: pki.NodeBundle,
+        peers: list[PeerSetup],
+        datapath: str,
+        policy: SecurityPolicy = SecurityPolicy.ALWAYS,
     ) -> None:
         assert me.private_key is not None
         self.bundle = me
@@ -143,7 +150,7 @@ class Node:
         self.links = LinkManager(
             local=self.local,
             cipher=Cipher.AES_256_GCM,
-            policy=SecurityPolicy.ALWAYS,
+            policy=policy,
             groups=frozenset(),
             peers=peers,
             sessions=self.sessions,
@@ -199,9 +206,11 @@ async def until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
             await trio.sleep(0.05)
 
 
-def pair(wire: Wire, datapath: str) -> tuple[Node, Node]:
-    alpha = Node(wire, ALPHA, [peer_setup(BETA, ADDRS["beta"])], datapath)
-    beta = Node(wire, BETA, [peer_setup(ALPHA, ADDRS["alpha"])], datapath)
+def pair(
+    wire: Wire, datapath: str, policy: SecurityPolicy = SecurityPolicy.ALWAYS
+) -> tuple[Node, Node]:
+    alpha = Node(wire, ALPHA, [peer_setup(BETA, ADDRS["beta"])], datapath, policy)
+    beta = Node(wire, BETA, [peer_setup(ALPHA, ADDRS["alpha"])], datapath, policy)
     return alpha, beta
 
 
@@ -349,4 +358,29 @@ async def test_a_lossy_underlay_still_links_up(
         await nursery.start(alpha.links.serve)
         await nursery.start(beta.links.serve)
         await until(lambda: alpha.rt(BETA).established and beta.rt(ALPHA).established, 120)
+        nursery.cancel_scope.cancel()
+
+
+async def test_tightening_to_secure_sends_nothing_more_in_clear(
+    autojump_clock: trio.testing.MockClock, datapath: str
+) -> None:
+    # No common group: the link comes up plain. Then alpha's reload says `always`.
+    wire = Wire()
+    alpha, beta = pair(wire, datapath, SecurityPolicy.GROUPS)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(alpha.links.serve)
+        await nursery.start(beta.links.serve)
+        await until(lambda: alpha.rt(BETA).established)
+        assert alpha.rt(BETA).link.current is not None
+        assert not alpha.rt(BETA).link.current.secure
+        alpha.send_frame(BETA, b"in clear, as configured")
+        await received(beta, b"in clear, as configured")
+        assert any(b"in clear, as configured" in d for d in wire.carried)  # it was plain
+        assert alpha.links.reconfigure(alpha.local, SecurityPolicy.ALWAYS, frozenset()) == 1
+        # From the reload on: staged until the secure session exists, then sent sealed.
+        alpha.send_frame(BETA, b"after the reload")
+        await received(beta, b"after the reload")
+        current = alpha.rt(BETA).link.current
+        assert current is not None and current.secure
+        assert not any(b"after the reload" in d for d in wire.carried)
         nursery.cancel_scope.cancel()

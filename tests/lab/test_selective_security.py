@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import secrets
 import signal
+import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 
 from ipop_trio.lab.measure import ping_rtts
+from ipop_trio.lab.nat import nft
 from ipop_trio.lab.netns import Lab, LabSwitch
 from ipop_trio.lab.overlay import Overlay, OverlayNode
 
@@ -147,3 +149,76 @@ def test_reissued_group_switches_modes_while_an_unaffected_ping_runs(by_groups: 
     summary = [line for line in out.splitlines() if "packet loss" in line]
     assert summary, out[-500:]
     assert " 0% packet loss" in summary[0], summary[0]
+
+
+# Drops a's outgoing handshake initiations (UDP payload's first byte 0xA1).
+BLOCK_INITIATIONS = """table inet ipt_block {{
+    chain out {{
+        type filter hook output priority 0; policy accept;
+        udp sport {port} @th,64,8 0xa1 counter drop
+    }}
+}}
+"""
+
+
+def _frames_after(pcap: bytes, after: float) -> list[bytes]:
+    """The frames of a classic pcap (tcpdump -w) captured after wall-clock time `after`."""
+    frames, off = [], 24
+    while off + 16 <= len(pcap):
+        sec, usec, incl, _ = struct.unpack_from("<IIII", pcap, off)
+        if sec + usec / 1e6 > after:
+            frames.append(pcap[off + 16 : off + 16 + incl])
+        off += 16 + incl
+    return frames
+
+
+def test_tightening_by_sighup_sends_nothing_more_in_clear(by_groups: Trio) -> None:
+    """`security = "always"` on a, under a running ping from c, while an on-path party drops
+    a's handshake initiations: from the reload on, a sends nothing in clear (its replies wait
+    for the secure session, it never falls back to the plain one), and once the initiations
+    get through the link is secure and the ping goes on."""
+    t = by_groups
+    a, c = t.nodes["a"], t.nodes["c"]
+    marker = secrets.token_bytes(16)
+    a_under = t.overlay.endpoint(c, a).rsplit(":", 1)[0]
+    cap = Capture(t.switch.host, t.switch.BRIDGE, t.lab.workdir / "tighten.pcap")
+    ping = c.host.popen(
+        ["ping", "-n", "-i", "0.02", "-c", "600", "-p", marker.hex(), a.address],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        cap.wait_for(marker)  # the link is plain: the marker crosses in clear
+        # The on-path party: a's initiations (first byte 0xA1) never leave a's host.
+        nft(a.host, BLOCK_INITIATIONS.format(port=a.port), name="block-a1")
+        a.security = "always"
+        t.overlay.write_config(a)
+        assert a.proc is not None
+        a.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + MODE_TIMEOUT
+        while "1 link(s) re-keyed" not in a.log.read_text(errors="replace"):
+            assert time.monotonic() < deadline, t.overlay.log_tail(a)
+            time.sleep(0.02)
+        reloaded = time.time()  # the reload was applied before this moment
+        blocked_until = time.monotonic() + 1.0
+        while time.monotonic() < blocked_until:  # a has a reply to send every 20 ms
+            assert peer(t, "a", "c")["staged"] <= 128
+            time.sleep(0.1)
+        a.host.check(["nft", "delete", "table", "inet", "ipt_block"])
+        wait_mode(t, [("a", "c"), ("c", "a")], "secure", MODE_TIMEOUT)
+        out, _ = ping.communicate(timeout=60)
+    finally:
+        if ping.poll() is None:
+            ping.kill()
+            ping.wait()
+        pcap = cap.stop()
+    src = bytes(int(x) for x in a_under.split("."))
+    from_a = [f for f in _frames_after(pcap, reloaded) if len(f) > 34 and f[26:30] == src]
+    assert from_a, "the capture saw nothing from a after the reload"
+    assert not [f for f in from_a if marker in f], "a sent the marker in clear after the reload"
+    summary = [line for line in out.splitlines() if "packet loss" in line]
+    assert summary, out[-500:]
+    sent, got = (int(summary[0].split()[i]) for i in (0, 3))
+    # lost: at most the replies beyond the stage (128) while the initiations were dropped
+    # (the handshake retransmits every REKEY_TIMEOUT, 5 s) and a few in flight
+    assert got >= sent - (5 + 1) / 0.02 + 128 - 10, summary[0]
