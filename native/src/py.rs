@@ -105,6 +105,9 @@ fn cipher_of(obj: &Bound<'_, PyAny>) -> PyResult<Cipher> {
 #[pyclass(frozen, module = "ipop_trio._native")]
 pub struct Session {
     core: Shared,
+    /// seal_tap_batch's output before it is copied to the caller's buffer, reused: a fresh
+    /// Vec per batch cost a large allocation (mmap, page faults) and its regrowth each call
+    scratch: Mutex<Vec<u8>>,
     #[pyo3(get)]
     local_index: u32,
     #[pyo3(get)]
@@ -147,6 +150,7 @@ impl Session {
         .map_err(|e| local(py, e))?;
         Ok(Session {
             core: Arc::new(Mutex::new(core)),
+            scratch: Mutex::new(Vec::new()),
             local_index,
             remote_index,
             secure,
@@ -253,21 +257,27 @@ impl Session {
     ) -> PyResult<OutboundBatch> {
         let slices: Vec<&[u8]> = reads.iter().map(|r| r.as_bytes()).collect();
         let core = &self.core;
-        let (result, buf) = py.detach(|| {
-            let mut buf = Vec::new();
-            let r = datapath::seal_tap_batch(
+        // try_lock, never lock: waiting here with the GIL held while another thread of the
+        // same session waits for the GIL to finish would deadlock. Contended: a fresh Vec.
+        let mut own = Vec::new();
+        let mut guard = self.scratch.try_lock().ok();
+        let buf: &mut Vec<u8> = match guard.as_deref_mut() {
+            Some(v) => v,
+            None => &mut own,
+        };
+        let result = py.detach(|| {
+            datapath::seal_tap_batch(
                 &mut lock(core),
                 &slices,
                 frame_id as u32,
                 max_payload,
                 max_segments,
                 max_bytes,
-                &mut buf,
-            );
-            (r, buf)
+                buf,
+            )
         });
         let result = result.map_err(|e| local(py, e))?;
-        copy_out(py, out, &buf)?;
+        copy_out(py, out, buf)?;
         Ok(OutboundBatch {
             frame_id: result.frame_id,
             runs: result.runs,
