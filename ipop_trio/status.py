@@ -46,8 +46,8 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
         f"tap {node.get('tap')} ({node.get('mac')})  listen {node.get('listen')}",
     ]
     if node.get("datapath"):
-        why = f" ({node['datapath_why']})" if node.get("datapath_why") else ""
-        lines.append(f"datapath {node['datapath']}{why}  cipher {node.get('cipher')}")
+        off = f" ({node['datapath_why']})" if node.get("datapath_why") else ""
+        lines.append(f"datapath {node['datapath']}{off}  cipher {node.get('cipher')}")
     sg = status.get("signalling")
     if sg:
         lines.append(

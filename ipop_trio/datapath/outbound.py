@@ -55,6 +55,15 @@ class Outbound:
             port.staged.extend(frames)
             port.wake()
             return
+        frame_bytes = self._seal_and_send(port, session, endpoint, frames)
+        port.tx_packets += len(frames)
+        port.tx_bytes += frame_bytes
+        port.last_sent = now
+
+    def _seal_and_send(
+        self, port: PeerPort, session: Any, endpoint: tuple[str, int], frames: list[bytes]
+    ) -> int:
+        """Encode, seal and send one peer's frames; return their bytes less virtio headers."""
         t0 = now_ns()
         payloads: list[bytes] = []
         frame_id = port.frame_id
@@ -70,7 +79,7 @@ class Outbound:
         stats["encode"].record(len(frames), 0, t0)
         iov: list[bytes] = []
         sizes: list[int] = []
-        session.seal_iov(payloads, iov, sizes)  # type: ignore[attr-defined]
+        session.seal_iov(payloads, iov, sizes)
         t2 = now_ns()
         nbytes = sum(sizes)
         stats["seal"].record(len(sizes), nbytes, t1)
@@ -82,9 +91,7 @@ class Outbound:
         if dropped:
             stats.drop("udp_send_failed", dropped)
         stats["udp_send"].record(len(sizes), nbytes, t2)
-        port.tx_packets += len(frames)
-        port.tx_bytes += sum(map(len, frames)) - VNET * len(frames)
-        port.last_sent = now
+        return sum(map(len, frames)) - VNET * len(frames)
 
 
 class NativeOutbound(Outbound):
@@ -97,17 +104,13 @@ class NativeOutbound(Outbound):
         super().__init__(switch, udp, stats, send_relayed=send_relayed)
         self._buf = bytearray()
 
-    def send(self, port: PeerPort, frames: list[bytes], now: float) -> None:
-        session = port.session
-        endpoint = port.endpoint
-        if session is None or endpoint is None:
-            port.staged.extend(frames)
-            port.wake()
-            return
+    def _seal_and_send(
+        self, port: PeerPort, session: Any, endpoint: tuple[str, int], frames: list[bytes]
+    ) -> int:
         stats = self.stats
         t0 = now_ns()
         buf = self._buf
-        batch = session.seal_tap_batch(frames, port.frame_id, buf)  # type: ignore[attr-defined]
+        batch = session.seal_tap_batch(frames, port.frame_id, buf)
         port.frame_id = batch.frame_id
         if batch.bad_tap_frame:
             stats.drop("bad_tap_frame", batch.bad_tap_frame)
@@ -128,6 +131,4 @@ class NativeOutbound(Outbound):
         if dropped:
             stats.drop("udp_send_failed", dropped)
         stats["udp_send"].record(batch.datagrams, batch.nbytes, t1)
-        port.tx_packets += len(frames)
-        port.tx_bytes += batch.frame_bytes
-        port.last_sent = now
+        return int(batch.frame_bytes)

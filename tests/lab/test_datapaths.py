@@ -19,16 +19,6 @@ PAIRINGS = [("native", "native"), ("native", "python"), ("python", "python")]
 BAD = {"bad_datagram", "bad_tap_frame", "bad_inner_payload", "unknown_session"}
 
 
-@pytest.fixture
-def overlay(request: pytest.FixtureRequest, two_hosts: TwoHosts) -> Iterator[Overlay]:
-    built = Overlay(two_hosts.lab)
-    try:
-        yield built
-    finally:
-        if failed(request):
-            print_logs(built)
-
-
 @pytest.mark.parametrize("offload", [True, False], ids=["offload-on", "offload-off"])
 @pytest.mark.parametrize("paths", PAIRINGS, ids=["-".join(p) for p in PAIRINGS])
 def test_each_pairing_carries_tcp_both_ways(
