@@ -206,6 +206,7 @@ class PeerRuntime:
         self.reply_to: tuple[Addr, object | None] | None = None
         self.ice: IceAgent | None = None  # peers learned with ICE parameters
         self.ice_restart = False  # no path left: the controller restarts ICE
+        self.ice_generation = 0  # the ICE service's candidate generation the agent started with
         self.path: CandidatePair | None = None  # the ICE pair the link uses
         self.path_changes = 0
         self.con_at: float | None = None  # monotonic: the con_req that started this link
@@ -521,6 +522,7 @@ class LinkManager:
             link.handle_timeout(now)
             if rt.ice is not None:
                 rt.ice.handle_timeout(now)
+                self._check_candidates(rt)
 
     def _handle(self, rt: PeerRuntime, msg: LinkMessage, now: float) -> None:
         link, port = rt.link, rt.port
@@ -655,6 +657,7 @@ class LinkManager:
             agent.end_of_local_candidates()
         rt.ice = agent
         rt.ice_restart = False
+        rt.ice_generation = ice.generation
         rt.path = None
         rt.port.roam = False
         ice.register(agent, rt.wake)
@@ -698,6 +701,8 @@ class LinkManager:
                 agent.select(ev.pair, now)
                 self._use_pair(rt, ev.pair, "a better pair works again")
         elif isinstance(ev, ConsentLost):
+            # Through a relay, silence may mean the TURN server lost our allocation: ask it.
+            self.ice.suspect(ev.pair.local_base)
             if ev.selected or rt.path is ev.pair:
                 best = agent.best_valid_pair()
                 if best is not None and agent.state in (IceState.RUNNING, IceState.COMPLETED):
@@ -713,6 +718,14 @@ class LinkManager:
             log.warning("%s: ICE failed (%s); restarting", rt.name, ev.reason)
         elif isinstance(ev, RoleChanged):
             log.info("%s: ICE role conflict: now %s", rt.name, ev.controlling)
+
+    def _check_candidates(self, rt: PeerRuntime) -> None:
+        """A relayed candidate was re-made (a TURN server lost our allocation) since the
+        agent started: a link without a path asks the controller for an ICE restart, so
+        the peer gets the new candidate and both agents pair it."""
+        if rt.path is None and not rt.ice_restart and rt.ice_generation != self.ice.generation:
+            rt.ice_restart = True
+            log.info("%s: no path and a relayed candidate was re-made; restarting ICE", rt.name)
 
     def _use_pair(self, rt: PeerRuntime, pair: CandidatePair, why: str) -> None:
         ice = self.ice
@@ -771,12 +784,17 @@ class LinkManager:
             link, port = rt.link, rt.port
             session = link.current
             peer = link.peer or rt.setup.identity
+            state = link.state.value
+            if link.state is LinkState.ESTABLISHED and rt.ice is not None and rt.path is None:
+                # Keys but nowhere to send: ICE lost its last path (or has not found one).
+                state = "reconnecting" if rt.ice_restart else "no path"
             out.append(
                 {
                     "name": rt.name,
                     "address": None if peer is None else str(peer.address),
                     "groups": None if peer is None else sorted(peer.groups),
-                    "state": link.state.value,
+                    "state": state,
+                    "link_state": link.state.value,
                     "mode": None if session is None else ("secure" if session.secure else "plain"),
                     "mode_reason": None if rt.decision is None else rt.decision.reason,
                     "endpoint": None
