@@ -144,7 +144,12 @@ def cookie_key(static_public: bytes) -> bytes:
 
 
 def _address_bytes(addr: tuple[str, int]) -> bytes:
-    return ipaddress.ip_address(addr[0]).packed + _PORT.pack(addr[1])
+    """The source address as tau covers it (the packed IP, the port)."""
+    try:
+        ip = ipaddress.ip_address(addr[0]).packed
+    except ValueError:  # not an address the kernel gives; still one value per source
+        ip = addr[0].encode("utf-8", "replace")
+    return ip + _PORT.pack(addr[1] & 0xFFFF)
 
 
 # --- The initiator's side -----------------------------------------------------------------

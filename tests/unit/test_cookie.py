@@ -235,6 +235,17 @@ def test_the_initiator_forgets_its_cookie_after_its_lifetime() -> None:
     assert stale[-16:] == bytes(16) and not link.has_cookie
 
 
+def test_ipv6_and_odd_sources_get_cookies_of_their_own() -> None:
+    g, link = guard(), initiator()
+    init = initiation(link, 0.0)
+    sources = [("2001:db8::5", 4600), ("fe80::1%eth0", 4600), ("not-an-ip", 1)]
+    taus = {g.cookie(src, 0.0) for src in sources}
+    assert len(taus) == len(sources)
+    for src in sources:
+        got = g.admit_untrusted(init, src, 0.0, BUSY)
+        assert got.verdict is Verdict.COOKIE and got.reply is not None
+
+
 @settings(max_examples=300, deadline=None)
 @given(data=st.binary(max_size=700), first=st.sampled_from([0xA1, 0xA3, 0]))
 def test_garbage_is_a_verdict_or_bad_packet(data: bytes, first: int) -> None:
