@@ -836,6 +836,7 @@ class LinkManager:
                     "groups": None if peer is None else sorted(peer.groups),
                     "state": state,
                     "link_state": link.state.value,
+                    "handshaking": link.handshaking,  # an initiation of ours is in flight
                     "mode": None if session is None else ("secure" if session.secure else "plain"),
                     "mode_reason": None if rt.decision is None else rt.decision.reason,
                     "endpoint": None
