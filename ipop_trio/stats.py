@@ -129,6 +129,7 @@ class Stats:
         self.channels = {name: Channel() for name in CHANNELS}
         self.drops: dict[str, int] = {}
         self.gauges: dict[str, int] = {}
+        self.events: dict[str, int] = {}  # things that happened and are not drops (`count`)
         # Counters kept elsewhere (e.g. reassembly), read only when a snapshot is taken.
         self.providers: list[Callable[[], dict[str, int]]] = []
         self.started = time.monotonic()
@@ -139,8 +140,12 @@ class Stats:
     def drop(self, reason: str, n: int = 1) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + n
 
+    def count(self, name: str, n: int = 1) -> None:
+        """Something worth counting that is not a drop (a cookie sent, a relay re-made)."""
+        self.events[name] = self.events.get(name, 0) + n
+
     def counters(self) -> dict[str, int]:
-        out: dict[str, int] = {}
+        out: dict[str, int] = dict(self.events)
         for provide in self.providers:
             for key, value in provide().items():
                 out[key] = out.get(key, 0) + value

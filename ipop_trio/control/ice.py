@@ -13,12 +13,20 @@ One service per node, shared by every link: host candidates from the interfaces 
 overlay TAP or `[ice] ignore_interfaces`), server-reflexive ones through the `[ice] stun`
 servers and from `[signalling] advertise` (an address that reaches our socket from outside,
 e.g. a port forward: server-reflexive by meaning, found by the operator instead of STUN),
-one relayed candidate per `[ice] turn` server (RFC 8656; lost allocations are re-made with
-backoff). All of it on the node's one UDP socket. The per-peer agents live in
-the link tasks (control/links.py), which `register` each with the function that wakes its
-task; this module finds them their datagrams, gives every registered agent the candidates
-found late, and sends the agents' datagrams: from a host candidate with IP_PKTINFO, or
-wrapped for a relay (ChannelData once a channel is bound, a Send indication before).
+one relayed candidate per `[ice] turn` server (RFC 8656). All of it on the node's one UDP
+socket. The per-peer agents live in the link tasks (control/links.py), which `register`
+each with the function that wakes its task; this module finds them their datagrams, gives
+every registered agent the candidates found late, and sends the agents' datagrams: from a
+host candidate with IP_PKTINFO, or wrapped for a relay (ChannelData once a channel is bound,
+a Send indication before).
+
+A relay's allocation can be lost (a restarted TURN server forgets it): the TurnClient notices
+it from the server's answers or silence, and from `suspect` (the link tasks call it when
+consent is lost on a relayed pair: one Refresh on a short timer asks the server). A lost
+relay's candidate is withdrawn at once (datagrams from its old address are dropped and
+counted, not sent from a socket that does not have it), and a new allocation is made with
+bounded, jittered backoff; its candidate goes to every agent and bumps `generation`, which
+tells the link tasks that links without a path should re-signal (an ICE restart with it).
 
 `ready` is set when every server answered or GATHER_TIMEOUT passed: the controller holds
 its con_reqs until then, so peers get every candidate in one message (no trickle).
@@ -68,7 +76,10 @@ log = logging.getLogger("ipop_trio.ice")
 # Gathering waits at most this long for STUN and TURN servers before the node's candidates
 # go to peers (the servers that answer later add their candidates to later exchanges).
 GATHER_TIMEOUT = 3.0
-TURN_RETRY_MIN, TURN_RETRY_MAX = 5.0, 60.0
+# Backoff of a relay's allocation attempts: MIN * 2^(failures-1), at most MAX, times a
+# random factor in [1 - JITTER, 1 + JITTER] (nodes that lost one server together spread out).
+TURN_RETRY_MIN, TURN_RETRY_MAX, TURN_RETRY_JITTER = 1.0, 60.0, 0.25
+LOST_BASES = 16  # relayed addresses of lost allocations remembered (to drop their sends)
 SOFTWARE = "ipop-trio"
 
 Relayed = tuple[TurnClient, Addr, bytes]  # (relay it came through, peer address, payload)
@@ -87,11 +98,23 @@ class Relay:
         self.failures = 0
         self.retry_at: float | None = 0.0  # allocate at the first look
         self.error: str | None = None
+        self.lost = 0  # allocations this relay had and lost
+        self.reallocating = False  # lost one and has not made a new one yet
 
     @property
     def settled(self) -> bool:
         """Allocated, or failed at least once (gathering does not wait for it any more)."""
         return self.candidate is not None or self.failures > 0
+
+    @property
+    def state(self) -> str:
+        """For status: idle / allocating / allocated / retrying (never had one yet) /
+        reallocating (had one, lost it, making a new one)."""
+        if self.reallocating:
+            return "reallocating"
+        if self.client is None:
+            return "retrying" if self.failures else "idle"
+        return self.client.state.value
 
 
 class IceService:
@@ -122,6 +145,8 @@ class IceService:
         self.gatherer = SrflxGatherer(rng=self._rng, software=SOFTWARE)
         self.agents: dict[str, tuple[IceAgent, Wake]] = {}  # by our local ufrag
         self.ready = False
+        self.generation = 0  # bumped when a relayed candidate is re-made after a loss
+        self._lost_bases: dict[Addr, None] = {}  # insertion-ordered, at most LOST_BASES
         self._gather_deadline = 0.0
         self._wake_send, self._wake = trio.open_memory_channel[None](1)
 
@@ -175,6 +200,17 @@ class IceService:
                 return relay.client
         return None
 
+    def suspect(self, local_base: Addr) -> None:
+        """Consent was lost on a pair whose local candidate is `local_base`: if that is a
+        relay's, ask its server whether it still has our allocation (TurnClient.check)."""
+        client = self.relay_for(local_base)
+        if client is not None and client.check(time.monotonic()):
+            self.stats.count("turn_checks")
+            relay = self.relays.get(client.server)
+            if relay is not None:
+                self._flush_turn(relay)
+            self._kick()
+
     def permit(self, ips: Iterable[str]) -> None:
         """Let these peer addresses reach us through every relay (TURN permissions)."""
         now = time.monotonic()
@@ -208,6 +244,9 @@ class IceService:
         client = self.relay_for(local_base)
         if client is not None:
             return self.send_via(client, remote, data)
+        if local_base in self._lost_bases:
+            self.stats.drop("ice_relay_lost")  # an agent's pair on a lost allocation
+            return True  # counted here, not again as a failed send
         return self.udp.send_from(data, local_base[0], remote)
 
     def send_via(self, client: TurnClient, peer: Addr, data: bytes) -> bool:
@@ -386,7 +425,12 @@ class IceService:
                 relay.failures = 0
                 relay.error = None
                 relay.candidate = relay_candidate(ev.relayed, relay.server, ev.mapped or ev.relayed)
+                self._lost_bases.pop(relay.candidate.addr, None)
                 log.info("ICE: TURN %s:%d relays for us at %s:%d", *relay.server, *ev.relayed)
+                if relay.reallocating:
+                    relay.reallocating = False
+                    self.generation += 1
+                    self.stats.count("turn_reallocated")
                 self._add_candidate(relay.candidate)
                 if ev.mapped is not None and self.host:
                     self._add_srflx(
@@ -395,19 +439,32 @@ class IceService:
                 for agent, _wake in self.agents.values():
                     self.permit(c.address for c in agent.remote_candidates)
             elif isinstance(ev, AllocationFailed | AllocationLost):
+                if isinstance(ev, AllocationLost):
+                    relay.lost += 1
+                    relay.reallocating = True
+                    relay.failures = 0  # the server was there a moment ago: retry soon
+                    self.stats.count("turn_lost")
+                    if relay.candidate is not None:
+                        self._lost_bases[relay.candidate.addr] = None
+                        while len(self._lost_bases) > LOST_BASES:
+                            del self._lost_bases[next(iter(self._lost_bases))]
                 relay.failures += 1
                 relay.error = ev.reason
                 relay.candidate = None
                 relay.client = None
-                backoff = min(TURN_RETRY_MAX, TURN_RETRY_MIN * 2 ** (relay.failures - 1))
+                backoff = self._backoff(relay.failures)
                 relay.retry_at = now + backoff
                 log.warning(
-                    "ICE: TURN %s:%d: %s; retrying in %.0f s", *relay.server, ev.reason, backoff
+                    "ICE: TURN %s:%d: %s; retrying in %.1f s", *relay.server, ev.reason, backoff
                 )
                 return
             elif isinstance(ev, PermissionFailed | ChannelBindFailed):
                 log.warning("ICE: TURN %s:%d: %s", *relay.server, ev)
         self._flush_turn(relay)
+
+    def _backoff(self, failures: int) -> float:
+        base = min(TURN_RETRY_MAX, TURN_RETRY_MIN * 2 ** min(failures - 1, 16))
+        return base * self._rng.uniform(1 - TURN_RETRY_JITTER, 1 + TURN_RETRY_JITTER)
 
     def _flush_turn(self, relay: Relay) -> None:
         if relay.client is None:
@@ -447,7 +504,8 @@ class IceService:
             "turn": [
                 {
                     "server": f"{r.server[0]}:{r.server[1]}",
-                    "state": "idle" if r.client is None else r.client.state.value,
+                    "state": r.state,
+                    "lost": r.lost,
                     "relayed": None
                     if r.candidate is None
                     else f"{r.candidate.address}:{r.candidate.port}",

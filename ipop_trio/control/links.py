@@ -1,11 +1,15 @@
 """Link tasks: one per peer, driving the sans-IO `proto.link.Link`.
 
 The data path never waits for the control plane and vice versa:
-  * the UDP receiver hands handshake datagrams to `on_handshake` (bounded channel; a full
-    channel drops and counts — a flood of initiations cannot grow memory);
+  * the UDP receiver hands handshake datagrams to `on_handshake`, which decides at once,
+    cheaply, what becomes of each: an initiation passes mac1 and the cookie guard
+    (proto/cookie.py: under load only initiations whose mac2 proves their source address,
+    rate-limited per address; the others get a cookie reply) before it may enter the
+    bounded handshake queue (full: a counted drop); responses (mac1 checked) and cookie
+    replies go straight to the inbox of the peer owning their receiver index;
   * the handshake task does the expensive part (X25519, certificate check) of initiations
-    and routes them, and responses, to the owning peer's inbox (typed messages:
-    `Initiation`, `Response`, `Wake`);
+    and routes them to the owning peer's inbox (typed messages: `Initiation`, `Response`,
+    `CookieReply`, `Wake`);
   * each link task sleeps until its Link's next deadline or a message, feeds it, sends what
     it produced, and publishes the session to send on in the peer's `PeerPort`.
 One peer's failure (refused certificate, no answer, a message its Link refuses) is logged,
@@ -56,6 +60,7 @@ from ..datapath.switch import PeerPort, Switch
 from ..errors import BadPacket, LocalProtocolError
 from ..proto import handshake
 from ..proto.cert import Identity, encode_key, mac_for_key
+from ..proto.cookie import CookieGuard, Verdict, cookie_reply_receiver_index_untrusted
 from ..proto.handshake import LocalIdentity, ResponderState
 from ..proto.ice import (
     BetterPairValid,
@@ -79,7 +84,6 @@ from ..proto.link import (
     SessionRetired,
 )
 from ..proto.policy import Decision, SecurityPolicy, advertise, decide
-from ..proto.ratelimit import RateLimiter
 from ..proto.session import Cipher, Session
 from ..proto.wire import Kind
 from ..stats import Stats
@@ -89,12 +93,7 @@ log = logging.getLogger("ipop_trio.links")
 
 Addr = tuple[str, int]
 
-HANDSHAKE_QUEUE = 64
-# Handshake initiations accepted for processing (a legitimate peer sends one per 5 s at most,
-# or a few when both ends restart); the excess is a counted drop.
-INIT_RATE_PER_SOURCE, INIT_BURST_PER_SOURCE = 5.0, 10.0
-# ... and for all sources together (what the handshake task may spend X25519 on).
-INIT_RATE_TOTAL, INIT_BURST_TOTAL = 200.0, 400.0
+HANDSHAKE_QUEUE = 64  # initiations waiting for X25519 (the rate limits: proto/cookie.py)
 INBOX_SIZE = 16  # messages waiting for one link task
 IDLE_WAKE = 1.0  # link tasks look at the data path's timestamps at least this often
 RETRY_MIN, RETRY_MAX = 2.0, 60.0  # backoff after a failed or refused handshake
@@ -138,12 +137,19 @@ class Response:
 
 
 @dataclass(frozen=True, slots=True)
+class CookieReply:
+    """A cookie reply naming one of this peer's receiver indices (not yet opened)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Wake:
     """Something changed (frames staged, ICE news, a new endpoint): look now."""
 
 
 WAKE = Wake()
-LinkMessage = Initiation | Response | Wake
+LinkMessage = Initiation | Response | CookieReply | Wake
 
 
 class FrameSink(Protocol):
@@ -208,6 +214,7 @@ class PeerRuntime:
         self.reply_to: tuple[Addr, object | None] | None = None
         self.ice: IceAgent | None = None  # peers learned with ICE parameters
         self.ice_restart = False  # no path left: the controller restarts ICE
+        self.ice_generation = 0  # the ICE service's candidate generation the agent started with
         self.path: CandidatePair | None = None  # the ICE pair the link uses
         self.path_changes = 0
         self.con_at: float | None = None  # monotonic: the con_req that started this link
@@ -269,14 +276,15 @@ class LinkManager:
         self.hs_send, self.hs_receive = trio.open_memory_channel[tuple[bytes, Addr, object | None]](
             HANDSHAKE_QUEUE
         )
+        self.guard = CookieGuard(
+            local.public_key, handshake.mac1_key(local.public_key), queue_size=HANDSHAKE_QUEUE
+        )
         self.peers: list[PeerRuntime] = []
         self.by_key: dict[bytes, PeerRuntime] = {}
         self._configured = tuple(peers)
         self._nursery: trio.Nursery | None = None
         # Newest initiation timestamp per peer key, kept when a peer is removed and re-added.
         self.replay_floor: dict[bytes, int] = {}
-        self.init_per_source = RateLimiter(INIT_RATE_PER_SOURCE, INIT_BURST_PER_SOURCE)
-        self.init_all = RateLimiter(INIT_RATE_TOTAL, INIT_BURST_TOTAL, max_keys=1)
         # The controller's say on an authenticated initiation from a peer we have no link for
         # (it may have learned the peer from signalling a moment after the peer did): True
         # when it added the peer (`add`) and the initiation should be answered. Set by the
@@ -305,6 +313,10 @@ class LinkManager:
         """New certificate / policy / groups (SIGHUP): every link uses them from its next
         handshake; links whose mode changes are re-keyed now, the others keep their
         sessions. Returns how many links were re-keyed."""
+        if local.public_key != self.local.public_key:
+            self.guard = CookieGuard(
+                local.public_key, handshake.mac1_key(local.public_key), queue_size=HANDSHAKE_QUEUE
+            )
         self.local, self.policy, self.groups = local, policy, groups
         ext = self.advertised()
         rekeyed = 0
@@ -337,6 +349,50 @@ class LinkManager:
     # --- called by the data path (sync, per handshake datagram) --------------------------
 
     def on_handshake(self, data: bytes, addr: Addr, via: object | None = None) -> None:
+        """One handshake datagram from the network (0xA1..0xA3), decided on at once: only
+        what passed the cheap checks takes a queue slot or reaches a link's inbox."""
+        kind = data[0] if data else 0
+        if kind == Kind.HANDSHAKE_INIT:
+            self._on_initiation(data, addr, via)
+            return
+        try:
+            if kind == Kind.HANDSHAKE_RESP:
+                handshake.check_response_mac1_untrusted(self.local, data)
+                index = handshake.response_receiver_index_untrusted(data)
+                msg: LinkMessage = Response(data, addr, via)
+            elif kind == Kind.COOKIE_REPLY:
+                index = cookie_reply_receiver_index_untrusted(data)
+                msg = CookieReply(data)
+            else:
+                self.stats.drop("handshake_unhandled_type")
+                return
+        except BadPacket:
+            self.stats.drop(
+                "handshake_refused" if kind == Kind.COOKIE_REPLY else "handshake_mac1_bad"
+            )
+            return
+        owner = self.sessions.owner(index)
+        if owner is None:
+            self.stats.drop("handshake_unknown_index")
+            return
+        try:
+            owner.inbox_send.send_nowait(msg)
+        except trio.WouldBlock:
+            self.stats.drop("link_inbox_full")
+
+    def _on_initiation(self, data: bytes, addr: Addr, via: object | None) -> None:
+        queued = self.hs_send.statistics().current_buffer_used
+        admission = self.guard.admit_untrusted(data, addr, self.clock(), queued)
+        verdict = admission.verdict
+        if verdict is Verdict.MAC1_BAD or verdict is Verdict.RATE_LIMITED:
+            self.stats.drop(f"handshake_{verdict.value}")
+            return
+        self.stats.count(f"handshake_{verdict.value}")
+        if verdict is Verdict.COOKIE:
+            assert admission.reply is not None
+            if not self._send_control(admission.reply, addr, via):
+                self.stats.drop("handshake_cookie_send_failed")
+            return
         try:
             self.hs_send.send_nowait((data, addr, via))
         except trio.WouldBlock:
@@ -451,48 +507,26 @@ class LinkManager:
     async def _handshake_task(self) -> None:
         cipher = self.cipher
         async for data, addr, via in self.hs_receive:
-            kind = data[0]
+            # Only initiations that passed mac1 and the cookie guard (`on_handshake`) are
+            # here: each costs two X25519 operations and a certificate check.
             msg: LinkMessage
             try:
-                if kind == Kind.HANDSHAKE_INIT:
-                    # An initiation costs two X25519 operations and a certificate check:
-                    # limit them per source address and overall before doing any of it,
-                    # but only those that pass the cheap mac1 check, so junk cannot spend
-                    # the budget of real peers.
-                    handshake.check_initiation_mac1_untrusted(self.local, data)
-                    now = self.clock()
-                    if not (
-                        self.init_per_source.allow(addr[0], now) and self.init_all.allow(0, now)
-                    ):
-                        self.stats.drop("handshake_rate_limited")
-                        continue
-                    state = handshake.consume_initiation_untrusted(
-                        self.local, data, cipher, time.time()
-                    )
+                state = handshake.consume_initiation_untrusted(
+                    self.local, data, cipher, time.time()
+                )
+                rt = self.by_key.get(state.peer_static)
+                admit = self.admit_unknown
+                if rt is None and admit is not None and admit(state.peer, addr):
                     rt = self.by_key.get(state.peer_static)
-                    admit = self.admit_unknown
-                    if rt is None and admit is not None and admit(state.peer, addr):
-                        rt = self.by_key.get(state.peer_static)
-                    if rt is None:
-                        self.stats.drop("handshake_unknown_peer")
-                        log.info(
-                            "initiation from %s (%s) refused: not a configured peer",
-                            state.peer.name,
-                            addr[0],
-                        )
-                        continue
-                    msg = Initiation(state, addr, via)
-                elif kind == Kind.HANDSHAKE_RESP:
-                    index = handshake.response_receiver_index_untrusted(data)
-                    owner = self.sessions.owner(index)
-                    if owner is None:
-                        self.stats.drop("handshake_unknown_index")
-                        continue
-                    rt = owner
-                    msg = Response(data, addr, via)
-                else:
-                    self.stats.drop("handshake_unhandled_type")
+                if rt is None:
+                    self.stats.drop("handshake_unknown_peer")
+                    log.info(
+                        "initiation from %s (%s) refused: not a configured peer",
+                        state.peer.name,
+                        addr[0],
+                    )
                     continue
+                msg = Initiation(state, addr, via)
             except BadPacket as exc:
                 self.stats.drop("handshake_refused")
                 log.debug("handshake datagram from %s refused: %s", addr, exc)
@@ -537,6 +571,7 @@ class LinkManager:
             link.handle_timeout(now)
             if rt.ice is not None:
                 rt.ice.handle_timeout(now)
+                self._check_candidates(rt)
 
     def _handle(self, rt: PeerRuntime, msg: LinkMessage, now: float) -> None:
         link, port = rt.link, rt.port
@@ -563,6 +598,14 @@ class LinkManager:
                 link.receive_response_untrusted(msg.data, now)
                 if rt.ice is None or port.endpoint is None:
                     port.endpoint, port.relay = msg.addr, msg.via
+            elif isinstance(msg, CookieReply):
+                try:
+                    link.receive_cookie_reply_untrusted(msg.data, now)
+                except BadPacket:
+                    self.stats.drop("handshake_cookie_refused")
+                    return
+                self.stats.count("handshake_cookie_received")
+                log.info("%s: the peer is under load: cookie received", rt.name)
             elif link.current is None and port.endpoint is not None and rt.retry_at is None:
                 link.connect(now)  # a Wake: frames are waiting, or a path appeared
         except BadPacket as exc:
@@ -673,6 +716,7 @@ class LinkManager:
             agent.end_of_local_candidates()
         rt.ice = agent
         rt.ice_restart = False
+        rt.ice_generation = ice.generation
         rt.path = None
         rt.port.roam = False
         ice.register(agent, rt.wake)
@@ -716,6 +760,8 @@ class LinkManager:
                 agent.select(ev.pair, now)
                 self._use_pair(rt, ev.pair, "a better pair works again")
         elif isinstance(ev, ConsentLost):
+            # Through a relay, silence may mean the TURN server lost our allocation: ask it.
+            self.ice.suspect(ev.pair.local_base)
             if ev.selected or rt.path is ev.pair:
                 best = agent.best_valid_pair()
                 if best is not None and agent.state in (IceState.RUNNING, IceState.COMPLETED):
@@ -731,6 +777,14 @@ class LinkManager:
             log.warning("%s: ICE failed (%s); restarting", rt.name, ev.reason)
         elif isinstance(ev, RoleChanged):
             log.info("%s: ICE role conflict: now %s", rt.name, ev.controlling)
+
+    def _check_candidates(self, rt: PeerRuntime) -> None:
+        """A relayed candidate was re-made (a TURN server lost our allocation) since the
+        agent started: a link without a path asks the controller for an ICE restart, so
+        the peer gets the new candidate and both agents pair it."""
+        if rt.path is None and not rt.ice_restart and rt.ice_generation != self.ice.generation:
+            rt.ice_restart = True
+            log.info("%s: no path and a relayed candidate was re-made; restarting ICE", rt.name)
 
     def _use_pair(self, rt: PeerRuntime, pair: CandidatePair, why: str) -> None:
         ice = self.ice
@@ -789,12 +843,18 @@ class LinkManager:
             link, port = rt.link, rt.port
             session = link.current
             peer = link.peer or rt.setup.identity
+            state = link.state.value
+            if link.state is LinkState.ESTABLISHED and rt.ice is not None and rt.path is None:
+                # Keys but nowhere to send: ICE lost its last path (or has not found one).
+                state = "reconnecting" if rt.ice_restart else "no path"
             out.append(
                 {
                     "name": rt.name,
                     "address": None if peer is None else str(peer.address),
                     "groups": None if peer is None else sorted(peer.groups),
-                    "state": link.state.value,
+                    "state": state,
+                    "link_state": link.state.value,
+                    "handshaking": link.handshaking,  # an initiation of ours is in flight
                     "mode": None if session is None else ("secure" if session.secure else "plain"),
                     "mode_reason": None if rt.decision is None else rt.decision.reason,
                     "endpoint": None

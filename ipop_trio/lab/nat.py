@@ -316,6 +316,41 @@ class TurnServer:
         except OSError:
             return ""
 
+    def start(self, timeout: float = TURN_READY_TIMEOUT) -> None:
+        """Start coturn (again, after `stop`: a restarted server that has forgotten every
+        allocation); return once every endpoint answers a STUN Binding. LabError with
+        coturn's log if it does not in `timeout` seconds. The lab stops it at teardown."""
+        if self.proc is not None and self.proc.poll() is None:
+            raise LabError(f"coturn on {self.host.name} is already running")
+        with open(self.dir / "turnserver.out", "ab") as out:
+            self.proc = self.host.popen(
+                ["turnserver", "-c", str(self.config)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.dir,
+            )
+        deadline = time.monotonic() + timeout
+        with self.host.udp_socket() as sock:
+            for endpoint in self.endpoints:
+                while True:
+                    code = self.proc.poll()
+                    if code is not None:
+                        raise LabError(f"coturn exited with {code}:\n{self.log_tail()}")
+                    try:
+                        stun_binding(
+                            sock,
+                            endpoint,
+                            timeout=min(1.0, max(POLL_INTERVAL, deadline - time.monotonic())),
+                        )
+                        break
+                    except LabError as exc:
+                        if time.monotonic() >= deadline:
+                            raise LabError(
+                                f"coturn on {self.host.name} not ready after {timeout}s "
+                                f"({exc}):\n{self.log_tail()}"
+                            ) from exc
+
     def stop(self, timeout: float = TURN_STOP_TIMEOUT) -> int:
         """SIGTERM coturn and wait for it; its exit code. (The lab does this at teardown.)"""
         if self.proc is None:
@@ -409,34 +444,7 @@ def add_turn(
     add_void_route(host)
     turn = TurnServer(host, host.address, port, tuple(aux_ports), realm, dict(users), directory)
     turn.config.write_text(turn_config(turn))
-    with open(directory / "turnserver.out", "ab") as out:
-        turn.proc = host.popen(
-            ["turnserver", "-c", str(turn.config)],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=directory,
-        )
-    deadline = time.monotonic() + timeout
-    with host.udp_socket() as sock:
-        for endpoint in turn.endpoints:
-            while True:
-                code = turn.proc.poll()
-                if code is not None:
-                    raise LabError(f"coturn exited with {code}:\n{turn.log_tail()}")
-                try:
-                    stun_binding(
-                        sock,
-                        endpoint,
-                        timeout=min(1.0, max(POLL_INTERVAL, deadline - time.monotonic())),
-                    )
-                    break
-                except LabError as exc:
-                    if time.monotonic() >= deadline:
-                        raise LabError(
-                            f"coturn on {host.name} not ready after {timeout}s ({exc}):\n"
-                            f"{turn.log_tail()}"
-                        ) from exc
+    turn.start(timeout)
     return turn
 
 

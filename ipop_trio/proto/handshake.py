@@ -33,6 +33,8 @@ Initiation (0xA1), the Noise message is `ephemeral .. encrypted_payload`:
     +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
     |                 mac1 (16)                                     |
     +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+    |                 mac2 (16): zero, or keyed by a cookie         |
+    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
 
 Response (0xA2):
 
@@ -54,6 +56,12 @@ Response (0xA2):
                        every byte before mac1)[:16]
     (WireGuard's cheap filter, whitepaper §5.4.4, with HMAC-SHA256 for keyed BLAKE2s: it is
     checked before any Diffie-Hellman, so a sender must at least know our public key.)
+    mac2 = HMAC-SHA256(cookie, every byte before mac2)[:16] when the initiator holds a
+    cookie from the responder less than COOKIE_LIFETIME old, else 16 zero bytes. A
+    responder under load answers an initiation without a valid mac2 with a cookie reply
+    (0xA3) instead of processing it (proto/cookie.py): mac2 proves the initiator receives
+    datagrams at its source address. Responses carry no mac2: they are accepted only for an
+    index of a pending initiation, so a flood of them costs a table lookup each.
 
 Payload (inside the Noise encryption, both messages):
 
@@ -118,11 +126,15 @@ _PAD = b"\x00\x00\x00"  # must be zero (room for a version later)
 
 # The smallest payload is two empty length fields; the Noise encryption adds a tag.
 MIN_PAYLOAD = 2 * U16.size
-MIN_INITIATION_SIZE = INITIATION.size + MIN_PAYLOAD + TAG_SIZE + MAC_SIZE
+INITIATION_MACS = 2 * MAC_SIZE  # mac1, mac2
+MIN_INITIATION_SIZE = INITIATION.size + MIN_PAYLOAD + TAG_SIZE + INITIATION_MACS
 MIN_RESPONSE_SIZE = RESPONSE.size + MIN_PAYLOAD + TAG_SIZE + MAC_SIZE
 MAX_CERT_SIZE = 4096  # a node certificate is ~400 bytes
 MAX_EXT_SIZE = 2048
-MAX_HANDSHAKE_SIZE = INITIATION.size + 2 * U16.size + MAX_CERT_SIZE + MAX_EXT_SIZE + 2 * 16
+MAX_HANDSHAKE_SIZE = (
+    INITIATION.size + 2 * U16.size + MAX_CERT_SIZE + MAX_EXT_SIZE + TAG_SIZE + INITIATION_MACS
+)
+NO_MAC2 = bytes(MAC_SIZE)
 
 TIMESTAMP_KEY = "ts"
 
@@ -325,6 +337,16 @@ def _mac1(key: bytes, message: bytes | memoryview) -> bytes:
     return hmac.digest(key, message, "sha256")[:MAC_SIZE]
 
 
+def mac2(cookie: bytes, message_before_mac2: bytes | memoryview) -> bytes:
+    """mac2 of an initiation: keyed by the responder's cookie (proto/cookie.py)."""
+    return hmac.digest(cookie, message_before_mac2, "sha256")[:MAC_SIZE]
+
+
+def initiation_mac1(data: bytes | memoryview) -> bytes:
+    """The mac1 field of an initiation (a cookie reply's associated data)."""
+    return bytes(data[-INITIATION_MACS:-MAC_SIZE])
+
+
 @dataclass(frozen=True, slots=True)
 class LocalIdentity:
     """This node's link key and certificate, and the CA it trusts.
@@ -475,11 +497,13 @@ def create_initiation(
     now_wall: float,
     *,
     timestamp_ns: int | None = None,
+    cookie: bytes | None = None,
     _ephemeral: X25519PrivateKey | None = None,
 ) -> tuple[bytes, InitiatorState]:
     """An initiation datagram to the node owning `peer_static_public`, and the state that
     reads its response. `ext` gains {"ts": timestamp_ns}, by default `now_wall` in ns;
-    callers that send several initiations keep it strictly increasing."""
+    callers that send several initiations keep it strictly increasing. `cookie`, from the
+    peer's last cookie reply while fresh, keys mac2 (else mac2 is zero)."""
     _check_index(sender_index)
     if len(peer_static_public) != KEY_SIZE:
         raise LocalProtocolError(f"peer static key must be {KEY_SIZE} raw bytes")
@@ -495,7 +519,8 @@ def create_initiation(
     except ValueError as exc:  # the configured peer key is a low-order point
         raise LocalProtocolError(f"unusable peer static key: {exc}") from exc
     body = INITIATION.pack(Kind.HANDSHAKE_INIT, sender_index, e_pub, enc_static) + enc_payload
-    message = body + _mac1(mac1_key(peer_static_public), body)
+    body += _mac1(mac1_key(peer_static_public), body)
+    message = body + (NO_MAC2 if cookie is None else mac2(cookie, body))
     state = InitiatorState(
         local=local,
         peer_static=bytes(peer_static_public),
@@ -508,21 +533,33 @@ def create_initiation(
     return message, state
 
 
-def _check_mac1_untrusted(key: bytes, data: bytes) -> None:
-    if not hmac.compare_digest(_mac1(key, data[:-MAC_SIZE]), data[-MAC_SIZE:]):
+def _check_mac1_untrusted(key: bytes, data: bytes, end: int) -> None:
+    """mac1 is the MAC_SIZE bytes before `end` (negative: counted from the end)."""
+    stop = len(data) + end
+    if not hmac.compare_digest(_mac1(key, data[: stop - MAC_SIZE]), data[stop - MAC_SIZE : stop]):
         raise BadPacket("handshake mac1 does not verify")
 
 
 def check_initiation_mac1_untrusted(local: LocalIdentity, data: bytes | memoryview) -> None:
     """The cheap first check of an initiation (no DH): right size, right type, mac1 keyed by
     our static public key. Raises only BadPacket. Lets the node refuse junk before it spends
-    any rate-limit budget or X25519 work on it."""
+    any queue slot, rate-limit budget or X25519 work on it."""
     data = bytes(data)
     if len(data) < MIN_INITIATION_SIZE or len(data) > MAX_HANDSHAKE_SIZE:
         raise BadPacket("handshake initiation of impossible length")
     if data[0] != Kind.HANDSHAKE_INIT or data[1:4] != _PAD:
         raise BadPacket("not a handshake initiation")
-    _check_mac1_untrusted(local._mac1_key, data)
+    _check_mac1_untrusted(local._mac1_key, data, -MAC_SIZE)
+
+
+def check_response_mac1_untrusted(local: LocalIdentity, data: bytes | memoryview) -> None:
+    """The same cheap check for a response to one of our initiations."""
+    data = bytes(data)
+    if len(data) < MIN_RESPONSE_SIZE or len(data) > MAX_HANDSHAKE_SIZE:
+        raise BadPacket("handshake response of impossible length")
+    if data[0] != Kind.HANDSHAKE_RESP or data[1:4] != _PAD:
+        raise BadPacket("not a handshake response")
+    _check_mac1_untrusted(local._mac1_key, data, 0)
 
 
 def consume_initiation_untrusted(
@@ -537,11 +574,11 @@ def consume_initiation_untrusted(
     kind, peer_index, re, enc_static = INITIATION.unpack_from(data)
     if kind != Kind.HANDSHAKE_INIT or data[1:4] != _PAD:
         raise BadPacket("not a handshake initiation")
-    _check_mac1_untrusted(local._mac1_key, data)
+    _check_mac1_untrusted(local._mac1_key, data, -MAC_SIZE)  # mac2 is the caller's (cookie.py)
     sym = ik_start(cipher, local._prologue, local.public_key)
     try:
         rs, payload = ik_read_initiation(
-            sym, local._private, re, enc_static, data[INITIATION.size : -MAC_SIZE]
+            sym, local._private, re, enc_static, data[INITIATION.size : -INITIATION_MACS]
         )
     except (ValueError, InvalidTag):
         raise BadPacket("handshake initiation does not decrypt") from None
@@ -611,7 +648,7 @@ def consume_response_untrusted(
     if kind != Kind.HANDSHAKE_RESP or data[1:4] != _PAD:
         raise BadPacket("not a handshake response")
     local = state.local
-    _check_mac1_untrusted(local._mac1_key, data)
+    _check_mac1_untrusted(local._mac1_key, data, 0)
     if receiver_index != state.sender_index:
         raise BadPacket("handshake response for another initiation")
     sym = state._sym.copy()

@@ -31,7 +31,10 @@ Timers, all evaluated in `handle_timeout` (the data path only stores times, `not
 
     handshake retransmit   REKEY_TIMEOUT + up to 333 ms jitter, a fresh initiation (new
                            ephemeral, new timestamp) each time; give up after
-                           REKEY_ATTEMPT_TIME → HandshakeFailed.
+                           REKEY_ATTEMPT_TIME → HandshakeFailed. A cookie reply from a
+                           responder under load (proto/cookie.py) is kept for
+                           COOKIE_LIFETIME and keys mac2 of the following initiations; it
+                           does not make the next one go sooner (WireGuard's rule).
     rekey                  the current session says `should_rekey` (we initiated it and it
                            is REKEY_AFTER_TIME old, or REKEY_AFTER_MESSAGES were sent).
                            Idle links rekey too: which links exist is the controller's call.
@@ -59,6 +62,7 @@ from typing import Any
 
 from ..errors import BadPacket, CertificateRefused, LocalProtocolError, RemoteProtocolError
 from .cert import Identity
+from .cookie import COOKIE_LIFETIME, consume_cookie_reply_untrusted
 from .handshake import (
     InitiatorState,
     Keys,
@@ -67,6 +71,7 @@ from .handshake import (
     consume_response_untrusted,
     create_initiation,
     create_response,
+    initiation_mac1,
 )
 from .session import (
     KEEPALIVE_TIMEOUT,
@@ -196,6 +201,9 @@ class Link:
         self._attempt_started = 0.0
         self._retransmit_at = 0.0
         self._last_ts_sent = 0  # our initiation timestamps, strictly increasing
+        self._sent_mac1: bytes | None = None  # of the initiation in flight (cookie replies)
+        self._cookie: bytes | None = None  # the peer's last cookie, and when it came
+        self._cookie_at = 0.0
         # Handshake as responder: replay protection.
         # `now` in every call is the timers' clock (monotonic in the node); adding this gives
         # wall-clock time, for certificate validity and initiation timestamps only. The node
@@ -404,6 +412,25 @@ class Link:
         # Confirms the session to the responder at once (it may not send on it before).
         self._send_keepalive(now)
 
+    def receive_cookie_reply_untrusted(self, data: bytes | memoryview, now: float) -> None:
+        """A cookie reply (the peer is under load) to our pending initiation: keep the
+        cookie; the next retransmission carries mac2. Raises only BadPacket (no handshake
+        pending, another initiation's reply, forged)."""
+        index = self._handshake_index
+        if self._pending is None or index is None or self._sent_mac1 is None:
+            raise BadPacket("cookie reply but no handshake pending")
+        data = bytes(data)
+        if len(data) < 8 or int.from_bytes(data[4:8], "little") != index:
+            raise BadPacket("cookie reply for another initiation")
+        self._cookie = consume_cookie_reply_untrusted(data, self.peer_static, self._sent_mac1)
+        self._cookie_at = now
+        self._sent_mac1 = None  # one cookie per initiation: a replayed reply is refused
+
+    @property
+    def has_cookie(self) -> bool:
+        """A cookie from the peer is held (for status and tests)."""
+        return self._cookie is not None
+
     def confirm(self, local_index: int, now: float) -> bool:
         """A datagram opened on the session `local_index`: if it is the responder's `next`
         session, confirm it (True), making it current if it is the newest. Cheap otherwise."""
@@ -460,6 +487,8 @@ class Link:
         wall = now + self.wall_offset
         ts = max(int(wall * 1e9), self._last_ts_sent + 1)
         self._last_ts_sent = ts
+        if self._cookie is not None and now - self._cookie_at >= COOKIE_LIFETIME:
+            self._cookie = None
         message, state = create_initiation(
             self.local,
             self.peer_static,
@@ -468,8 +497,10 @@ class Link:
             self._ext,
             wall,
             timestamp_ns=ts,
+            cookie=self._cookie,
         )
         self._pending = state
+        self._sent_mac1 = initiation_mac1(message)
         self._out.append(message)
         self._retransmit_at = now + REKEY_TIMEOUT + self._rng.uniform(0.0, REKEY_TIMEOUT_JITTER)
 

@@ -14,12 +14,20 @@ What it does, by RFC 8656 section:
         mismatch: an allocation of an earlier run on the same 5-tuple) is cleared with a
         Refresh of lifetime 0, then Allocate is tried once more.
   8     Refresh, REFRESH_MARGIN before the lifetime ends; Refresh with lifetime 0 on close.
+        `check(now)` sends one now, on a short timer, when the caller suspects the server
+        forgot us (consent lost on a relayed pair).
   9     CreatePermission per peer IP, refreshed every PERMISSION_REFRESH (permissions last
         300 s).
   11    ChannelBind (numbers 0x4000..0x4FFF), refreshed every CHANNEL_REFRESH (bindings last
         600 s); a binding also installs and refreshes its peer's permission.
   10    Send and Data indications carry payloads until a channel is bound.
   12    ChannelData afterwards: a 4-byte header instead of a 36-byte (IPv4) indication.
+
+A lost allocation (a TURN server that restarted forgets every allocation) is noticed from
+any of its signs, not only from a failed scheduled Refresh: a 437 (Allocation Mismatch) or
+400 to a Refresh, CreatePermission or ChannelBind, or no answer to one of them. The client
+then reports `AllocationLost` and stops; the caller makes a new client (a new allocation,
+a new relayed address) with backoff.
 
 ChannelData (§12.4), padded to a multiple of 4 bytes (optional over UDP, §12.5; the
 receiver takes the length from the header and accepts either):
@@ -73,6 +81,14 @@ REFRESH_MARGIN = 60.0  # refresh the allocation this long before it ends (§8: "
 PERMISSION_REFRESH = PERMISSION_LIFETIME - 60.0  # 4 min: well inside the 5 min lifetime
 CHANNEL_REFRESH = CHANNEL_LIFETIME - 60.0  # 9 min: inside the 10 min lifetime
 MAX_AUTH_RETRIES = 3  # 401 / 438 round trips one request may take
+# `check`: a Refresh on a short timer (0, .5, 1.5, 3.5 s; no answer by 5 s: lost), at most
+# once per CHECK_INTERVAL however often the caller asks.
+CHECK_RC, CHECK_RM = 4, 3
+CHECK_INTERVAL = 5.0
+# Errors to a request on an allocation that mean the server does not have it (any more):
+# 437 is RFC 8656's answer; coturn answers CreatePermission / ChannelBind for an allocation
+# it forgot with 400.
+LOST_CODES = frozenset({stun.BAD_REQUEST, stun.ALLOCATION_MISMATCH})
 PAD_CHANNEL_DATA = True
 
 
@@ -107,9 +123,11 @@ class AllocationFailed:
 
 @dataclass(frozen=True, slots=True)
 class AllocationLost:
-    """An allocation we had is gone (refresh failed or it expired). Relayed pairs are dead."""
+    """An allocation we had is gone (the server said so with a 437 / 400, did not answer,
+    or the lifetime ran out). Relayed pairs are dead; `code` is the STUN error, if any."""
 
     reason: str
+    code: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +166,7 @@ class _Kind(enum.Enum):
     CLEAR = "clear"  # Refresh lifetime 0 after a 437, before a new Allocate
     PERMISSION = "permission"
     CHANNEL = "channel"
+    CHECK = "check"  # a Refresh sent because the caller suspects a loss, on a short timer
 
 
 @dataclass(eq=False, slots=True)
@@ -261,6 +280,7 @@ class TurnClient:
         self._expires_at: float | None = None
         self._refresh_at: float | None = None
         self._cleared = False
+        self._checked_at: float | None = None
         self._requests: dict[bytes, _Request] = {}
         self._permissions: dict[str, _Permission] = {}
         self._channels: dict[Addr, _Channel] = {}
@@ -300,6 +320,28 @@ class TurnClient:
         if self.state is TurnState.ALLOCATED and not (chan.bound or chan.pending):
             self._send_channel_bind(peer, chan, now)
         return chan.number
+
+    def check(self, now: float) -> bool:
+        """Ask the server now whether it still has the allocation (a Refresh on a short
+        timer): call it when relayed traffic stopped (consent lost on a relayed pair). An
+        answer extends the lifetime; a 437 / 400 or silence ends in `AllocationLost`. At
+        most one per CHECK_INTERVAL and none while a Refresh is in flight; True if sent."""
+        if self.state is not TurnState.ALLOCATED or self._key is None:
+            return False
+        if self._checked_at is not None and now - self._checked_at < CHECK_INTERVAL:
+            return False
+        if any(r.kind in _REFRESHES for r in self._requests.values()):
+            return False
+        self._checked_at = now
+        msg = Message(
+            Method.REFRESH,
+            Class.REQUEST,
+            self._tid(),
+            software=self.software,
+            lifetime=self.lifetime,
+        )
+        self._transmit(_Request(_Kind.CHECK, msg, self._new_tx(msg, now, _Kind.CHECK), True))
+        return True
 
     def close(self, now: float) -> None:
         """Release the allocation (Refresh with lifetime 0, §8; sent once, not retried)."""
@@ -402,7 +444,7 @@ class TurnClient:
         times = [d for r in self._requests.values() if (d := r.tx.next_deadline()) is not None]
         if self.state is TurnState.ALLOCATED:
             assert self._refresh_at is not None and self._expires_at is not None
-            if not any(r.kind is _Kind.REFRESH for r in self._requests.values()):
+            if not any(r.kind in _REFRESHES for r in self._requests.values()):
                 times.append(self._refresh_at)
             times.append(self._expires_at)
             # A refresh in flight has its own transaction deadline.
@@ -427,6 +469,8 @@ class TurnClient:
             elif request.tx.done:
                 del self._requests[tid]
                 self._on_failure(request, "timeout", None, now)
+                if self.state is TurnState.FAILED:
+                    return  # lost: every other request went with it
         if self.state is not TurnState.ALLOCATED:
             return
         assert self._refresh_at is not None and self._expires_at is not None
@@ -434,7 +478,7 @@ class TurnClient:
             self._lose("allocation expired")
             return
         if now >= self._refresh_at and not any(
-            r.kind is _Kind.REFRESH for r in self._requests.values()
+            r.kind in _REFRESHES for r in self._requests.values()
         ):
             self._send(Method.REFRESH, _Kind.REFRESH, now, lifetime=self.lifetime)
         for ip, perm in self._permissions.items():
@@ -460,10 +504,14 @@ class TurnClient:
         self, method: Method, kind: _Kind, now: float, *, peer: Addr | None = None, **attrs: Any
     ) -> None:
         msg = Message(method, Class.REQUEST, self._tid(), software=self.software, **attrs)
-        self._transmit(_Request(kind, msg, self._new_tx(msg, now), self._key is not None, peer))
+        self._transmit(
+            _Request(kind, msg, self._new_tx(msg, now, kind), self._key is not None, peer)
+        )
 
-    def _new_tx(self, msg: Message, now: float) -> StunTransaction:
+    def _new_tx(self, msg: Message, now: float, kind: _Kind) -> StunTransaction:
         rto, rc, rm = self._timer
+        if kind is _Kind.CHECK:
+            rc, rm = CHECK_RC, CHECK_RM
         return StunTransaction(msg.transaction_id, self._sign(msg), now, rto=rto, rc=rc, rm=rm)
 
     def _transmit(self, request: _Request) -> None:
@@ -477,7 +525,7 @@ class TurnClient:
         retry = _Request(
             request.kind,
             msg,
-            self._new_tx(msg, now),
+            self._new_tx(msg, now, request.kind),
             True,
             request.peer,
             request.auth_retries + 1,
@@ -550,6 +598,13 @@ class TurnClient:
             self._send(Method.REFRESH, _Kind.CLEAR, now, lifetime=0)
             return
         reason = msg.error_code.reason if msg.error_code is not None else ""
+        if (
+            code in LOST_CODES
+            and request.kind in _ON_ALLOCATION
+            and self.state is TurnState.ALLOCATED
+        ):
+            self._lose(f"{request.kind.value}: error {code} {reason}".strip(), code)
+            return
         self._on_failure(request, f"error {code} {reason}".strip(), code, now)
 
     def _on_success(self, request: _Request, msg: Message, now: float) -> None:
@@ -571,7 +626,7 @@ class TurnClient:
                     self._send_permission(ip, now)
             for peer, chan in self._channels.items():
                 self._send_channel_bind(peer, chan, now)
-        elif request.kind is _Kind.REFRESH:
+        elif request.kind in (_Kind.REFRESH, _Kind.CHECK):
             self._set_lifetime(msg.lifetime if msg.lifetime is not None else self.lifetime, now)
         elif request.kind is _Kind.CLEAR:
             self._send_allocate(now)
@@ -607,8 +662,12 @@ class TurnClient:
                 self.state = TurnState.FAILED
                 self._requests.clear()
                 self._events.append(AllocationFailed(reason, code))
-        elif kind is _Kind.REFRESH:
-            self._lose(f"refresh failed: {reason}")
+        elif kind in (_Kind.REFRESH, _Kind.CHECK):
+            self._lose(f"{kind.value} failed: {reason}", code)
+        elif code is None and self.state is TurnState.ALLOCATED:
+            # No answer to a CreatePermission / ChannelBind: the server is gone, and with it
+            # (if it comes back) our allocation.
+            self._lose(f"{kind.value}: no answer")
         elif kind is _Kind.PERMISSION:
             assert request.peer is not None
             ip = request.peer[0]
@@ -624,7 +683,13 @@ class TurnClient:
             del self._channel_peers[chan.number]
             self._events.append(ChannelBindFailed(request.peer, reason))
 
-    def _lose(self, reason: str) -> None:
+    def _lose(self, reason: str, code: int | None = None) -> None:
         self.state = TurnState.FAILED
         self._requests.clear()
-        self._events.append(AllocationLost(reason))
+        self.stats["lost"] += 1
+        self._events.append(AllocationLost(reason, code))
+
+
+_REFRESHES = frozenset({_Kind.REFRESH, _Kind.CHECK})
+# Requests about an existing allocation: a 437 / 400 to one of them means it is gone.
+_ON_ALLOCATION = frozenset({_Kind.REFRESH, _Kind.CHECK, _Kind.PERMISSION, _Kind.CHANNEL})

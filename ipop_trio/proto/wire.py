@@ -8,7 +8,7 @@ docs/architecture.md, "Wire format"). This module only names bytes; it never doe
     64..79       TURN ChannelData
     0xA1         handshake initiation            (proto/handshake.py)
     0xA2         handshake response              (proto/handshake.py)
-    0xA3         cookie reply (reserved: handshake under load)
+    0xA3         cookie reply (handshake under load)  (proto/cookie.py)
     0xA4         data, secure link               (proto/session.py)
     0xA5         data, plain link                (proto/session.py)
     other        counted drop

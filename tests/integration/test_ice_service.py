@@ -30,6 +30,8 @@ from ipop_trio.proto.stun import Addr, Class, Method
 from ipop_trio.proto.turn import TurnClient, TurnState
 from ipop_trio.stats import Stats
 
+from ..unit.test_turn import FakeTurnServer
+
 LOOPBACK = "127.0.0.1"
 STRANGER = (LOOPBACK, 9)  # not a configured TURN server
 TURN = Endpoint(LOOPBACK, 3478)  # configured, but nothing listens: tests never serve()
@@ -287,3 +289,86 @@ async def test_two_services_route_checks_between_two_agents_until_both_nominate(
     finally:
         for svc in svcs:
             svc.udp.close()
+
+
+# --- a TURN server that restarts ----------------------------------------------------------
+
+
+class RecordingUdp(UdpSocket):
+    """A real loopback socket whose datagrams to the TURN server are kept for the test."""
+
+    def __init__(self) -> None:
+        super().__init__(LOOPBACK, 0)
+        self.to_turn: list[bytes] = []
+        self.sent_from: list[tuple[str, Addr]] = []
+
+    def send_one(self, datagram: bytes, addr: Addr) -> bool:
+        if addr == TURN.sockaddr:
+            self.to_turn.append(datagram)
+            return True
+        return super().send_one(datagram, addr)
+
+    def send_from(self, datagram: bytes, source: str, addr: Addr) -> bool:
+        self.sent_from.append((source, addr))
+        return True
+
+
+def _serve_turn(svc: IceService, udp: RecordingUdp, server: FakeTurnServer, now: float) -> None:
+    """Carry datagrams between the service and the fake TURN server until quiet."""
+    for _ in range(50):
+        out, udp.to_turn = udp.to_turn, []
+        if not out:
+            return
+        for datagram in out:
+            for reply in server.handle(datagram, now):
+                assert svc.on_ice(memoryview(reply), TURN.sockaddr) is None
+        svc._step(now)
+
+
+def test_a_restarted_turn_server_is_noticed_and_the_relay_re_made() -> None:
+    udp = RecordingUdp()
+    svc = IceService(
+        udp, Stats(), turn_config(), tap_name="ipop-test", listen_host=LOOPBACK,
+        rng=random.Random(3),
+    )  # fmt: skip
+    server = FakeTurnServer(users={"user": "secret"})
+    try:
+        relay = svc.relays[TURN.sockaddr]
+        now = time.monotonic()
+        svc._step(now)
+        _serve_turn(svc, udp, server, now)
+        assert relay.state == "allocated" and relay.candidate is not None
+        old = relay.candidate.addr
+        assert svc.generation == 0
+
+        # coturn restarts; consent is lost on a relayed pair: the service asks the server.
+        server.restart()
+        svc.suspect(old)
+        assert svc.stats.counters()["turn_checks"] == 1
+        _serve_turn(svc, udp, server, now)
+        assert relay.state == "reallocating" and relay.candidate is None
+        assert svc.status()["turn"][0]["state"] == "reallocating"
+        assert svc.relay_for(old) is None
+        # An agent's check from the lost relayed address is a counted drop, never a send
+        # from a host socket that does not have that address.
+        assert svc.send(old, ("198.51.100.7", 4600), b"check")
+        assert svc.stats.drops["ice_relay_lost"] == 1 and udp.sent_from == []
+
+        # Re-made after a short, jittered backoff (TURN_RETRY_MIN +- 25 %).
+        retry_at = relay.retry_at
+        assert retry_at is not None and now + 0.75 <= retry_at <= now + 1.25
+        svc._step(retry_at)
+        _serve_turn(svc, udp, server, retry_at)
+        assert relay.state == "allocated" and relay.candidate is not None
+        assert svc.generation == 1 and relay.lost == 1
+        counters = svc.stats.counters()
+        assert counters["turn_lost"] == 1 and counters["turn_reallocated"] == 1
+    finally:
+        udp.sock.close()
+
+
+def test_relay_backoff_is_bounded_and_jittered() -> None:
+    with sync_service(turn_config()) as svc:
+        delays = [svc._backoff(n) for n in range(1, 40)]
+        assert all(0.75 <= d <= 60.0 * 1.25 for d in delays)
+        assert len({round(d, 6) for d in delays[-10:]}) == 10  # not one fixed value

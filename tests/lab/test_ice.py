@@ -9,10 +9,13 @@ do not hairpin (lab/nat.py).
 
 from __future__ import annotations
 
+import re
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -179,3 +182,93 @@ def test_a_plain_link_runs_over_the_relay_and_only_on_ice_paths() -> None:
         for node, peer in ((world.a, world.b), (world.b, world.a)):
             entry = world.overlay.peer_status(node, peer)
             assert entry is not None and entry["mode"] == "plain", entry
+
+
+# coturn down this long: consent on every relayed pair is lost (CONSENT_TIMEOUT, 10 s) and
+# the allocation check that follows goes unanswered (proto/turn.py, 5 s) while it is down.
+TURN_OUTAGE = 20.0
+TURN_RECOVERY = 30.0  # the link is back this soon after coturn is (issue 13)
+OUTAGE_STATES = {"no path", "reconnecting"}
+
+
+def _ping_replies(path: Path) -> list[tuple[float, int]]:
+    """(time, icmp_seq) of each reply in the output of `ping -D`."""
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        m = re.match(r"\[(\d+\.\d+)\] \d+ bytes from .* icmp_seq=(\d+)", line)
+        if m:
+            out.append((float(m.group(1)), int(m.group(2))))
+    return out
+
+
+def test_relayed_link_survives_a_turn_server_restart() -> None:
+    """Both nodes behind symmetric NATs: only the relay works. coturn stops for 20 s and
+    starts again, forgetting every allocation: both nodes notice, re-allocate, re-signal
+    their new relayed candidates and ICE pairs them; a running ping resumes within 30 s of
+    coturn's return, and meanwhile `status` says the link has no path and the relay is
+    being re-made (not `established` / `allocated`)."""
+    with ice_lab("symmetric", "symmetric") as world:
+        world.wait_path("relay")
+        world.ping()
+        turn = world.pair.turn
+        relayed_before = world.overlay.status(world.a)["ice"]["turn"][0]["relayed"]
+        log = world.overlay.lab.workdir / "restart-ping.log"
+        with open(log, "w") as out:
+            ping = world.pair.a.popen(
+                ["ping", "-D", "-i", "0.2", "-W", "1", world.b.address],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            deadline = time.monotonic() + 10.0
+            while not _ping_replies(log):
+                assert time.monotonic() < deadline, "the running ping got no reply"
+                time.sleep(0.2)
+
+            stopped = time.time()
+            turn.stop()
+            # While coturn is away: status must show the outage, on both sides of it.
+            seen_link: set[str] = set()
+            seen_turn: set[str] = set()
+            back_at = time.monotonic() + TURN_OUTAGE
+            while time.monotonic() < back_at:
+                entry = world.overlay.peer_status(world.a, world.b)
+                if entry is not None:
+                    seen_link.add(str(entry["state"]))
+                seen_turn.add(world.overlay.status(world.a)["ice"]["turn"][0]["state"])
+                time.sleep(0.2)
+            turn.start()
+            restarted = time.time()
+            assert seen_link & OUTAGE_STATES, f"status never showed the outage: {seen_link}"
+            assert "reallocating" in seen_turn, f"relay states seen: {seen_turn}"
+
+            # Back: a new allocation on both nodes, a relayed path, pings answered again.
+            deadline = time.monotonic() + TURN_RECOVERY
+            while True:
+                paths = [world.path(world.a, world.b), world.path(world.b, world.a)]
+                replies = [t for t, _seq in _ping_replies(log) if t > restarted]
+                if replies and all(p is not None and p["type"] == "relay" for p in paths):
+                    break
+                if time.monotonic() >= deadline:
+                    pytest.fail(f"no relayed link {TURN_RECOVERY:.0f}s after coturn's return")
+                time.sleep(0.2)
+            recovered = replies[0]
+            entry = world.overlay.peer_status(world.a, world.b)
+            assert entry is not None and entry["state"] == "established", entry
+            status = world.overlay.status(world.a)
+            relay = status["ice"]["turn"][0]
+            assert relay["state"] == "allocated" and relay["lost"] >= 1, relay
+            assert relay["relayed"] is not None and relay["relayed"] != relayed_before
+            counters = status["stats"]["counters"]
+            assert counters.get("turn_lost", 0) >= 1 and counters.get("turn_reallocated", 0) >= 1
+        finally:
+            ping.terminate()
+            ping.wait(timeout=5)
+        before = [t for t, _seq in _ping_replies(log) if t < stopped]
+        print(
+            f"\nTURN restart: last reply {stopped - before[-1]:.1f}s before coturn stopped,"
+            f" coturn down {restarted - stopped:.1f}s, first reply {recovered - restarted:.1f}s"
+            f" after it was back; link states seen {sorted(seen_link)},"
+            f" relay states seen {sorted(seen_turn)}"
+        )
+        world.ping()

@@ -68,7 +68,11 @@ def _session(keys: hs.Keys, cipher: Cipher) -> Session:
 
 
 def _remac(message: bytes, receiver_public: bytes) -> bytes:
-    """Recompute mac1, as anyone who knows the receiver's public key can."""
+    """Recompute mac1, as anyone who knows the receiver's public key can (an initiation
+    keeps its mac2 field after it)."""
+    if message[:1] == b"\xa1" and len(message) >= 2 * MAC_SIZE:
+        body, mac2 = message[: -2 * MAC_SIZE], message[-MAC_SIZE:]
+        return body + hs._mac1(hs.mac1_key(receiver_public), body) + mac2
     body = message[:-MAC_SIZE]
     return body + hs._mac1(hs.mac1_key(receiver_public), body)
 
@@ -345,8 +349,8 @@ INIT_REGIONS = [
     ("sender_index", 4, 8),
     ("ephemeral", 8, 40),
     ("static", 40, 88),
-    ("payload", 88, -MAC_SIZE),
-    ("mac1", -MAC_SIZE, None),
+    ("payload", 88, -2 * MAC_SIZE),
+    ("mac1", -2 * MAC_SIZE, -MAC_SIZE),
 ]
 RESP_REGIONS = [
     ("type", 0, 1),
@@ -473,7 +477,7 @@ def _initiation_with_payload(sender: Node, receiver: Node, payload: bytes) -> by
         payload,
     )
     body = INITIATION.pack(0xA1, 9, e, enc_s) + enc_p
-    return _remac(body + bytes(MAC_SIZE), receiver.public_key)
+    return _remac(body + bytes(2 * MAC_SIZE), receiver.public_key)
 
 
 def _response_with_payload(state: ResponderState, payload: bytes) -> bytes:

@@ -43,6 +43,7 @@ class FakeTurnServer:
     old_allocation: bool = False  # a leftover of an earlier run on our 5-tuple (437)
     stale_next: bool = False  # answer the next signed request with 438
     silent: bool = False  # drop everything
+    forgot_code: int = 437  # what CreatePermission / ChannelBind get after `restart` (coturn: 400)
     requests: list[Message] = field(default_factory=list)
     allocated: bool = False
     permissions: dict[str, float] = field(default_factory=dict)
@@ -88,6 +89,8 @@ class FakeTurnServer:
             if msg.lifetime == 0:
                 self.allocated = self.old_allocation = False
             reply = ok(msg, lifetime=msg.lifetime if msg.lifetime is not None else self.lifetime)
+        elif msg.method in (Method.CREATE_PERMISSION, Method.CHANNEL_BIND) and not self.allocated:
+            return [self._error(msg, self.forgot_code, key=key)]
         elif msg.method is Method.CREATE_PERMISSION:
             for peer in msg.xor_peer_address:
                 self.permissions[peer[0]] = now + 300
@@ -101,6 +104,12 @@ class FakeTurnServer:
         else:
             return [self._error(msg, 400, key=key)]
         return [stun.encode(reply, key=key)]
+
+    def restart(self) -> None:
+        """The server process restarted: it forgot every allocation, permission and channel."""
+        self.allocated = False
+        self.permissions.clear()
+        self.channels.clear()
 
     def _error(self, msg: Message, code: int, *, key: bytes | None = None, **attrs: str) -> bytes:
         return stun.encode(stun.error_response(msg, code, "", **attrs), key=key)  # type: ignore[arg-type]
@@ -222,9 +231,84 @@ def test_server_going_quiet_fails_refreshes_without_spinning() -> None:
     server.silent = True
     events = advance(client, server, 2000.0)
     kinds = [type(e).__name__ for e in events]
-    # Permission refreshes (every 240 s) time out first, then the allocation is lost.
-    assert kinds[:2] == ["PermissionFailed", "PermissionFailed"]
-    assert kinds[-1] == "AllocationLost" and client.next_deadline() is None
+    # The first permission refresh (at 240 s) goes unanswered: the allocation is lost then,
+    # not 300 s later when the allocation's own refresh would have failed.
+    assert kinds == ["AllocationLost"] and client.next_deadline() is None
+    assert events[0].reason.endswith("no answer")  # type: ignore[union-attr]
+
+
+# --- A restarted server: the allocation is lost, noticed from any of its signs --------------
+
+
+@pytest.mark.parametrize("code", [437, 400])
+@pytest.mark.parametrize("method", [Method.CREATE_PERMISSION, Method.CHANNEL_BIND])
+def test_restarted_server_refusing_a_permission_or_channel_loses_the_allocation(
+    method: Method, code: int
+) -> None:
+    client, server = allocated(FakeTurnServer(forgot_code=code))
+    server.restart()
+    if method is Method.CREATE_PERMISSION:
+        client.create_permission(PEER[0], 5.0)
+    else:
+        client.bind_channel(PEER, 5.0)
+    events = pump(client, server, 5.0)
+    assert events == [AllocationLost(events[0].reason, code)]  # type: ignore[union-attr]
+    assert client.state is TurnState.FAILED and client.next_deadline() is None
+    assert client.stats["lost"] == 1
+
+
+def test_check_after_a_restart_loses_the_allocation_at_once() -> None:
+    client, server = allocated()
+    server.restart()
+    assert client.check(20.0)
+    events = pump(client, server, 20.0)
+    assert len(events) == 1 and isinstance(events[0], AllocationLost)
+    assert events[0].code == 437 and "check" in events[0].reason
+    assert client.state is TurnState.FAILED
+
+
+def test_check_on_a_live_allocation_refreshes_it_and_is_rate_limited() -> None:
+    client, server = allocated()
+    assert client.check(20.0)
+    assert pump(client, server, 20.0) == []
+    assert client.state is TurnState.ALLOCATED
+    assert not client.check(21.0)  # within CHECK_INTERVAL: not sent again
+    assert client.datagrams_to_send() == []
+    # The lifetime now runs from the check: the next scheduled refresh is at 20 + 540.
+    assert client.next_deadline() == pytest.approx(20.0 + 540.0)
+    assert client.check(20.0 + turn.CHECK_INTERVAL)
+
+
+def test_check_unanswered_loses_the_allocation_within_five_seconds() -> None:
+    client, server = allocated()
+    server.silent = True
+    assert client.check(100.0)
+    events = advance(client, server, 106.0)
+    assert len(events) == 1 and isinstance(events[0], AllocationLost)
+    assert events[0].code is None
+    assert server.count(Method.REFRESH) == 0  # silent: nothing recorded
+    assert client.state is TurnState.FAILED
+
+
+def test_refresh_answered_437_after_a_restart_loses_the_allocation() -> None:
+    client, server = allocated()
+    server.restart()
+    events = advance(client, server, 600.0)
+    assert len(events) == 1 and isinstance(events[0], AllocationLost)
+    assert events[0].code == 437
+
+
+def test_forbidden_permission_is_not_a_lost_allocation() -> None:
+    client, server = allocated()
+    client.create_permission("192.0.2.77", 1.0)
+    (request,) = client.datagrams_to_send()
+    msg = stun.parse_untrusted(request)
+    key = stun.long_term_key("alice", REALM, "s3cret")
+    reply = stun.encode(stun.error_response(msg, 403, "Forbidden"), key=key)
+    client.receive_untrusted(reply, 1.0)
+    (event,) = pump(client, server, 1.0)
+    assert isinstance(event, turn.PermissionFailed)
+    assert client.state is TurnState.ALLOCATED
 
 
 def test_allocation_mismatch_clears_the_old_allocation_and_retries() -> None:

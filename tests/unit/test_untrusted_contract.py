@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ipop_trio.errors import BadPacket
-from ipop_trio.proto import handshake, signalling, stun, turn
+from ipop_trio.proto import cookie, handshake, signalling, stun, turn
 from ipop_trio.proto.ice import Candidate, SrflxGatherer, host_candidate
 from ipop_trio.proto.link import Link
 from ipop_trio.proto.offload import Reassembler
@@ -72,6 +72,8 @@ def _entry_points() -> dict[str, Callable[[bytes], object]]:
     gatherer.add(host, SERVER, 0.0)
     anchor = ids.ca().anchor
     hs = "ipop_trio.proto.handshake."
+    ck = "ipop_trio.proto.cookie."
+    guard = cookie.CookieGuard(bob.public_key, handshake.mac1_key(bob.public_key), queue_size=64)
     return {
         "ipop_trio.proto.stun.header_untrusted": stun.header_untrusted,
         "ipop_trio.proto.stun.parse_untrusted": stun.parse_untrusted,
@@ -85,7 +87,22 @@ def _entry_points() -> dict[str, Callable[[bytes], object]]:
         hs + "_verify_peer_untrusted": lambda d: handshake._verify_peer_untrusted(
             anchor, d, bob.public_key, NOW
         ),
-        hs + "_check_mac1_untrusted": lambda d: handshake._check_mac1_untrusted(bob.public_key, d),
+        hs + "_check_mac1_untrusted": lambda d: handshake._check_mac1_untrusted(
+            bob.public_key, d, -16
+        ),
+        hs + "check_response_mac1_untrusted": lambda d: handshake.check_response_mac1_untrusted(
+            alice.local, d
+        ),
+        ck + "cookie_reply_receiver_index_untrusted": cookie.cookie_reply_receiver_index_untrusted,
+        ck + "consume_cookie_reply_untrusted": lambda d: cookie.consume_cookie_reply_untrusted(
+            d, bob.public_key, bytes(16)
+        ),
+        ck + "CookieGuard.admit_untrusted": lambda d: guard.admit_untrusted(
+            d, ("192.0.2.9", 4600), 1.0, 64
+        ),
+        "ipop_trio.proto.link.Link.receive_cookie_reply_untrusted": (
+            lambda d: link.receive_cookie_reply_untrusted(d, 1.0)
+        ),
         hs + "check_initiation_mac1_untrusted": lambda d: handshake.check_initiation_mac1_untrusted(
             bob.local, d
         ),
