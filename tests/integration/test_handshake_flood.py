@@ -24,10 +24,10 @@ from .test_links import ADDRS, ALPHA, BETA, Node, Wire, peer_setup, received
 BURST = 200  # replays between two checkpoints of the flooding task
 
 
-async def test_a_genuine_handshake_completes_through_a_replay_flood() -> None:
+async def test_a_genuine_handshake_completes_through_a_replay_flood(datapath: str) -> None:
     wire = Wire()
-    alpha = Node(wire, ALPHA, [peer_setup(BETA, ADDRS["beta"])])
-    beta = Node(wire, BETA, [peer_setup(ALPHA, None)])  # waits for alpha's initiation
+    alpha = Node(wire, ALPHA, [peer_setup(BETA, ADDRS["beta"])], datapath)
+    beta = Node(wire, BETA, [peer_setup(ALPHA, None)], datapath)  # waits for alpha's initiation
     captured, _ = handshake.create_initiation(
         alpha.local, BETA.public_key, 4242, Cipher.AES_256_GCM, {}, time.time() - 1
     )
