@@ -335,21 +335,12 @@ class NativeInbound(Inbound):
         self, writes: list[tuple[int, int, int]], ports: list[PeerPort | None], out: list[bytes]
     ) -> int:
         """The TAP writes the switch accepts, copied out of the reused buffer into `out`."""
-        accept = self.switch.accept_inbound
         view = memoryview(self._buf)
         nbytes = 0
         for off, n, slot in writes:
             port = ports[slot]
-            if port is None:
-                continue
-            w = bytes(view[off : off + n])
-            if accept(port, w):
-                port.rx_packets += 1
-                port.rx_bytes += n - VNET
-                nbytes += n
-                out.append(w)
-            else:
-                port.drops += 1
+            if port is not None:  # the switch's checks and accounting, as Inbound's
+                nbytes += self._accept(port, [bytes(view[off : off + n])], out)
         view.release()
         return nbytes
 
