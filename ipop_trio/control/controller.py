@@ -33,7 +33,9 @@ peer gets every candidate at once. Receiving the peer's offer starts the link's 
   * a con_req with credentials we have not seen while our agent already knew the peer's is
     the peer restarting: we restart too (fresh credentials in the con_resp); if we had just
     restarted ourselves (crossing requests), our pending credentials are used, not new ones;
-  * a con_resp counts only if it answers our latest con_req (a late one is ignored).
+  * a con_resp counts only if it answers our latest con_req (a late one is ignored);
+  * a con_req buys at most one con_resp: one answer per request id and a per-peer budget
+    (CON_RESP_BURST, CON_RESP_RATE), so members cannot reflect con_reqs at a victim.
 
 Tear-down: a peer that leaves (the server saw its connection end) is removed at once. While
 the server is away nothing is removed; after a reconnect, a learned peer that is not a member
@@ -74,6 +76,8 @@ _RNG = random.SystemRandom()  # ICE credentials (RFC 8445 §5.3: unpredictable)
 TICK = 1.0  # the controller looks at its timers at least this often
 RESPONDER_GRACE = 3.0  # the higher key waits this long for the lower key's con_req
 REQUEST_RETRY_MIN, REQUEST_RETRY_MAX = 2.0, 60.0  # con_req retransmission backoff
+# con_resp answer budget per peer (token bucket): an honest peer retransmits every >= 2 s.
+CON_RESP_BURST, CON_RESP_RATE = 4, 1.0  # answers, answers per second
 REFRESH_AFTER_FAILURES = 2  # a member's link failed this often: ask for fresh candidates
 # ... but at most this often per peer: an answered refresh restarts ICE, and the new agents
 # need time to find a path before the link's failure count can tell anything again.
@@ -183,6 +187,10 @@ class Controller:
         self.ice_local: dict[bytes, tuple[str, str]] = {}  # our ICE credentials per peer
         self.ice_request: dict[bytes, str] = {}  # request_id of our latest con_req per peer
         self.refreshed_at: dict[bytes, float] = {}  # when a failing link last asked afresh
+        # Reflection guard: the last con_req id answered per peer, and a token bucket per peer
+        # (tokens, last refill): a con_req never buys more than one con_resp.
+        self.answered: dict[bytes, str] = {}
+        self.answer_budget: dict[bytes, tuple[float, float]] = {}
 
     def reconfigure(self, cert_der: bytes, groups: frozenset[str], policy: str) -> None:
         """A re-read certificate, groups and policy (SIGHUP): the next con_req/con_resp
@@ -230,6 +238,8 @@ class Controller:
         elif isinstance(ev, sig.Leave):
             self.members.pop(ev.key, None)
             self.first_seen.pop(ev.key, None)
+            self.answered.pop(ev.key, None)
+            self.answer_budget.pop(ev.key, None)
             self.requests.pop(ev.key, None)
             self.ice_local.pop(ev.key, None)  # a rejoining peer starts ICE afresh
             self.ice_request.pop(ev.key, None)
@@ -379,8 +389,23 @@ class Controller:
             assert msg.ice is not None
             self._on_ice(key, msg, msg.ice)
         self.requests.pop(key, None)
-        if isinstance(msg, sig.ConReq):
+        if isinstance(msg, sig.ConReq) and self._may_answer(key, msg.request_id, now):
             self._send_con(sig.ConResp, key, msg.request_id)
+
+    def _may_answer(self, key: bytes, rid: str, now: float) -> bool:
+        """At most one con_resp per con_req id, within a per-peer budget (issue 13, item 6)."""
+        if self.answered.get(key) == rid:
+            self._count("con_req_duplicate")
+            return False
+        tokens, then = self.answer_budget.get(key, (float(CON_RESP_BURST), now))
+        tokens = min(float(CON_RESP_BURST), tokens + (now - then) * CON_RESP_RATE)
+        if tokens < 1.0:
+            self.answer_budget[key] = (tokens, now)
+            self._count("con_resp_over_budget")
+            return False
+        self.answer_budget[key] = (tokens - 1.0, now)
+        self.answered[key] = rid
+        return True
 
     def _on_ice(self, key: bytes, msg: sig.ConReq | sig.ConResp, offer: sig.IceOffer) -> None:
         """Start, restart or feed the link's ICE agent (the rules in the module docstring)."""

@@ -13,6 +13,7 @@ import pytest
 
 from ipop_trio.config import SignallingConfig
 from ipop_trio.control.controller import (
+    CON_RESP_BURST,
     REFRESH_AFTER_FAILURES,
     REQUEST_RETRY_MIN,
     RESPONDER_GRACE,
@@ -598,3 +599,34 @@ def test_ice_an_answered_refresh_is_not_followed_by_another_restart_at_once() ->
     deliver(hi.resps()[-1], lo.ctl, 10.2)
     assert len(lo.links.started) == 2  # the refresh restarted ICE: the agents need time
     assert len(lo.reqs()) == 2, "another ICE restart right after the refresh was answered"
+
+
+def test_a_replayed_or_flooded_con_req_gets_at_most_one_answer_per_id_and_a_budget() -> None:
+    """Issue 13 item 6: each con_req must not buy a con_resp, or two hostile members push
+    a victim over its signalling rate limit by reflection."""
+    low, high = ordered()
+    c_low, _, s_low = make(low)
+    c_high, _, s_high = make(high)
+    c_low.handle_event(connected(low, high), 0.0)
+    c_high.handle_event(connected(high, low), 0.0)
+    req = s_low.sent[0]
+    assert isinstance(req, sig.ConReq)
+    for i in range(5):
+        deliver(req, c_high, 0.1 + i * 0.01)
+    assert len(s_high.sent) == 1  # one answer for one request id
+    assert c_high.counters.get("con_req_duplicate") == 4
+    # Fresh ids, delivered faster than any honest retransmission: the budget runs out.
+    for i in range(50):
+        fresh = sig.ConReq(**{**_fields(req), "request_id": f"{i:016x}"})
+        deliver(fresh, c_high, 0.2 + i * 0.001)
+    assert len(s_high.sent) <= 1 + CON_RESP_BURST
+    assert c_high.counters.get("con_resp_over_budget", 0) >= 50 - CON_RESP_BURST
+    # The budget refills: an honest retransmission later is answered.
+    later = sig.ConReq(**{**_fields(req), "request_id": "ffffffffffffffff"})
+    before = len(s_high.sent)
+    deliver(later, c_high, 100.0)
+    assert len(s_high.sent) == before + 1
+
+
+def _fields(msg: sig.ConReq) -> dict[str, Any]:
+    return {f: getattr(msg, f) for f in msg.__dataclass_fields__}
