@@ -79,6 +79,17 @@ RING_BLOCKS = 128
 _RING_MASK = RING_BLOCKS - 1
 WINDOW_SIZE = (RING_BLOCKS - 1) << _BLOCK_BITS_LOG  # 8128
 
+# Plain sessions carry no tag, so a counter proves nothing: one datagram with a counter near
+# 2**64 would move the window past every counter the sender will use. There a counter more
+# than PLAIN_MAX_JUMP above the highest (refused as `Refusal.JUMP`), or older than the window
+# (`REPLAYED`), is refused and remembered; a second that continues it (above it by at most
+# PLAIN_MAX_JUMP) restarts the window on that line. One forged counter moves nothing; a
+# sender back from a longer outage loses one datagram; a window forged datagrams did move is
+# won back by the sender's next two. (An on-path party can inject into a plain link anyway:
+# this bounds what one datagram does, it authenticates nothing.) 2**16 datagrams is ~90 MB,
+# far beyond a loss burst TCP can have in flight.
+PLAIN_MAX_JUMP = 1 << 16
+
 
 class ReplayWindow:
     """RFC 6479 sliding window over 64-bit counters.
@@ -143,6 +154,11 @@ class ReplayWindow:
                 ring[i & _RING_MASK] = 0
         self._last = counter
 
+    def restart(self) -> None:
+        """Forget every counter: the next `update` starts a new line (plain sessions)."""
+        self._last = -1
+        self._ring[:] = _ZERO_RING
+
     def accept_run(self, first: int, last: int) -> None:
         """Accept the counters first..last (inclusive), all above `highest` and below
         REJECT_AFTER_MESSAGES: the same window as `update` on each in turn, with one bit mask
@@ -175,6 +191,7 @@ class Refusal(enum.StrEnum):
     REPLAYED = "replayed"  # seen already, or older than the window
     TOO_LONG = "too_long"  # payload larger than the caller's buffer
     BAD_TAG = "bad_tag"  # authentication failed
+    JUMP = "jump"  # plain session: a counter far ahead of the window, not (yet) continued
 
 
 _REFUSAL_TEXT = {
@@ -185,6 +202,7 @@ _REFUSAL_TEXT = {
     Refusal.REPLAYED: "data counter replayed or too old",
     Refusal.TOO_LONG: "data payload larger than the receive buffer",
     Refusal.BAD_TAG: "data datagram failed authentication",
+    Refusal.JUMP: "plain data counter too far ahead of the window",
 }
 
 
@@ -219,6 +237,8 @@ class Session:
 
     __slots__ = (
         "_aead",
+        "_held",
+        "_jump",
         "_kind",
         "_min_len",
         "_open_aead",
@@ -266,6 +286,10 @@ class Session:
         self._min_len = _HEADER_SIZE + self._tag_size
         self._send = 0
         self._window = ReplayWindow()
+        # Plain sessions: the refused far counter a second may continue (-1: none), and how
+        # far the fast path may jump (unbounded on secure sessions, whose tag proves it).
+        self._held = -1
+        self._jump = REJECT_AFTER_MESSAGES if secure else PLAIN_MAX_JUMP
         self.tx_bytes = 0
         self.rx_bytes = 0
         self.rx_packets = 0
@@ -383,6 +407,26 @@ class Session:
         self.refused[reason] += 1
         return SessionRefused(reason)
 
+    def _plain_refusal(self, counter: int) -> Refusal | None:
+        """Plain sessions, before the window check: may `counter` be looked at (None)? Near
+        the window, yes; far from it, only when it continues the far counter refused last
+        (then the window restarts for it); otherwise it is remembered and refused: JUMP when
+        ahead, REPLAYED when older than the window (counted). See PLAIN_MAX_JUMP."""
+        highest = self._window.highest
+        if counter >= REJECT_AFTER_MESSAGES or (
+            highest - WINDOW_SIZE < counter and counter - highest <= PLAIN_MAX_JUMP
+        ):
+            return None
+        held = self._held
+        if 0 <= held < counter and counter - held <= PLAIN_MAX_JUMP:
+            self._held = -1
+            self._window.restart()
+            return None
+        self._held = counter
+        reason = Refusal.JUMP if counter > highest else Refusal.REPLAYED
+        self.refused[reason] += 1
+        return reason
+
     def open_untrusted(self, datagram: bytes | memoryview) -> bytes:
         """The payload of a data datagram for this session, or raise BadPacket."""
         n = len(datagram) - self._min_len
@@ -413,6 +457,8 @@ class Session:
         # consecutive runs and entered into the window with one `accept_run` each. Before any
         # other counter the pending run is entered, then that counter takes the full check.
         top = window.highest
+        jump = self._jump
+        secure = self.secure
         run_first = run_last = -1
         i, n = start, len(datagrams)
         while i < n:
@@ -423,11 +469,13 @@ class Session:
             if word != kind or index != local:
                 break
             i += 1
-            fast = top < counter < REJECT_AFTER_MESSAGES
+            fast = top < counter < REJECT_AFTER_MESSAGES and counter - top <= jump
             if not fast:
                 if run_first >= 0:
                     window.accept_run(run_first, run_last)
                     run_first = -1
+                if not secure and self._plain_refusal(counter) is not None:
+                    continue
                 if not window.check(counter):
                     refused[
                         Refusal.LIMIT if counter >= REJECT_AFTER_MESSAGES else Refusal.REPLAYED
@@ -477,6 +525,10 @@ class Session:
         if index != self.local_index:
             raise self._refuse(Refusal.INDEX)
         window = self._window
+        if self._open_aead is None:
+            reason = self._plain_refusal(counter)
+            if reason is not None:
+                raise SessionRefused(reason)
         if not window.check(counter):
             if counter >= REJECT_AFTER_MESSAGES:
                 raise self._refuse(Refusal.LIMIT)

@@ -239,7 +239,7 @@ impl Table {
                         // As open_batch counts them (length and type are not).
                         debug_assert!(matches!(
                             why,
-                            Refusal::Limit | Refusal::Replayed | Refusal::BadTag
+                            Refusal::Limit | Refusal::Replayed | Refusal::BadTag | Refusal::Jump
                         ));
                         session.refused[why as usize] += 1;
                         None

@@ -185,7 +185,7 @@ impl Session {
         lock(&self.core).rx_packets
     }
 
-    /// Datagrams refused, by Refusal name (all seven keys, as the Python Session has).
+    /// Datagrams refused, by Refusal name (every key, as the Python Session has).
     #[getter]
     fn refused<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let counts = lock(&self.core).refused;
@@ -624,6 +624,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("TAG_SIZE", wire::TAG_SIZE)?;
     m.add("REJECT_AFTER_MESSAGES", wire::REJECT_AFTER_MESSAGES)?;
     m.add("WINDOW_SIZE", crate::replay::WINDOW_SIZE)?;
+    m.add("PLAIN_MAX_JUMP", crate::session::PLAIN_MAX_JUMP)?;
     m.add("MAX_PIECES", wire::MAX_PIECES)?;
     m.add("DEFAULT_MAX_PAYLOAD", wire::DEFAULT_MAX_PAYLOAD)?;
     m.add("UDP_MAX_SEGMENTS", wire::UDP_MAX_SEGMENTS)?;

@@ -11,12 +11,16 @@
 
 use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 
-use crate::replay::ReplayWindow;
+use crate::replay::{ReplayWindow, WINDOW_SIZE};
 use crate::wire::{
     u32le, u64le, DATA_HEADER_SIZE, DATA_PLAIN, DATA_SECURE, REJECT_AFTER_MESSAGES, TAG_SIZE,
 };
 
 pub const KEY_SIZE: usize = 32;
+
+/// Plain sessions: how far a counter may be from the window before it needs a second to
+/// continue it (proto/session.py's PLAIN_MAX_JUMP, where the reasoning is).
+pub const PLAIN_MAX_JUMP: u64 = 1 << 16;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Cipher {
@@ -51,9 +55,10 @@ pub enum Refusal {
     Replayed,
     TooLong,
     BadTag,
+    Jump,
 }
 
-pub const REFUSALS: [Refusal; 7] = [
+pub const REFUSALS: [Refusal; 8] = [
     Refusal::Short,
     Refusal::Type,
     Refusal::Index,
@@ -61,6 +66,7 @@ pub const REFUSALS: [Refusal; 7] = [
     Refusal::Replayed,
     Refusal::TooLong,
     Refusal::BadTag,
+    Refusal::Jump,
 ];
 
 impl Refusal {
@@ -73,6 +79,7 @@ impl Refusal {
             Refusal::Replayed => "replayed",
             Refusal::TooLong => "too_long",
             Refusal::BadTag => "bad_tag",
+            Refusal::Jump => "jump",
         }
     }
 }
@@ -103,10 +110,12 @@ pub struct SessionCore {
     keys: Option<(LessSafeKey, LessSafeKey)>,
     send: u64,
     window: ReplayWindow,
+    /// Plain sessions: the refused far counter a second may continue.
+    held: Option<u64>,
     pub tx_bytes: u64,
     pub rx_bytes: u64,
     pub rx_packets: u64,
-    pub refused: [u64; 7],
+    pub refused: [u64; 8],
 }
 
 fn nonce(counter: u64) -> Nonce {
@@ -146,10 +155,11 @@ impl SessionCore {
             keys,
             send: 0,
             window: ReplayWindow::new(),
+            held: None,
             tx_bytes: 0,
             rx_bytes: 0,
             rx_packets: 0,
-            refused: [0; 7],
+            refused: [0; 8],
         })
     }
 
@@ -219,6 +229,35 @@ impl SessionCore {
         Fit::Ours(u64le(datagram, 8))
     }
 
+    /// Plain sessions, before the window check: near the window, yes; far from it, only
+    /// when it continues the far counter refused last (the window restarts for it);
+    /// otherwise remember it and refuse: Jump when ahead, Replayed when older than the
+    /// window. See PLAIN_MAX_JUMP.
+    fn plain_admit(&mut self, counter: u64) -> Result<(), Refusal> {
+        if counter >= REJECT_AFTER_MESSAGES {
+            return Ok(()); // the window refuses it as Limit
+        }
+        let (near, ahead) = match self.window.highest() {
+            None => (counter < PLAIN_MAX_JUMP, true),
+            Some(h) if counter > h => (counter - h <= PLAIN_MAX_JUMP, true),
+            Some(h) => (h - counter < WINDOW_SIZE, false),
+        };
+        if near {
+            return Ok(());
+        }
+        if matches!(self.held, Some(held) if held < counter && counter - held <= PLAIN_MAX_JUMP) {
+            self.held = None;
+            self.window = ReplayWindow::new();
+            return Ok(());
+        }
+        self.held = Some(counter);
+        Err(if ahead {
+            Refusal::Jump
+        } else {
+            Refusal::Replayed
+        })
+    }
+
     /// Open `datagram` in place (the caller's own copy): on success the payload is
     /// `datagram[16..16 + n]` and `n` is returned. Counts the refusal in `refused`.
     /// After a refusal the bytes of `datagram` are unspecified.
@@ -243,6 +282,9 @@ impl SessionCore {
     /// Open a datagram `fit` already accepted with `counter`: window check, tag, window
     /// update. Does not count the refusal (the caller does, by reason).
     pub fn open_checked(&mut self, datagram: &mut [u8], counter: u64) -> Result<usize, Refusal> {
+        if !self.secure() {
+            self.plain_admit(counter)?;
+        }
         if !self.window.check(counter) {
             return Err(if counter >= REJECT_AFTER_MESSAGES {
                 Refusal::Limit
@@ -326,7 +368,7 @@ mod tests {
         let mut limit = d.clone();
         limit[8..16].copy_from_slice(&REJECT_AFTER_MESSAGES.to_le_bytes());
         assert_eq!(b.open_in_place(&mut limit), Err(Refusal::Limit));
-        assert_eq!(b.refused, [1, 2, 1, 1, 1, 0, 1]);
+        assert_eq!(b.refused, [1, 2, 1, 1, 1, 0, 1, 0]);
     }
 
     #[test]
@@ -337,6 +379,39 @@ mod tests {
         forged[8..16].copy_from_slice(&(1u64 << 40).to_le_bytes());
         assert_eq!(b.open_in_place(&mut forged), Err(Refusal::BadTag));
         assert!(b.open_in_place(&mut first.clone()).is_ok());
+    }
+
+    fn plain(counter: u64) -> Vec<u8> {
+        let mut d = vec![DATA_PLAIN, 0, 0, 0];
+        d.extend_from_slice(&20u32.to_le_bytes());
+        d.extend_from_slice(&counter.to_le_bytes());
+        d.extend_from_slice(b"forged");
+        d
+    }
+
+    #[test]
+    fn plain_far_jumps_need_a_second_datagram() {
+        let (mut a, mut b) = pair(Cipher::Aes256Gcm, false);
+        assert!(b.open_in_place(&mut seal(&mut a, b"0")).is_ok());
+        let far = REJECT_AFTER_MESSAGES - 1;
+        assert_eq!(b.open_in_place(&mut plain(far)), Err(Refusal::Jump));
+        assert_eq!(
+            b.recv_highest(),
+            Some(0),
+            "one forged counter moves nothing"
+        );
+        assert!(b.open_in_place(&mut seal(&mut a, b"1")).is_ok());
+        assert!(b.open_in_place(&mut plain(PLAIN_MAX_JUMP + 1)).is_ok());
+        // A sender back from an outage longer than the jump loses one datagram.
+        a.send += 10 * PLAIN_MAX_JUMP;
+        assert_eq!(b.open_in_place(&mut seal(&mut a, b"x")), Err(Refusal::Jump));
+        assert!(b.open_in_place(&mut seal(&mut a, b"y")).is_ok());
+        assert_eq!(b.recv_highest(), Some(a.send_counter() - 1));
+        // Older than the window: refused as replayed, and a second one continuing it wins.
+        assert_eq!(b.open_in_place(&mut plain(5)), Err(Refusal::Replayed));
+        assert!(b.open_in_place(&mut plain(6)).is_ok());
+        assert_eq!(b.recv_highest(), Some(6));
+        assert_eq!(b.refused[Refusal::Jump as usize], 2);
     }
 
     #[test]

@@ -49,6 +49,7 @@ def test_constants_agree() -> None:
     assert _native.TAG_SIZE == wire.TAG_SIZE
     assert _native.REJECT_AFTER_MESSAGES == session.REJECT_AFTER_MESSAGES
     assert _native.WINDOW_SIZE == session.WINDOW_SIZE
+    assert _native.PLAIN_MAX_JUMP == session.PLAIN_MAX_JUMP
     assert _native.MAX_PIECES == offload.MAX_PIECES
     assert _native.DEFAULT_MAX_PAYLOAD == offload.DEFAULT_MAX_PAYLOAD
     assert _native.UDP_MAX_SEGMENTS == udp.UDP_MAX_SEGMENTS
@@ -143,8 +144,16 @@ def _mutate(d: bytes, op: int, at: int, value: int) -> bytes:
         b = b[: at % (len(b) + 1)]
     elif op == 2 and len(b) >= 8:  # another receiver index
         b[4 + at % 4] ^= value or 1
-    elif op == 3 and len(b) >= 16:  # a counter: far ahead, at the limit, or anything
-        c = [REJECT_AFTER_MESSAGES, REJECT_AFTER_MESSAGES - 1, 2**64 - 1, 10**12, value][at % 5]
+    elif op == 3 and len(b) >= 16:  # a counter: far ahead (and continuing), at the limit, ...
+        c = [
+            REJECT_AFTER_MESSAGES,
+            REJECT_AFTER_MESSAGES - 1,
+            2**64 - 1,
+            10**12,
+            value,
+            10**12 + value,  # two of these continue each other: a plain window restarts
+            session.PLAIN_MAX_JUMP + value,  # about one plain jump ahead
+        ][at % 7]
         b[8:16] = c.to_bytes(8, "little")
     elif op == 4 and b:  # the type byte or a pad byte
         b[at % 4] = value

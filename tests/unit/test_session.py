@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from ipop_trio.errors import BadPacket, LocalProtocolError
 from ipop_trio.proto import session as session_module
 from ipop_trio.proto.session import (
+    PLAIN_MAX_JUMP,
     REJECT_AFTER_MESSAGES,
     REJECT_AFTER_TIME,
     REKEY_AFTER_MESSAGES,
@@ -361,7 +362,13 @@ def test_forged_far_ahead_counter_does_not_slide_the_window(cipher: Cipher) -> N
 @pytest.mark.parametrize(("cipher", "secure"), MODES, ids=MODE_IDS)
 def test_send_counter_stops_at_reject_limit(cipher: Cipher, secure: bool) -> None:
     a, b = pair(cipher, secure)
-    a._send = REJECT_AFTER_MESSAGES - 1  # fast-forward: 2**64 seals would take a while
+    a._send = REJECT_AFTER_MESSAGES - 2  # fast-forward: 2**64 seals would take a while
+    before = a.seal(b"before")
+    if secure:
+        assert b.open_untrusted(before) == b"before"
+    else:  # a plain receiver takes a far jump only from two datagrams in a row
+        with pytest.raises(BadPacket):
+            b.open_untrusted(before)
     assert not a.expired(1000.0)
     last = a.seal(b"last")
     assert DATA_HEADER.unpack_from(last)[2] == REJECT_AFTER_MESSAGES - 1
@@ -597,3 +604,104 @@ def test_open_batch_matches_open_one_by_one(
     assert batch_rx.recv_highest == ref_rx.recv_highest
     for counter in range(-1, 45):
         assert batch_rx._window.check(counter) == ref_rx._window.check(counter)
+
+
+# --- plain sessions: bounded forward jumps (PLAIN_MAX_JUMP) ------------------------------------
+
+
+def plain_datagram(counter: int, payload: bytes = b"forged", index: int = INDEX_B) -> bytes:
+    """What anyone who has seen a plain link's receiver index can send: no tag to forge."""
+    return DATA_HEADER.pack(Kind.DATA_PLAIN, index, counter) + payload
+
+
+def test_one_forged_far_counter_does_not_blind_a_plain_link() -> None:
+    """Regression: a forged counter near 2**64 used to become the window's highest, after
+    which every genuine counter was "too old" until the next rekey."""
+    tx, rx = pair(secure=False)
+    assert rx.open_untrusted(tx.seal(b"0")) == b"0"
+    with pytest.raises(BadPacket) as exc:
+        rx.open_untrusted(plain_datagram(REJECT_AFTER_MESSAGES - 1))
+    assert refusal(exc) is Refusal.JUMP
+    assert rx.refused[Refusal.JUMP] == 1 and rx.recv_highest == 0
+    for i in range(1, 50):
+        assert rx.open_untrusted(tx.seal(bytes([i]))) == bytes([i])
+
+
+def test_forward_jumps_up_to_the_bound_are_accepted() -> None:
+    _, rx = pair(secure=False)
+    assert rx.open_untrusted(plain_datagram(PLAIN_MAX_JUMP - 1)) == b"forged"
+    assert rx.open_untrusted(plain_datagram(2 * PLAIN_MAX_JUMP - 1)) == b"forged"
+    assert rx.refused[Refusal.JUMP] == 0 and rx.recv_highest == 2 * PLAIN_MAX_JUMP - 1
+
+
+def test_a_sender_back_from_a_long_outage_loses_one_datagram() -> None:
+    tx, rx = pair(secure=False)
+    rx.open_untrusted(tx.seal(b"before"))
+    tx._send += 10 * PLAIN_MAX_JUMP  # datagrams lost in a row
+    with pytest.raises(BadPacket) as exc:
+        rx.open_untrusted(tx.seal(b"first after"))
+    assert refusal(exc) is Refusal.JUMP
+    for i in range(20):
+        assert rx.open_untrusted(tx.seal(bytes([i]))) == bytes([i])
+    assert rx.recv_highest == tx.send_counter - 1
+
+
+def test_a_window_moved_by_forgeries_is_won_back_by_the_sender() -> None:
+    """Two forged datagrams that continue each other do restart the window (a plain link
+    cannot tell them from a sender back from an outage); the sender's next two win it
+    back, and from then on its datagrams flow and the forged line's are refused."""
+    tx, rx = pair(secure=False)
+    rx.open_untrusted(tx.seal(b"0"))
+    far = 2**40
+    with pytest.raises(BadPacket):
+        rx.open_untrusted(plain_datagram(far))
+    assert rx.open_untrusted(plain_datagram(far + 1)) == b"forged"
+    assert rx.recv_highest == far + 1
+    with pytest.raises(BadPacket) as exc:
+        rx.open_untrusted(tx.seal(b"1"))
+    assert refusal(exc) is Refusal.REPLAYED  # older than the window now
+    assert rx.open_untrusted(tx.seal(b"2")) == b"2"
+    assert rx.recv_highest == 2
+    with pytest.raises(BadPacket):
+        rx.open_untrusted(plain_datagram(far + 1))  # replayed: the forged line is gone
+    assert rx.open_untrusted(tx.seal(b"3")) == b"3"
+
+
+def test_secure_sessions_accept_any_authenticated_jump() -> None:
+    tx, rx = pair(secure=True)
+    tx._send = 2**40
+    assert rx.open_untrusted(tx.seal(b"x")) == b"x"
+    assert rx.refused[Refusal.JUMP] == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    steps=st.lists(
+        st.one_of(
+            st.integers(-WINDOW_SIZE - 10, 3 * PLAIN_MAX_JUMP),  # relative to the last
+            st.integers(0, 2**64 - 1),  # anywhere
+        ),
+        max_size=40,
+    )
+)
+def test_plain_open_batch_matches_open_one_by_one_on_far_counters(steps: list[int]) -> None:
+    """The batch path's fast run and the one-by-one path make the same plain-link
+    decisions on near, far, continuing and too-old counters."""
+    _, batch_rx = pair(secure=False)
+    _, ref_rx = pair(secure=False)
+    counters: list[int] = []
+    last = 0
+    for step in steps:
+        counter = step if step > 3 * PLAIN_MAX_JUMP else min(2**64 - 1, max(0, last + step))
+        counters.append(counter)
+        last = counter
+    batch = [plain_datagram(c, c.to_bytes(8, "little")) for c in counters]
+    expected = []
+    for d in batch:
+        with contextlib.suppress(BadPacket):
+            expected.append(ref_rx.open_untrusted(d))
+    got: list[bytes] = []
+    assert batch_rx.open_batch(batch, 0, got) == len(batch)
+    assert got == expected
+    assert batch_rx.recv_highest == ref_rx.recv_highest
+    assert batch_rx.refused == ref_rx.refused
