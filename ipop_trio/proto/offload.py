@@ -78,6 +78,8 @@ ETH_HLEN = 14
 ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
 IPPROTO_TCP = 6
+IPPROTO_UDP = 17
+UDP_CSUM_OFFSET = 6  # offsetof(struct udphdr, check)
 IPV6_HLEN = 40
 TCP_CSUM_OFFSET = 16  # offsetof(struct tcphdr, check)
 TCP_FIN = 0x01
@@ -140,10 +142,36 @@ class VirtioHeader:
             raise OffloadError(f"virtio_net_hdr field out of range: {exc}") from None
 
 
-def _check_csum_fields(frame_len: int, csum_start: int, csum_offset: int) -> None:
-    """A NEEDS_CSUM checksum field must lie inside the frame, past the Ethernet header."""
-    if csum_start < ETH_HLEN or csum_start + csum_offset + 2 > frame_len:
-        raise OffloadError("csum_start/csum_offset outside the frame")
+def _l4_csum_fields(p: bytes | memoryview, frame_len: int) -> tuple[int, int]:
+    """(csum_start, csum_offset) of the frame at the start of `p` (`frame_len` bytes), from
+    its own headers: the TCP or UDP header of an unfragmented IPv4 packet or of an IPv6
+    packet without extension headers. A peer's NEEDS_CSUM frame must carry exactly these:
+    chosen freely, the kernel's checksum write could land anywhere past the Ethernet header,
+    the IPv4 source the switch has just checked included (wireguard-go derives them too)."""
+    if frame_len < ETH_HLEN + 20:
+        raise OffloadError("NEEDS_CSUM frame shorter than an IP header")
+    ethertype = (p[12] << 8) | p[13]
+    version = p[ETH_HLEN] >> 4
+    if ethertype == ETH_P_IP and version == 4:
+        ihl = p[ETH_HLEN] & 0x0F
+        if ihl < 5:
+            raise OffloadError("IPv4 IHL < 5")
+        if p[ETH_HLEN + 6] & 0x3F or p[ETH_HLEN + 7]:  # MF, fragment offset
+            raise OffloadError("NEEDS_CSUM frame that is an IPv4 fragment")
+        proto, l4 = p[ETH_HLEN + 9], ETH_HLEN + ihl * 4
+    elif ethertype == ETH_P_IPV6 and version == 6:
+        proto, l4 = p[ETH_HLEN + 6], ETH_HLEN + IPV6_HLEN
+    else:
+        raise OffloadError("NEEDS_CSUM frame that is not IPv4 or IPv6")
+    if proto == IPPROTO_TCP:
+        offset, l4_len = TCP_CSUM_OFFSET, 20
+    elif proto == IPPROTO_UDP:
+        offset, l4_len = UDP_CSUM_OFFSET, 8
+    else:
+        raise OffloadError("NEEDS_CSUM frame that is not TCP or UDP directly over IP")
+    if l4 + l4_len > frame_len:
+        raise OffloadError("NEEDS_CSUM frame's TCP/UDP header beyond the frame")
+    return l4, offset
 
 
 def _tcp_hdr_len(frame: memoryview, gso_type: int, csum_start: int, csum_offset: int) -> int:
@@ -203,7 +231,9 @@ def encode_outbound(
     frame_len = n - VNET_HDR_LEN
     if gso_type == GSO_NONE:
         if flags & F_NEEDS_CSUM:
-            _check_csum_fields(frame_len, csum_start, csum_offset)
+            # What the peer's Reassembler would refuse goes no further than here.
+            if (csum_start, csum_offset) != _l4_csum_fields(mv[VNET_HDR_LEN:], frame_len):
+                raise OffloadError("NEEDS_CSUM fields do not match the frame's headers")
             if frame_len + CSUM_TRAILER > max_payload:
                 raise OffloadError("frame larger than the inner payload budget")
             meta = CSUM_META.pack(csum_start, csum_offset)
@@ -439,7 +469,8 @@ class Reassembler:
             if frame_len < ETH_HLEN:
                 raise OffloadError("inner frame shorter than an Ethernet header")
             csum_start, csum_offset = CSUM_META.unpack_from(p, frame_len)
-            _check_csum_fields(frame_len, csum_start, csum_offset)
+            if (csum_start, csum_offset) != _l4_csum_fields(p, frame_len):
+                raise OffloadError("NEEDS_CSUM fields do not match the frame's headers")
             vnet = VNET_HDR.pack(F_NEEDS_CSUM, GSO_NONE, 0, 0, csum_start, csum_offset)
             out.append(vnet + p[:frame_len])
         else:

@@ -16,11 +16,37 @@ fn err<T>(why: &'static str) -> R<T> {
     Err(OffloadError(why))
 }
 
-fn check_csum_fields(frame_len: usize, cs: usize, co: usize) -> R<()> {
-    if cs < ETH_HLEN || cs + co + 2 > frame_len {
-        return err("csum_start/csum_offset outside the frame");
+/// (csum_start, csum_offset) of `frame` from its own headers: TCP or UDP over unfragmented
+/// IPv4 or over IPv6 without extension headers (proto/offload.py's `_l4_csum_fields`, which
+/// says why a peer's NEEDS_CSUM frame must carry exactly these).
+fn l4_csum_fields(frame: &[u8]) -> R<(usize, usize)> {
+    let n = frame.len();
+    if n < ETH_HLEN + 20 {
+        return err("NEEDS_CSUM frame shorter than an IP header");
     }
-    Ok(())
+    let (proto, l4) = match (be16(frame, 12), frame[ETH_HLEN] >> 4) {
+        (ETH_P_IP, 4) => {
+            let ihl = (frame[ETH_HLEN] & 0x0F) as usize;
+            if ihl < 5 {
+                return err("IPv4 IHL < 5");
+            }
+            if frame[ETH_HLEN + 6] & 0x3F != 0 || frame[ETH_HLEN + 7] != 0 {
+                return err("NEEDS_CSUM frame that is an IPv4 fragment");
+            }
+            (frame[ETH_HLEN + 9], ETH_HLEN + ihl * 4)
+        }
+        (ETH_P_IPV6, 6) => (frame[ETH_HLEN + 6], ETH_HLEN + IPV6_HLEN),
+        _ => return err("NEEDS_CSUM frame that is not IPv4 or IPv6"),
+    };
+    let (offset, l4_len) = match proto {
+        IPPROTO_TCP => (TCP_CSUM_OFFSET, 20),
+        IPPROTO_UDP => (UDP_CSUM_OFFSET, 8),
+        _ => return err("NEEDS_CSUM frame that is not TCP or UDP directly over IP"),
+    };
+    if l4 + l4_len > n {
+        return err("NEEDS_CSUM frame's TCP/UDP header beyond the frame");
+    }
+    Ok((l4, offset))
 }
 
 /// Validate the Ethernet/IP/TCP headers of a TCP GSO frame; return hdr_len = csum_start +
@@ -116,7 +142,10 @@ pub fn plan(read: &[u8], max_payload: usize) -> R<Plan> {
     let frame_len = frame.len();
     if gso_type == GSO_NONE {
         if flags & F_NEEDS_CSUM != 0 {
-            check_csum_fields(frame_len, cs as usize, co as usize)?;
+            // What the peer's Reassembler would refuse goes no further than here.
+            if (cs as usize, co as usize) != l4_csum_fields(frame)? {
+                return err("NEEDS_CSUM fields do not match the frame's headers");
+            }
             if frame_len + CSUM_TRAILER > max_payload {
                 return err("frame larger than the inner payload budget");
             }
@@ -436,7 +465,9 @@ impl Reassembler {
                 }
                 let frame_len = n - CSUM_TRAILER;
                 let (cs, co) = (u16le(p, frame_len), u16le(p, frame_len + 2));
-                check_csum_fields(frame_len, cs as usize, co as usize)?;
+                if (cs as usize, co as usize) != l4_csum_fields(&p[..frame_len])? {
+                    return err("NEEDS_CSUM fields do not match the frame's headers");
+                }
                 out.push(&[&vnet(F_NEEDS_CSUM, GSO_NONE, 0, 0, cs, co), &p[..frame_len]]);
                 Ok(())
             }

@@ -38,7 +38,16 @@ from ipop_trio.proto import offload, session, wire
 from ipop_trio.proto.session import REJECT_AFTER_MESSAGES, Cipher, Session
 from ipop_trio.stats import Stats
 
-from .test_offload import ACK, FIN, PSH, SRC_MAC, TIMESTAMPS, build_read, small_frame
+from .test_offload import (
+    ACK,
+    FIN,
+    PSH,
+    SRC_MAC,
+    TIMESTAMPS,
+    build_read,
+    csum_frame,
+    small_frame,
+)
 
 _many = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 KEY_A, KEY_B = bytes(range(32)), bytes(range(100, 132))
@@ -256,11 +265,18 @@ def tap_reads(draw: st.DrawFn, max_reads: int = 4) -> list[bytes]:
                     ip_options=b"" if v6 else draw(st.sampled_from([b"", b"\x01\x01\x01\x00"])),
                 )
             )
-        elif kind <= 7:
-            frame = small_frame(draw(st.integers(14, 1440)))
-            csum = draw(st.booleans())
-            vnet = offload.VNET_HDR.pack(1, 0, 0, 0, 34, 16) if csum else bytes(10)
-            reads.append(vnet + frame)
+        elif kind <= 6:
+            reads.append(bytes(10) + small_frame(draw(st.integers(14, 1440))))
+        elif kind <= 7:  # NEEDS_CSUM: TCP/UDP/other over IPv4/IPv6, the right fields or not
+            frame, cs, co = csum_frame(
+                draw(st.integers(14, 1440)),
+                v6=draw(st.booleans()),
+                proto=draw(st.sampled_from([6, 17, 1])),
+                frag=draw(st.sampled_from([0, 0x4000, 0x2000, 1])),
+            )
+            if draw(st.booleans()):
+                cs, co = draw(st.integers(0, 80)), draw(st.integers(0, 30))
+            reads.append(offload.VNET_HDR.pack(1, 0, 0, 0, cs, co) + frame)
         else:  # a read the encoder refuses, or a random one
             read = bytearray(build_read(draw(st.integers(1, 5000))))
             for _ in range(draw(st.integers(1, 3))):
@@ -399,6 +415,24 @@ def test_reassembly_matches_with_loss_reorder_and_corruption(
     py_r.reset(py_out)
     nt_r.reset(nt_out)
     assert nt_out == py_out
+
+
+@_many
+@given(
+    size=st.integers(0, 300),
+    v6=st.booleans(),
+    proto=st.sampled_from([6, 17, 1, 58]),
+    frag=st.sampled_from([0, 0x4000, 0x2000, 0x0001]),
+    fields=st.one_of(st.none(), st.tuples(st.integers(0, 2**16 - 1), st.integers(0, 2**16 - 1))),
+)
+def test_needs_csum_fields_decisions_match(
+    size: int, v6: bool, proto: int, frag: int, fields: tuple[int, int] | None
+) -> None:
+    """A peer's NEEDS_CSUM frame (right offsets, or any): both take or refuse it alike."""
+    frame, cs, co = csum_frame(size, v6=v6, proto=proto, frag=frag)
+    frame = frame[:size]
+    payload = frame + offload.CSUM_META.pack(*(fields or (cs, co))) + bytes((offload.INNER_CSUM,))
+    assert push_all(native.Reassembler(), [payload]) == push_all(offload.Reassembler(), [payload])
 
 
 @_many

@@ -124,6 +124,23 @@ def small_frame(size: int = 100) -> bytes:
     return DST_MAC + SRC_MAC + b"\x08\x00" + bytes(i & 0xFF for i in range(size - 14))
 
 
+def csum_frame(
+    size: int = 200, *, v6: bool = False, proto: int = 17, ip_options: bytes = b"", frag: int = 0
+) -> tuple[bytes, int, int]:
+    """A frame as the kernel hands one over with NEEDS_CSUM (GSO_NONE): TCP or UDP (any
+    `proto`) over IPv4 (`frag`: its flags/fragment word) or IPv6, padded to `size`; and the
+    (csum_start, csum_offset) its headers give."""
+    if v6:
+        ip = struct.pack("!IHBB", 6 << 28, 0, proto, 64) + SRC6 + DST6
+    else:
+        ihl = (20 + len(ip_options)) // 4
+        ip = struct.pack("!BBHHHBBH", 0x40 | ihl, 0, 0, IP_ID0, frag, 64, proto, 0)
+        ip += SRC4 + DST4 + ip_options
+    head = DST_MAC + SRC_MAC + struct.pack("!H", 0x86DD if v6 else 0x0800) + ip
+    frame = head + bytes(i & 0xFF for i in range(max(0, size - len(head))))
+    return frame, len(head), 16 if proto == 6 else 6
+
+
 def reassemble(payloads: Sequence[bytes | memoryview], r: Reassembler | None = None) -> list[bytes]:
     r = Reassembler() if r is None else r
     out: list[bytes] = []
@@ -329,12 +346,56 @@ def test_plain_frame_round_trip() -> None:
     assert reassemble(encode_outbound(valid, 0)) == [read]
 
 
-def test_needs_csum_frame_round_trip() -> None:
-    frame = small_frame(1400)
-    read = VNET_HDR.pack(F_NEEDS_CSUM, GSO_NONE, 0, 0, 34, 6) + frame
+@pytest.mark.parametrize(
+    ("v6", "proto", "ip_options"),
+    [
+        (False, 17, b""),
+        (False, 6, b""),
+        (False, 17, b"\x01\x01\x01\x00"),
+        (True, 6, b""),
+        (True, 17, b""),
+    ],
+)
+def test_needs_csum_frame_round_trip(v6: bool, proto: int, ip_options: bytes) -> None:
+    frame, cs, co = csum_frame(1400, v6=v6, proto=proto, ip_options=ip_options)
+    read = VNET_HDR.pack(F_NEEDS_CSUM, GSO_NONE, 0, 0, cs, co) + frame
     (payload,) = encode_outbound(read, 0)
-    assert payload == frame + CSUM_META.pack(34, 6) + bytes((INNER_CSUM,))
+    assert payload == frame + CSUM_META.pack(cs, co) + bytes((INNER_CSUM,))
     assert reassemble([payload]) == [read]
+
+
+def test_peer_chosen_csum_fields_are_refused() -> None:
+    """Regression: a peer's NEEDS_CSUM offsets reached the kernel as sent, after the switch
+    had checked the frame's source, so the kernel's checksum write could be aimed at the
+    IPv4 source address (csum_start 26, csum_offset 0). Only the offsets the frame's own
+    headers give are taken, from the peer and from our kernel alike."""
+    frame, cs, co = csum_frame(200)
+    for fields in [(26, 0), (14, 12), (cs, 16), (cs + 2, 4), (cs - 4, 10)]:
+        payload = frame + CSUM_META.pack(*fields) + bytes((INNER_CSUM,))
+        with pytest.raises(OffloadError, match="do not match"):
+            reassemble([payload])
+        with pytest.raises(OffloadError, match="do not match"):
+            encode_outbound(VNET_HDR.pack(F_NEEDS_CSUM, GSO_NONE, 0, 0, *fields) + frame, 0)
+    assert reassemble([frame + CSUM_META.pack(cs, co) + bytes((INNER_CSUM,))])
+
+
+@pytest.mark.parametrize(
+    ("frame", "why"),
+    [
+        (small_frame(200), "not IPv4 or IPv6"),
+        (csum_frame(200, proto=1)[0], "not TCP or UDP"),
+        (csum_frame(200, frag=0x2000)[0], "fragment"),  # MF
+        (csum_frame(200, frag=0x0010)[0], "fragment"),  # offset 128
+        (csum_frame(40)[0][:30], "shorter than an IP header"),
+        (csum_frame(40)[0], "beyond the frame"),  # UDP: 34 + 8 > 40
+        (csum_frame(60, proto=6)[0][:50], "beyond the frame"),  # TCP: 34 + 20 > 50
+    ],
+    ids=["arp-like", "icmp", "mf", "offset", "short", "udp-cut", "tcp-cut"],
+)
+def test_needs_csum_needs_a_checksummable_frame(frame: bytes, why: str) -> None:
+    payload = frame + CSUM_META.pack(34, 6) + bytes((INNER_CSUM,))
+    with pytest.raises(OffloadError, match=why):
+        reassemble([payload])
 
 
 def test_budget_applies_to_whole_frames() -> None:
@@ -342,8 +403,9 @@ def test_budget_applies_to_whole_frames() -> None:
     assert len(encode_outbound(bytes(10) + frame, 0)[0]) == 1437
     with pytest.raises(OffloadError):
         encode_outbound(bytes(10) + frame, 0, max_payload=1436)
-    csum = VNET_HDR.pack(F_NEEDS_CSUM, GSO_NONE, 0, 0, 34, 6) + frame
-    with pytest.raises(OffloadError):
+    frame, cs, co = csum_frame(1436)
+    csum = VNET_HDR.pack(F_NEEDS_CSUM, GSO_NONE, 0, 0, cs, co) + frame
+    with pytest.raises(OffloadError, match="budget"):
         encode_outbound(csum, 0)  # 1436 + 5 > 1440
 
 
