@@ -191,7 +191,8 @@ class IceService:
         self.agents[agent.local_ufrag] = (agent, wake)
 
     def unregister(self, ufrag: str) -> None:
-        self.agents.pop(ufrag, None)
+        if self.agents.pop(ufrag, None) is not None:
+            self.permit()  # its peers' permissions lapse, unless another agent has them
 
     def relay_for(self, local_base: Addr) -> TurnClient | None:
         """The TURN client whose relayed address is `local_base` (None: a host candidate)."""
@@ -211,14 +212,22 @@ class IceService:
                 self._flush_turn(relay)
             self._kick()
 
-    def permit(self, ips: Iterable[str]) -> None:
-        """Let these peer addresses reach us through every relay (TURN permissions)."""
+    def permit(self) -> None:
+        """TURN permissions on every relay for exactly the addresses of the live agents'
+        remote candidates: new ones created, those no agent has any more left to lapse.
+        So they are bounded by the agents (MAX_REMOTE_CANDIDATES each), not by every
+        address members ever put in a con_req. Call it when an agent's candidates change."""
+        wanted = {c.address for agent, _ in self.agents.values() for c in agent.remote_candidates}
         now = time.monotonic()
         for relay in self.relays.values():
             client = relay.client
-            if client is not None and client.state is TurnState.ALLOCATED:
-                for ip in set(ips):
-                    if (":" in ip) == (":" in relay.server[0]):
+            if client is None:
+                continue
+            client.retain_permissions(wanted)
+            if client.state is TurnState.ALLOCATED:
+                v6 = ":" in relay.server[0]
+                for ip in wanted:
+                    if (":" in ip) == v6:
                         client.create_permission(ip, now)
                 self._flush_turn(relay)
         self._kick()
@@ -436,8 +445,7 @@ class IceService:
                     self._add_srflx(
                         srflx_candidate(ev.mapped, self.host[0], relay.server), relay.server
                     )
-                for agent, _wake in self.agents.values():
-                    self.permit(c.address for c in agent.remote_candidates)
+                self.permit()
             elif isinstance(ev, AllocationFailed | AllocationLost):
                 if isinstance(ev, AllocationLost):
                     relay.lost += 1
@@ -510,6 +518,7 @@ class IceService:
                     if r.candidate is None
                     else f"{r.candidate.address}:{r.candidate.port}",
                     "error": r.error,
+                    "permissions": 0 if r.client is None else len(r.client.permitted),
                 }
                 for r in self.relays.values()
             ],

@@ -743,7 +743,7 @@ class LinkManager:
             return
         for cand in candidates:
             rt.ice.add_remote_candidate(cand)
-        self.ice.permit(c.address for c in candidates)
+        self.ice.permit()  # what the agent kept (at most MAX_REMOTE_CANDIDATES), no more
         rt.wake()
 
     def _ice_event(self, rt: PeerRuntime, agent: IceAgent, ev: IceEvent) -> None:

@@ -58,6 +58,7 @@ import collections
 import enum
 import random
 import struct
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -304,6 +305,22 @@ class TurnClient:
         perm = self._permissions.setdefault(peer_ip, _Permission())
         if self.state is TurnState.ALLOCATED and not (perm.active or perm.pending):
             self._send_permission(peer_ip, now)
+
+    def retain_permissions(self, ips: Collection[str]) -> None:
+        """Keep permissions only for the peer addresses in `ips`, and those of bound
+        channels: the rest are no longer refreshed and lapse on the server within its
+        permission lifetime (TURN has no delete, §9). Call it with what live ICE agents may
+        still check, so the set is bounded by them and not by every address members ever
+        sent. Channels stay: one is bound only for a pair a link chose (§11), and a path in
+        use may outlive the agent that found it (an ICE restart)."""
+        channel_ips = {peer[0] for peer in self._channels}
+        for ip in [ip for ip in self._permissions if ip not in ips and ip not in channel_ips]:
+            del self._permissions[ip]
+
+    @property
+    def permitted(self) -> frozenset[str]:
+        """Peer IPs this client keeps a permission for (asked for, pending or active)."""
+        return frozenset(self._permissions)
 
     def bind_channel(self, peer: Addr, now: float) -> int:
         """Bind a channel to `peer` (§11) and return its number; `wrap` uses it once bound
@@ -645,7 +662,9 @@ class TurnClient:
                 self._events.append(ChannelBound(request.peer, chan.number))
 
     def _permission_ok(self, ip: str, now: float) -> None:
-        perm = self._permissions.setdefault(ip, _Permission())
+        perm = self._permissions.get(ip)
+        if perm is None:
+            return  # given up (retain_permissions) while the request was in flight
         perm.active = True
         perm.pending = False
         perm.refresh_at = now + PERMISSION_REFRESH
@@ -675,11 +694,9 @@ class TurnClient:
             self._events.append(PermissionFailed(ip, reason))
         elif kind is _Kind.CHANNEL:
             assert request.peer is not None
-            chan = self._channels[request.peer]
-            chan.pending = False
             # Fall back to Send indications; a new bind takes a new number (§11: a number
             # is not reused for another peer soon after).
-            del self._channels[request.peer]
+            chan = self._channels.pop(request.peer)
             del self._channel_peers[chan.number]
             self._events.append(ChannelBindFailed(request.peer, reason))
 

@@ -19,6 +19,7 @@ from ipop_trio.control.ice import IceService
 from ipop_trio.net.udp import UdpSocket
 from ipop_trio.proto import stun
 from ipop_trio.proto.ice import (
+    MAX_REMOTE_CANDIDATES,
     Candidate,
     CandidateType,
     IceAgent,
@@ -372,3 +373,57 @@ def test_relay_backoff_is_bounded_and_jittered() -> None:
         delays = [svc._backoff(n) for n in range(1, 40)]
         assert all(0.75 <= d <= 60.0 * 1.25 for d in delays)
         assert len({round(d, 6) for d in delays[-10:]}) == 10  # not one fixed value
+
+
+def test_turn_permissions_are_the_live_agents_candidates_only() -> None:
+    """Regression (issue 13, item 5): every address in any con_req became a permission
+    refreshed forever (8,000 from 500 con_reqs). Now a relay keeps permissions for the live
+    agents' remote candidates only: capped with each agent's, gone with the agent."""
+    udp = RecordingUdp()
+    svc = IceService(
+        udp, Stats(), turn_config(), tap_name="ipop-test", listen_host=LOOPBACK,
+        rng=random.Random(3),
+    )  # fmt: skip
+    server = FakeTurnServer(users={"user": "secret"})
+    try:
+        relay = svc.relays[TURN.sockaddr]
+        now = time.monotonic()
+        svc._step(now)
+        _serve_turn(svc, udp, server, now)
+        client = relay.client
+        assert client is not None and client.state is TurnState.ALLOCATED
+        agents = []
+        for n in range(2):
+            agent = IceAgent(controlling=True, local_ufrag=f"ufrag{n}", local_pwd="p" * 22)
+            svc.register(agent, lambda: None)
+            agents.append(agent)
+        # 500 con_reqs of 16 fresh candidates each, all for the first agent.
+        for req in range(500):
+            for i in range(16):
+                ip = f"10.{req // 250}.{req % 250}.{i + 1}"
+                agents[0].add_remote_candidate(host_candidate((ip, 4600)))
+            svc.permit()
+        agents[1].add_remote_candidate(host_candidate(("192.0.2.9", 4600)))
+        svc.permit()
+        _serve_turn(svc, udp, server, now)
+        wanted = {c.address for a in agents for c in a.remote_candidates}
+        assert len(wanted) <= 2 * MAX_REMOTE_CANDIDATES
+        assert client.permitted == wanted
+        assert svc.status()["turn"][0]["permissions"] == len(wanted)
+        assert set(server.permissions) == wanted  # nothing past an agent's cap was asked
+        # The first agent goes (its link closed): only the second's address stays permitted,
+        # and the dropped ones are not refreshed.
+        svc.unregister("ufrag0")
+        assert client.permitted == {"192.0.2.9"}
+        asked = len(server.requests)
+        later = now + 400.0
+        svc._step(later)
+        _serve_turn(svc, udp, server, later)
+        refreshed = {
+            m.xor_peer_address[0][0]
+            for m in server.requests[asked:]
+            if m.method is Method.CREATE_PERMISSION
+        }
+        assert refreshed == {"192.0.2.9"}
+    finally:
+        udp.sock.close()

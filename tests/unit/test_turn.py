@@ -458,3 +458,27 @@ def _fuzz_client() -> tuple[TurnClient, FakeTurnServer]:
 
 
 _FUZZ = _fuzz_client()
+
+
+def test_retained_permissions_only_are_refreshed() -> None:
+    """retain_permissions: the others stop being refreshed, an answer already in flight
+    for one does not bring it back, and a bound channel's peer keeps its permission."""
+    client, server = allocated()
+    other, channel_peer = ("192.0.2.78", 9), ("192.0.2.79", 9)
+    client.create_permission(PEER[0], 1.0)
+    client.create_permission(other[0], 1.0)
+    client.bind_channel(channel_peer, 1.0)
+    in_flight = client.datagrams_to_send()
+    client.retain_permissions({PEER[0]})
+    for datagram in in_flight:
+        for reply in server.handle(datagram, 1.0):
+            client.receive_untrusted(reply, 1.0)
+    assert client.permitted == {PEER[0], channel_peer[0]}
+    asked = len(server.requests)
+    advance(client, server, 1000.0)
+    refreshed = {
+        m.xor_peer_address[0][0]
+        for m in server.requests[asked:]
+        if m.method in (Method.CREATE_PERMISSION, Method.CHANNEL_BIND)
+    }
+    assert refreshed == {PEER[0], channel_peer[0]}
