@@ -2,8 +2,8 @@
 
 Two layers, as h11 and its drivers:
 
-  * `ServerCore` is the protocol, sans-IO: `open(peer)` a connection, feed it every text
-    message with `receive(conn, data, now)`, tell it `closed(conn)`; it queues
+  * `ServerCore` is the protocol, sans-IO: `open(peer, now, source=)` a connection, feed
+    it every text message with `receive(conn, data, now)`, tell it `closed(conn)`; it queues
     `Send(conn, text)` and `Close(conn, code, reason)` actions (`actions()`). It keeps the
     overlays and their members, verifies certificates and possession proofs
     (proto/signalling.py), rate-limits each connection (a token bucket fed by `now`), and
@@ -22,8 +22,24 @@ disconnected, nobody else waits:
                      fit closes the connection ("too slow"): a client that stops reading
                      costs at most `max_queued_bytes` of memory and never blocks a sender
     send time        one WebSocket send taking longer than `send_timeout` closes it too
-    admission time   hello + auth must complete within `auth_timeout`
+    admission time   TLS, the WebSocket opening, hello and auth must complete within
+                     `auth_timeout` of the TCP accept
     idle time        a member silent for `idle_timeout` (clients ping every 15 s) is dropped
+
+Limits per source and overall, checked when a TCP connection is accepted (before TLS or the
+WebSocket opening, so a refused one costs no handshake: its socket is closed at once,
+counted `refused_*`). A source is an IPv4 address (IPv4-mapped ones too) or an IPv6 /64:
+
+    connections      `max_clients` in all (refused_full), `max_clients_per_source`
+                     admitted or not from one source (refused_source)
+    pre-auth         connections not yet admitted: `max_preauth` in all (refused_preauth),
+                     `max_preauth_per_source` (refused_preauth_source); admission or the
+                     socket's close gives the slot back
+    admissions       per node key, a token bucket (`admit_rate`/s, `admit_burst`), checked
+                     once the key is proven: each admission announces a join (and later a
+                     leave) to every member. Over it → error "rate_limited", close 1013, no
+                     announcement, counted refused_admit_rate; the client backs off. The
+                     buckets (`max_admit_keys` at most) are forgotten once full again.
 
 Ordering: a connection's messages leave in the order the core queued them, and the core is
 driven from one task at a time (Trio is single-threaded and the core never awaits), so every
