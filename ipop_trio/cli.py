@@ -27,6 +27,63 @@ typical use:
 """
 
 
+# `ipop-trio signal`'s limit options: (flag, `Limits` field, type, default shown, help). The
+# defaults are `Limits`'s (tests/unit/test_cli.py checks they agree), written out so that
+# building the parser does not import the server (trio, trio-websocket) for every command.
+SIGNAL_LIMITS: tuple[tuple[str, str, type, float, str], ...] = (
+    ("--max-clients", "max_clients", int, 100_000, "connections in all"),
+    (
+        "--max-clients-per-source",
+        "max_clients_per_source",
+        int,
+        1024,
+        "connections from one IPv4 address or IPv6 /64, admitted or not",
+    ),
+    ("--max-preauth", "max_preauth", int, 1024, "connections not yet admitted, in all"),
+    (
+        "--max-preauth-per-source",
+        "max_preauth_per_source",
+        int,
+        16,
+        "connections not yet admitted from one IPv4 address or IPv6 /64",
+    ),
+    ("--admit-rate", "admit_rate", float, 0.2, "admissions per second per node key, sustained"),
+    ("--admit-burst", "admit_burst", float, 5, "admissions of one node key allowed at once"),
+)
+
+
+def _add_signal_limits(sg: argparse.ArgumentParser) -> None:
+    group = sg.add_argument_group(
+        "limits",
+        "A connection beyond a connection limit is closed at once; an admission beyond the "
+        "key's rate is refused with error rate_limited (the client backs off and retries).",
+    )
+    for flag, name, kind, default, text in SIGNAL_LIMITS:
+        group.add_argument(
+            flag,
+            dest=name,
+            type=kind,
+            default=None,
+            metavar="N",
+            help=f"{text} (default {default:g})",
+        )
+
+
+def signal_limits(args: argparse.Namespace) -> Any:
+    """The server's `Limits` from `ipop-trio signal`'s options (unset ones: the defaults)."""
+    from .signalling.server import Limits
+
+    given = {}
+    for flag, name, _kind, _default, _text in SIGNAL_LIMITS:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if value <= 0:
+            raise ConfigError(flag, f"must be positive, not {value}")
+        given[name] = value
+    return Limits(**given)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ipop-trio",
@@ -68,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--tls-cert", type=Path, default=None, help="TLS certificate chain (PEM)")
     sg.add_argument("--tls-key", type=Path, default=None, help="TLS private key (PEM)")
     sg.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _add_signal_limits(sg)
 
     st = sub.add_parser(
         "status",
@@ -292,8 +350,9 @@ def cmd_signal(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
+    limits = signal_limits(args)
     raise_fd_limit()
-    server = SignallingServer(anchors)
+    server = SignallingServer(anchors, limits)
 
     async def main_task() -> None:
         async with trio.open_nursery() as nursery:

@@ -10,7 +10,9 @@ one certificate per simulated node from a throwaway CA, and in this process:
      and measures relay latency (send → arrival at the target) p50 / p99;
   3. reads the server's RSS before the first and after the last join: memory per node.
 Every simulated node keeps reading (join announcements: N²/2 messages in all), as a real node
-does; a node that stopped reading would be disconnected by design. Not part of the test suite.
+does; a node that stopped reading would be disconnected by design. All nodes connect from
+127.0.0.1, one source: the server is started with its per-source limits raised to fit the
+run (`server_limits`). Not part of the test suite.
 """
 
 from __future__ import annotations
@@ -204,6 +206,21 @@ def report(result: dict[str, float]) -> None:
     )
 
 
+def server_limits(args: argparse.Namespace) -> list[str]:
+    """Every simulated node connects from 127.0.0.1, one source to the server's per-source
+    limits: raise them to what this run holds (its nodes, its joins in flight), with room."""
+    return [
+        "--max-clients-per-source",
+        str(args.nodes + args.concurrency + 16),
+        "--max-preauth-per-source",
+        str(args.concurrency + 16),
+        "--max-preauth",
+        str(max(1024, args.concurrency + 16)),
+        "--max-clients",
+        str(max(100_000, args.nodes + args.concurrency + 16)),
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -229,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         ca_path.write_bytes(ca.cert_pem)
         argv_server = [sys.executable, "-m", "ipop_trio", "signal", "--listen", "127.0.0.1:0"]
         server = subprocess.Popen(
-            [*argv_server, "--ca", str(ca_path), "--log-level", "warning"],
+            [*argv_server, "--ca", str(ca_path), "--log-level", "warning", *server_limits(args)],
             stdout=subprocess.PIPE,
             text=True,
         )

@@ -2,8 +2,8 @@
 
 Two layers, as h11 and its drivers:
 
-  * `ServerCore` is the protocol, sans-IO: `open(peer)` a connection, feed it every text
-    message with `receive(conn, data, now)`, tell it `closed(conn)`; it queues
+  * `ServerCore` is the protocol, sans-IO: `open(peer, now, source=)` a connection, feed
+    it every text message with `receive(conn, data, now)`, tell it `closed(conn)`; it queues
     `Send(conn, text)` and `Close(conn, code, reason)` actions (`actions()`). It keeps the
     overlays and their members, verifies certificates and possession proofs
     (proto/signalling.py), rate-limits each connection (a token bucket fed by `now`), and
@@ -22,8 +22,24 @@ disconnected, nobody else waits:
                      fit closes the connection ("too slow"): a client that stops reading
                      costs at most `max_queued_bytes` of memory and never blocks a sender
     send time        one WebSocket send taking longer than `send_timeout` closes it too
-    admission time   hello + auth must complete within `auth_timeout`
+    admission time   TLS, the WebSocket opening, hello and auth must complete within
+                     `auth_timeout` of the TCP accept
     idle time        a member silent for `idle_timeout` (clients ping every 15 s) is dropped
+
+Limits per source and overall, checked when a TCP connection is accepted (before TLS or the
+WebSocket opening, so a refused one costs no handshake: its socket is closed at once,
+counted `refused_*`). A source is an IPv4 address (IPv4-mapped ones too) or an IPv6 /64:
+
+    connections      `max_clients` in all (refused_full), `max_clients_per_source`
+                     admitted or not from one source (refused_source)
+    pre-auth         connections not yet admitted: `max_preauth` in all (refused_preauth),
+                     `max_preauth_per_source` (refused_preauth_source); admission or the
+                     socket's close gives the slot back
+    admissions       per node key, a token bucket (`admit_rate`/s, `admit_burst`), checked
+                     once the key is proven: each admission announces a join (and later a
+                     leave) to every member. Over it → error "rate_limited", close 1013, no
+                     announcement, counted refused_admit_rate; the client backs off. The
+                     buckets (`max_admit_keys` at most) are forgotten once full again.
 
 Ordering: a connection's messages leave in the order the core queued them, and the core is
 driven from one task at a time (Trio is single-threaded and the core never awaits), so every
@@ -37,9 +53,11 @@ block another's messages.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import logging
 import ssl
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +65,6 @@ from typing import Any
 import trio
 from trio_websocket import (
     ConnectionClosed,
-    Endpoint,
     WebSocketConnection,
     WebSocketRequest,
     wrap_server_stream,
@@ -81,6 +98,14 @@ class Limits:
     auth_timeout: float = 10.0
     idle_timeout: float = 60.0
     max_clients: int = 100_000
+    # Per source address (an IPv4 address; an IPv6 /64, what one subscriber is given):
+    max_clients_per_source: int = 1024  # connections, admitted or not
+    max_preauth: int = 1024  # connections not yet admitted, all sources together
+    max_preauth_per_source: int = 16  # connections not yet admitted, per source
+    # Admissions per node key (each one announces a join, and later a leave, to every member):
+    admit_rate: float = 0.2  # per second, sustained (one every 5 s)
+    admit_burst: float = 5.0  # admissions allowed at once
+    max_admit_keys: int = 100_000  # keys whose admission bucket is remembered
 
 
 # --- Sans-IO core ----------------------------------------------------------------------------
@@ -115,12 +140,77 @@ class Conn:
     peer: str
     opened: float
     bucket: TokenBucket  # messages it may send (Limits.rate, Limits.burst)
+    source: str = ""  # what the per-source limits count (`source_of`)
+    counted: bool = False  # holds one of its source's connection slots
+    preauth: bool = False  # holds a pre-authentication slot (overall and its source's)
     state: ConnState = ConnState.HELLO
     challenge: sig.PendingChallenge | None = None
     identity: Identity | None = None
     member: sig.Member | None = None
     received: int = 0
     relayed: int = 0
+
+
+def source_of(address: str) -> str:
+    """What the per-source limits count for a peer address (no port): an IPv4 address (also
+    when it arrives IPv4-mapped on a dual-stack socket), or an IPv6 address's /64 (one
+    subscriber's network: a host has as many addresses in it as it likes). Anything that is
+    not an IP address (a test's name, a Unix socket) is its own source."""
+    try:
+        ip = ipaddress.ip_address(address.strip("[]").split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+def _host_of(peer: str) -> str:
+    """The address part of "host:port", "[v6]:port" or a bare address."""
+    if peer.startswith("["):
+        return peer[1:].split("]", 1)[0]
+    if peer.count(":") == 1:
+        return peer.rsplit(":", 1)[0]
+    return peer
+
+
+class AdmissionLimiter:
+    """One `TokenBucket(rate, burst)` per node key, in bounded memory.
+
+    A bucket that has filled up again says nothing a missing one would not (a new bucket
+    starts full), so the least recently used buckets are forgotten once full; and beyond
+    `max_keys` the least recently used goes regardless (only keys that proved possession of
+    a certificate's key get here, so that takes as many certificates as the CA issued)."""
+
+    def __init__(self, rate: float, burst: float, max_keys: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.max_keys = max(1, max_keys)
+        self._buckets: OrderedDict[bytes, TokenBucket] = OrderedDict()
+
+    def allow(self, key: bytes, now: float) -> bool:
+        self._forget_full(now)
+        bucket = self._buckets.pop(key, None)
+        if bucket is None:
+            bucket = TokenBucket(self.rate, self.burst, now)
+        ok = bucket.allow(now)
+        self._buckets[key] = bucket  # most recently used last
+        while len(self._buckets) > self.max_keys:
+            self._buckets.popitem(last=False)
+        return ok
+
+    def _forget_full(self, now: float) -> None:
+        """Drop full buckets from the stale end (amortised O(1): each goes once)."""
+        while self._buckets:
+            bucket = next(iter(self._buckets.values()))
+            if bucket.tokens + max(0.0, now - bucket.last) * bucket.rate < bucket.burst:
+                return
+            self._buckets.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
 
 @dataclass(slots=True)
@@ -143,20 +233,46 @@ class ServerCore:
         if not self.overlays:
             raise ValueError("the server needs at least one overlay CA")
         self.conns: dict[int, Conn] = {}
+        self.per_source: dict[str, int] = {}  # source → connections it holds (`Conn.counted`)
+        self.preauth = 0  # connections holding a pre-authentication slot
+        self.preauth_per_source: dict[str, int] = {}
+        lim = self.limits
+        self.admissions = AdmissionLimiter(lim.admit_rate, lim.admit_burst, lim.max_admit_keys)
         self._next_id = 1
         self._actions: list[Action] = []
         self.counters: dict[str, int] = {}
 
     # -- driver API -------------------------------------------------------------------------
 
-    def open(self, peer: str, now: float) -> int:
-        """A transport connected; returns its id. Refuses (Close) beyond max_clients."""
+    def open(self, peer: str, now: float, *, source: str | None = None) -> int:
+        """A transport connected from `peer` ("address:port"); returns its id.
+
+        Refuses it (Close, counted) beyond max_clients, beyond max_clients_per_source
+        connections from its source, or beyond max_preauth / max_preauth_per_source
+        connections not yet admitted; a refused connection holds no slot. `source` is the
+        peer's address (no port); by default taken from `peer`."""
         lim = self.limits
-        conn = Conn(self._next_id, peer, now, TokenBucket(lim.rate, lim.burst, now))
+        src = source_of(_host_of(peer) if source is None else source)
+        conn = Conn(self._next_id, peer, now, TokenBucket(lim.rate, lim.burst, now), src)
         self._next_id += 1
         self.conns[conn.id] = conn
-        if len(self.conns) > self.limits.max_clients:
+        if len(self.conns) > lim.max_clients:
+            self.count("refused_full")
             self._close(conn, CLOSE_TRY_AGAIN, "server full")
+        elif self.per_source.get(src, 0) >= lim.max_clients_per_source:
+            self.count("refused_source")
+            self._close(conn, CLOSE_TRY_AGAIN, "too many connections from this address")
+        elif self.preauth >= lim.max_preauth:
+            self.count("refused_preauth")
+            self._close(conn, CLOSE_TRY_AGAIN, "too many connections authenticating")
+        elif self.preauth_per_source.get(src, 0) >= lim.max_preauth_per_source:
+            self.count("refused_preauth_source")
+            self._close(conn, CLOSE_TRY_AGAIN, "too many connections authenticating from here")
+        else:
+            conn.counted = conn.preauth = True
+            self.per_source[src] = self.per_source.get(src, 0) + 1
+            self.preauth += 1
+            self.preauth_per_source[src] = self.preauth_per_source.get(src, 0) + 1
         return conn.id
 
     def actions(self) -> list[Action]:
@@ -185,6 +301,10 @@ class ServerCore:
             return
         self._leave(conn)
         conn.state = ConnState.CLOSED
+        self._end_preauth(conn)
+        if conn.counted:
+            conn.counted = False
+            _decrement(self.per_source, conn.source)
 
     def receive(self, conn_id: int, data: str | bytes, now: float) -> None:
         """One message from a client. Bad input closes that client; nothing raises."""
@@ -205,13 +325,14 @@ class ServerCore:
         if conn.state is ConnState.HELLO:
             self._on_hello(conn, msg, now)
         elif conn.state is ConnState.CHALLENGED:
-            self._on_auth(conn, msg)
+            self._on_auth(conn, msg, now)
         else:
             self._on_member_message(conn, msg)
 
     def stats(self) -> dict[str, object]:
         return {
             "connections": len(self.conns),
+            "preauth": self.preauth,
             "overlays": {name: len(o.members) for name, o in self.overlays.items()},
             "counters": dict(self.counters),
         }
@@ -246,7 +367,7 @@ class ServerCore:
                 reasons.append(str(exc))
         return None, "; ".join(reasons) if len(reasons) == 1 else "no overlay CA accepts it"
 
-    def _on_auth(self, conn: Conn, msg: sig.Message) -> None:
+    def _on_auth(self, conn: Conn, msg: sig.Message, now: float) -> None:
         assert conn.identity is not None and conn.challenge is not None
         if not isinstance(msg, sig.Auth):
             self._close(conn, CLOSE_PROTOCOL, "expected auth")
@@ -259,6 +380,13 @@ class ServerCore:
             self._send(conn, sig.Error("auth_failed", "wrong answer to the challenge"))
             self._close(conn, CLOSE_POLICY, "auth failed")
             return
+        if not self.admissions.allow(ident.public_key, now):
+            # Each admission announces a join to every member (and its end a leave): one key
+            # connecting in a loop must not make the server write to everyone in a loop.
+            self.count("refused_admit_rate")
+            self._send(conn, sig.Error("rate_limited", "admitted too often: try again later"))
+            self._close(conn, CLOSE_TRY_AGAIN, "admission rate limit")
+            return
         overlay = self.overlays[ident.overlay]
         member = sig.Member(ident.public_key, ident.name, str(ident.address))
         old = overlay.members.pop(ident.public_key, None)
@@ -268,6 +396,7 @@ class ServerCore:
         others = tuple(c.member for c in overlay.members.values() if c.member is not None)
         conn.member = member
         conn.state = ConnState.MEMBER
+        self._end_preauth(conn)
         overlay.members[ident.public_key] = conn
         self.count("admitted")
         self._send(conn, sig.Welcome(overlay.name, member, others))
@@ -306,6 +435,13 @@ class ServerCore:
             del overlay.members[conn.member.key]
             self._broadcast(overlay, sig.encode(sig.Leave(conn.member.key, conn.member.name)))
 
+    def _end_preauth(self, conn: Conn) -> None:
+        """Give back its pre-authentication slot (admitted, or gone)."""
+        if conn.preauth:
+            conn.preauth = False
+            self.preauth -= 1
+            _decrement(self.preauth_per_source, conn.source)
+
     def _send(self, conn: Conn, msg: sig.Message) -> None:
         self._actions.append(Send(conn.id, sig.encode(msg)))
 
@@ -325,6 +461,14 @@ class ServerCore:
         self.counters[name] = self.counters.get(name, 0) + 1
 
 
+def _decrement(counts: dict[str, int], key: str) -> None:
+    n = counts[key] - 1
+    if n:
+        counts[key] = n
+    else:
+        del counts[key]  # no entry per address ever seen: only per address present
+
+
 # --- Trio driver ---------------------------------------------------------------------------
 
 
@@ -334,9 +478,10 @@ class _Client:
     Outbox policy when full (messages or bytes): the client is disconnected; senders never
     wait for it."""
 
-    def __init__(self, conn_id: int, limits: Limits) -> None:
+    def __init__(self, conn_id: int, limits: Limits, peer: str) -> None:
         self.id = conn_id
         self.limits = limits
+        self.peer = peer
         self.out_send, self.out_receive = trio.open_memory_channel[str](limits.max_queued_messages)
         self.queued_bytes = 0
         self.scope = trio.CancelScope()
@@ -432,15 +577,29 @@ class SignallingServer:
                 client.close(action.code, action.reason, flush=True)
 
     async def _connection(self, stream: trio.abc.Stream) -> None:
-        """One client connection, from the WebSocket opening to the socket's close. Whatever
+        """One client connection, from the TCP accept to the socket's close. Whatever
         happens here stays here: the peer's bytes, trio-websocket and TLS may raise anything
         (LocalProtocolError, BrokenResourceError, ssl errors), and it ends this connection
-        only, counted and logged."""
+        only, counted and logged.
+
+        The core hears of the connection at once (before TLS and the WebSocket opening), so
+        the pre-authentication limits count every socket a stranger holds, and a connection
+        they refuse costs no handshake: its socket is closed straight away."""
+        client: _Client | None = None
         try:
+            peer, source = _peer_of(stream)
+            conn_id = self.core.open(peer, self.now(), source=source)
+            client = _Client(conn_id, self.limits, peer)
+            self.clients[conn_id] = client
+            self._dispatch()
+            if client.close_reason is not None:
+                log.debug("refused %s: %s", peer, client.close_reason)
+                return
             async with trio.open_nursery() as nursery:
                 # A client that never completes TLS or the WebSocket opening (a ws:// client
                 # on a wss:// port) holds its socket no longer than admission may.
-                with trio.move_on_after(self.limits.auth_timeout) as opening:
+                timeout = self.core.receive_timeout(conn_id, self.now())
+                with trio.move_on_after(timeout) as opening:
                     request = await wrap_server_stream(
                         nursery,
                         stream,
@@ -448,40 +607,39 @@ class SignallingServer:
                         max_message_size=self.limits.max_message,
                     )
                 if not opening.cancelled_caught:
-                    await self._handle(request)
+                    await self._handle(request, client)
                 nursery.cancel_scope.cancel()  # the library's reader task, if still running
         except Exception as exc:  # the one boundary a connection has: nothing passes it
             self.core.count("connection_errors")
             log.info("connection ended by an error: %s", _describe(exc))
         finally:
+            if client is not None:  # (idempotent: `_handle` has done this if it ran)
+                self.clients.pop(client.id, None)
+                self.core.closed(client.id)
+                self._dispatch()
             with trio.CancelScope(shield=True), trio.move_on_after(FLUSH_TIME):
                 await stream.aclose()
 
-    async def _handle(self, request: WebSocketRequest) -> None:
+    async def _handle(self, request: WebSocketRequest, client: _Client) -> None:
         try:
             ws = await request.accept()
         except ConnectionClosed:
             return
-        remote = ws.remote
-        peer = f"{remote.address}:{remote.port}" if isinstance(remote, Endpoint) else str(remote)
-        conn_id = self.core.open(peer, self.now())
-        client = _Client(conn_id, self.limits)
-        self.clients[conn_id] = client
         try:
-            self._dispatch()
             with client.scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._writer, ws, client)
                     await self._reader(ws, client)
                     client.out_send.close()  # the peer closed: let the writer finish
         finally:
-            self.clients.pop(conn_id, None)
-            self.core.closed(conn_id)
+            # The member leaves (announced to the others) before the close handshake waits.
+            self.clients.pop(client.id, None)
+            self.core.closed(client.id)
             self._dispatch()
             with trio.CancelScope(shield=True), trio.move_on_after(FLUSH_TIME):
                 await ws.aclose(client.close_code, client.close_reason)
             if client.close_reason is not None:
-                log.info("closed %s: %s", peer, client.close_reason)
+                log.info("closed %s: %s", client.peer, client.close_reason)
 
     async def _reader(self, ws: WebSocketConnection, client: _Client) -> None:
         core = self.core
@@ -513,6 +671,19 @@ class SignallingServer:
         except ConnectionClosed:
             pass
         client.scope.cancel()  # the outbox is closed and sent, or the socket broke
+
+
+def _peer_of(stream: trio.abc.Stream) -> tuple[str, str]:
+    """("address:port", address) of a (TLS-over-)TCP stream's peer; IPv6 in brackets."""
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    if not isinstance(stream, trio.SocketStream):
+        return repr(stream), repr(stream)
+    name = stream.socket.getpeername()
+    if not isinstance(name, tuple):  # AF_UNIX
+        return str(name), str(name)
+    host, port = str(name[0]), int(name[1])
+    return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}"), host
 
 
 def _port_of(listener: trio.abc.Listener[trio.abc.Stream]) -> int:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from trio_websocket import ConnectionClosed
+from trio_websocket import ConnectionClosed, HandshakeError
 
 from ipop_trio import pki
 from ipop_trio.proto import signalling as sig
@@ -188,3 +189,23 @@ async def test_random_frame_sequences_never_stop_the_server(
 
 async def test_after_the_raw_frames_the_server_still_serves(live: LiveServer) -> None:
     await still_serves(live)
+
+
+async def test_one_address_holds_at_most_16_unauthenticated_connections(live: LiveServer) -> None:
+    """The real `ipop-trio signal` with its default limits: loopback is one source; the 17th
+    connection that has not authenticated is refused, and once the holders are gone honest
+    nodes from the same address are admitted again."""
+    async with AsyncExitStack() as holders:
+        for _ in range(16):
+            await holders.enter_async_context(open_connection(live.url))
+        refused = (OSError, ConnectionClosed, HandshakeError, trio.TooSlowError)
+        with pytest.raises(refused):
+            async with open_connection(live.url, connect_timeout=1) as ws:
+                await ws.get_message()
+    with trio.fail_after(10):
+        while True:  # the server hears of the holders' closes asynchronously
+            try:
+                await still_serves(live)
+                break
+            except* refused:
+                await trio.sleep(0.1)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 
 from ipop_trio import pki
 from ipop_trio.proto import signalling as sig
@@ -82,6 +82,11 @@ async def admit(ws: WebSocketConnection, node: NodeId) -> sig.Welcome:
     welcome = await receive(ws)
     assert isinstance(welcome, sig.Welcome), welcome
     return welcome
+
+
+@asynccontextmanager
+async def admitted(ws: WebSocketConnection, node: NodeId) -> AsyncIterator[sig.Welcome]:
+    yield await admit(ws, node)
 
 
 async def closed_code(ws: WebSocketConnection, timeout: float = 10.0) -> int | None:
@@ -340,3 +345,39 @@ async def test_a_client_that_stops_reading_is_disconnected_without_stalling_othe
         counters = server.core.counters
         assert counters.get("closed_slow", 0) + counters.get("closed_send_timeout", 0) == 1
         await _pair_still_works(wb, wa, b, a)
+
+
+async def test_unauthenticated_holders_are_capped_per_source_and_admitted_nodes_free_slots(
+    lab_ca: pki.CaBundle, nodes: list[NodeId]
+) -> None:
+    # Loopback is one source: with 2 pre-auth slots per source, a third connection that has
+    # not authenticated is refused at once (its socket closed before any WebSocket opening).
+    limits = Limits(max_preauth_per_source=2)
+    async with running(lab_ca, limits=limits) as (server, url):
+        async with open_connection(url) as h1, open_connection(url) as h2:
+            # (trio-websocket's client does not notice the server's EOF during the opening
+            # handshake: it waits for its connect timeout, then the real client backs off.)
+            refused = (OSError, ConnectionClosed, HandshakeError, trio.TooSlowError)
+            with pytest.raises(refused):
+                async with open_connection(url, connect_timeout=1) as h3:
+                    await h3.get_message()
+            assert server.core.counters.get("refused_preauth_source") == 1
+            del h1, h2
+        with trio.fail_after(5):
+            while server.core.preauth:
+                await trio.sleep(0.01)
+        # Admitted nodes hold no pre-auth slot: three members, and still room for two more.
+        async with (
+            open_connection(url) as wa,
+            admitted(wa, nodes[0]),
+            open_connection(url) as wb,
+            admitted(wb, nodes[1]),
+            open_connection(url) as wc,
+            admitted(wc, nodes[2]),
+            open_connection(url) as h1,
+            open_connection(url) as h2,
+        ):
+            await admit(h2, nodes[3])
+            assert server.core.stats()["overlays"] == {"lab": 4}
+            del h1
+        assert server.core.counters.get("refused_preauth_source") == 1
