@@ -18,10 +18,14 @@ import random
 import struct
 from collections.abc import Callable, Iterator
 from functools import partial
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from ipop_trio import pki
+from ipop_trio.datapath.inbound import Inbound
+from ipop_trio.datapath.sessions import SessionEntry, SessionTable
+from ipop_trio.datapath.switch import VNET, PeerPort, Switch
 from ipop_trio.errors import BadPacket
 from ipop_trio.proto import cookie, handshake, stun, turn
 from ipop_trio.proto import signalling as sig
@@ -31,6 +35,7 @@ from ipop_trio.proto.link import Link
 from ipop_trio.proto.offload import OffloadError, Reassembler
 from ipop_trio.proto.session import Cipher, Session
 from ipop_trio.signalling.server import Close, ConnState, Limits, Send, ServerCore
+from ipop_trio.stats import Stats
 
 NOW = 1_767_225_600.0  # 2026-01-01T00:00:00Z: every certificate is issued then
 SERVER = ("192.0.2.99", 3478)
@@ -260,6 +265,36 @@ def reassembler(data: bytes) -> None:
             assert pending() == before, "a refused piece changed the pending frame"
 
 
+_PEER_MAC, _OWN_MAC = bytes.fromhex("02aabbccdd01"), bytes.fromhex("02aabbccdd02")
+
+
+def inbound(data: bytes) -> None:
+    """The Python data path's Inbound.process over one receive call's datagrams, from the
+    peer's address (even chunks count) or another (odd): it never raises, and a TAP write
+    comes only from a datagram that opened under the session, and carries the peer's MAC."""
+    stats = Stats()
+    switch = Switch(_OWN_MAC, stats)
+    port = PeerPort("peer", _PEER_MAC, None)
+    port.endpoint = PEER
+    switch.add(port)
+    table: SessionTable[Any] = SessionTable()
+    rx = _session()
+    table.entries[rx.local_index] = SessionEntry(rx, port, None)
+    handshakes: list[bytes] = []
+    stage = Inbound(switch, stats, table, on_handshake=lambda d, a, v: handshakes.append(d))
+    chunks = list(_split(data))
+    for i in range(0, len(chunks), 4):
+        out: list[bytes] = []
+        before = rx.recv_highest
+        addr = PEER if i % 8 == 0 else ("198.51.100.7", 1)
+        stage.process(chunks[i : i + 4], addr, 1.0 + i, out)
+        for w in out:
+            assert rx.recv_highest != before or stage.pending, "a TAP write from nothing opened"
+            assert w[VNET + 6 : VNET + 12] == _PEER_MAC, "a TAP write not from the peer's MAC"
+    out = []
+    stage.flush_pending(out)
+
+
 # --- signalling server core -----------------------------------------------------------------
 
 
@@ -321,7 +356,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
         stun_header, stun_parse, turn_channel_data, signalling_decode, handshake_payload,
         handshake_indices, ice_candidate, cert_verify, handshake_initiation,
         handshake_response, cookie_reply, cookie_admit, link_receive, turn_client,
-        srflx_gatherer, session_open, reassembler, signalling_server,
+        srflx_gatherer, session_open, reassembler, inbound, signalling_server,
     )
 }  # fmt: skip
 
@@ -374,6 +409,11 @@ def _server_script() -> bytes:
     return bytes([0, 1, 3, 0, 4, 0, 0, 2, 3, 1, 4, 1]) + msg + bytes([7, 40, 5, 0, 6, 1])
 
 
+def _inbound_datagrams() -> list[bytes]:
+    tx = _session(sender=True)
+    return [tx.seal(p) for p in _pieces()] + [_binding_request(), _initiation()[0]]
+
+
 def _seed_lists() -> dict[str, list[bytes]]:
     stun_seeds = [_binding_request(), _binding_response()]
     init, resp = _initiation()[0], _response()
@@ -396,6 +436,7 @@ def _seed_lists() -> dict[str, list[bytes]]:
         "srflx_gatherer": [_join(stun_seeds)],
         "session_open": [_join(sealed), _join(sealed[::-1] + sealed)],
         "reassembler": [_join(_pieces())],
+        "inbound": [_join(_inbound_datagrams())],
         "signalling_server": [_server_script()],
     }
 
