@@ -40,6 +40,7 @@ Servers are literal IP addresses: resolving names would make startup depend on D
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
 import tomllib
@@ -413,7 +414,9 @@ def _unknown(section: str, table: dict[str, Any], field: str | None = None) -> N
     if extra:
         where = f"{field or section}.{extra[0]}" if (field or section) else extra[0]
         known = ", ".join(sorted(_KNOWN[section]))
-        raise ConfigError(where, f"unknown setting (known here: {known})")
+        close = difflib.get_close_matches(extra[0], _KNOWN[section], n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(where, f"unknown setting ({hint}known here: {known})")
 
 
 def _table(data: dict[str, Any], name: str, *, required: bool) -> dict[str, Any]:

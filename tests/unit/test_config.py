@@ -211,3 +211,28 @@ def test_at_most_eight_servers_of_each_kind(files: Path, n: int) -> None:
             with pytest.raises(ConfigError, match="up to 8") as exc:
                 config.load(path)
             assert exc.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "hint"),
+    [
+        (('listen = "0', 'lisen = "0'), "node.lisen", "did you mean 'listen'?"),
+        (("mtu = 1380", "mut = 1380"), "tap.mut", "did you mean 'mtu'?"),
+        (('endpoint = "192', 'endpiont = "192'), "peer[0].endpiont", "did you mean 'endpoint'?"),
+        (("[tap]", "[tapp]"), "tapp", "did you mean 'tap'?"),
+    ],
+)
+def test_a_misspelt_key_gets_a_did_you_mean(
+    files: Path, change: tuple[str, str], field: str, hint: str
+) -> None:
+    with pytest.raises(ConfigError) as exc:
+        config.load(write(files, GOOD.replace(*change)))
+    assert exc.value.field == field and hint in str(exc.value), exc.value
+
+
+def test_an_unlike_key_gets_only_the_known_ones(files: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        config.load(write(files, GOOD.replace("[tap]", "[tap]\nzzzz = 1")))
+    assert "did you mean" not in str(exc.value) and "known here: mtu, name, offload" in str(
+        exc.value
+    )
