@@ -254,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     except ConfigError as exc:
-        print(f"ipop-trio: config error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():  # ConfigErrors: every problem, one per line
+            print(f"ipop-trio: config error: {line}", file=sys.stderr)
         return 2
     except IpopError as exc:
         print(f"ipop-trio: {exc}", file=sys.stderr)

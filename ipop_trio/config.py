@@ -1,7 +1,8 @@
 """Node configuration: TOML in, frozen dataclasses out.
 
 Every problem becomes `ConfigError(field, why)` naming the field as the user wrote it
-(``node.listen``, ``peer[2].endpoint``), before the node touches the system. Relative paths
+(``node.listen``, ``peer[2].endpoint``), before the node touches the system; all of a file's
+problems are found in one pass and raised together as `ConfigErrors`. Relative paths
 are resolved against the config file's directory.
 
     [node]
@@ -41,14 +42,16 @@ Servers are literal IP addresses: resolving names would make startup depend on D
 from __future__ import annotations
 
 import difflib
+import functools
 import ipaddress
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from .errors import ConfigError, LocalProtocolError
+from .errors import ConfigError, ConfigErrors, LocalProtocolError
 from .proto.cert import decode_key
 from .proto.policy import SecurityPolicy
 from .proto.session import Cipher
@@ -63,6 +66,7 @@ DEFAULT_MTU = 1400
 MAX_MTU = 1500 - 20 - 8 - DATA_OVERHEAD - (PIECE_META.size + 1) - 14
 assert MAX_MTU == 1408
 MIN_MTU = 576
+T = TypeVar("T")
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,63}$")
 _IFNAME = re.compile(r"^[A-Za-z0-9._-]{1,15}$")
 _KNOWN = {
@@ -180,79 +184,74 @@ def load(path: Path) -> NodeConfig:
     return parse(data, path)
 
 
+class _Collect:
+    """Runs each check, keeps every ConfigError it raises and goes on: the user sees all the
+    config's problems in one run, not one per run. A failed check gives its default."""
+
+    def __init__(self) -> None:
+        self.errors: list[ConfigError] = []
+
+    def __call__(self, check: Callable[[], T], default: T) -> T:
+        try:
+            return check()
+        except ConfigErrors as exc:
+            self.errors.extend(exc.errors)
+        except ConfigError as exc:
+            self.errors.append(exc)
+        return default
+
+    def raise_any(self) -> None:
+        if len(self.errors) == 1:
+            raise self.errors[0]
+        if self.errors:
+            raise ConfigErrors(self.errors)
+
+
 def parse(data: dict[str, Any], path: Path) -> NodeConfig:
     base = path.parent
-    _unknown("", data)
-    node = _table(data, "node", required=True)
-    _unknown("node", node)
-    tap_t = _table(data, "tap", required=False)
-    _unknown("tap", tap_t)
+    c = _Collect()
+    c(lambda: _unknown("", data), None)
+    node: dict[str, Any] = c(lambda: _table(data, "node", required=True), {})
+    c(lambda: _unknown("node", node), None)
+    tap_t: dict[str, Any] = c(lambda: _table(data, "tap", required=False), {})
+    c(lambda: _unknown("tap", tap_t), None)
 
-    name = node.get("name")
-    if name is not None:
-        name = _name("node.name", name)
-    cert = _required_file(base, "node.cert", node.get("cert"))
-    key = _required_file(base, "node.key", node.get("key"))
-    ca = _required_file(base, "node.ca", node.get("ca"))
-    listen = parse_endpoint("node.listen", node.get("listen", f"0.0.0.0:{DEFAULT_PORT}"))
-    tap = TapConfig(
-        name=_ifname("tap.name", tap_t.get("name", "ipop0")),
-        mtu=_int("tap.mtu", tap_t.get("mtu", DEFAULT_MTU), MIN_MTU, MAX_MTU),
-        offload=_bool("tap.offload", tap_t.get("offload", True)),
+    name = c(lambda: _optional_name(node), None)
+    cert = c(lambda: _required_file(base, "node.cert", node.get("cert")), base)
+    key = c(lambda: _required_file(base, "node.key", node.get("key")), base)
+    ca = c(lambda: _required_file(base, "node.ca", node.get("ca")), base)
+    listen = c(
+        lambda: parse_endpoint("node.listen", node.get("listen", f"0.0.0.0:{DEFAULT_PORT}")),
+        Endpoint("0.0.0.0", DEFAULT_PORT),
     )
-    control_raw = node.get("control", f"/run/ipop-trio/{tap.name}.sock")
-    if not isinstance(control_raw, str) or not control_raw:
-        raise ConfigError("node.control", "must be a path (string)")
-    control = (base / control_raw) if not Path(control_raw).is_absolute() else Path(control_raw)
-    cipher_raw = node.get("cipher", Cipher.AES_256_GCM.value)
-    try:
-        cipher = Cipher(cipher_raw)
-    except ValueError:
-        choices = ", ".join(c.value for c in Cipher)
-        raise ConfigError("node.cipher", f"{cipher_raw!r} is not one of: {choices}") from None
-    security_raw = node.get("security", SecurityPolicy.ALWAYS.value)
-    try:
-        security = SecurityPolicy(security_raw)
-    except ValueError:
-        choices = ", ".join(p.value for p in SecurityPolicy)
-        raise ConfigError("node.security", f"{security_raw!r} is not one of: {choices}") from None
-    groups = None
-    if "groups" in node:
-        raw_groups = node["groups"]
-        if not isinstance(raw_groups, list) or not all(isinstance(g, str) for g in raw_groups):
-            raise ConfigError("node.groups", 'must be a list of group names, e.g. ["web"]')
-        groups = tuple(_name(f"node.groups[{i}]", g) for i, g in enumerate(raw_groups))
-    log_level = node.get("log_level", "info")
-    if log_level not in LOG_LEVELS:
-        raise ConfigError("node.log_level", f"{log_level!r} is not one of: {', '.join(LOG_LEVELS)}")
+    tap = TapConfig(
+        name=c(lambda: _ifname("tap.name", tap_t.get("name", "ipop0")), "ipop0"),
+        mtu=c(lambda: _int("tap.mtu", tap_t.get("mtu", DEFAULT_MTU), MIN_MTU, MAX_MTU), 0),
+        offload=c(lambda: _bool("tap.offload", tap_t.get("offload", True)), True),
+    )
+    control = c(lambda: _control(base, node, tap.name), base)
+    cipher = c(lambda: _choice("node.cipher", node, Cipher, Cipher.AES_256_GCM), Cipher.AES_256_GCM)
+    security = c(
+        lambda: _choice("node.security", node, SecurityPolicy, SecurityPolicy.ALWAYS),
+        SecurityPolicy.ALWAYS,
+    )
+    groups = c(lambda: _groups(node), None)
+    log_level = c(lambda: _log_level(node), "info")
 
     peers_raw = data.get("peer", [])
-    if not isinstance(peers_raw, list):
-        raise ConfigError("peer", "must be an array of tables: write [[peer]] sections")
     peers = []
+    if not isinstance(peers_raw, list):
+        c.errors.append(ConfigError("peer", "must be an array of tables: write [[peer]] sections"))
+        peers_raw = []
     seen: set[str] = set()
     for i, p in enumerate(peers_raw):
-        field = f"peer[{i}]"
-        if not isinstance(p, dict):
-            raise ConfigError(field, "must be a table")
-        _unknown("peer", p, field)
-        pname = _name(f"{field}.name", p.get("name"))
-        if pname in seen:
-            raise ConfigError(f"{field}.name", f"peer {pname!r} is listed twice")
-        seen.add(pname)
-        pcert = _file(base, f"{field}.cert", p.get("cert"), required=False)
-        pkey = None
-        if "public_key" in p:
-            pkey = _public_key(f"{field}.public_key", p["public_key"])
-        if (pcert is None) == (pkey is None):
-            raise ConfigError(field, "give exactly one of `cert` or `public_key`")
-        endpoint = None
-        if "endpoint" in p:
-            endpoint = parse_endpoint(f"{field}.endpoint", p["endpoint"], need_host=True)
-        peers.append(PeerConfig(name=pname, cert=pcert, public_key=pkey, endpoint=endpoint))
+        peer = c(functools.partial(_peer, base, f"peer[{i}]", p, seen), None)
+        if peer is not None:
+            peers.append(peer)
 
-    signalling = _signalling(base, _table(data, "signalling", required=False))
-    ice = _ice(_table(data, "ice", required=False))
+    signalling = c(lambda: _signalling(base, _table(data, "signalling", required=False)), None)
+    ice = c(lambda: _ice(_table(data, "ice", required=False)), IceConfig())
+    c.raise_any()
 
     return NodeConfig(
         path=path,
@@ -273,40 +272,135 @@ def parse(data: dict[str, Any], path: Path) -> NodeConfig:
     )
 
 
+def _optional_name(node: dict[str, Any]) -> str | None:
+    name = node.get("name")
+    return None if name is None else _name("node.name", name)
+
+
+def _control(base: Path, node: dict[str, Any], tap_name: str) -> Path:
+    control_raw = node.get("control", f"/run/ipop-trio/{tap_name}.sock")
+    if not isinstance(control_raw, str) or not control_raw:
+        raise ConfigError("node.control", "must be a path (string)")
+    return (base / control_raw) if not Path(control_raw).is_absolute() else Path(control_raw)
+
+
+E = TypeVar("E", Cipher, SecurityPolicy)
+
+
+def _choice(field: str, node: dict[str, Any], kind: type[E], default: E) -> E:
+    raw = node.get(field.split(".")[-1], default.value)
+    try:
+        return kind(raw)
+    except ValueError:
+        choices = ", ".join(str(k.value) for k in kind)
+        raise ConfigError(field, f"{raw!r} is not one of: {choices}") from None
+
+
+def _groups(node: dict[str, Any]) -> tuple[str, ...] | None:
+    if "groups" not in node:
+        return None
+    raw_groups = node["groups"]
+    if not isinstance(raw_groups, list) or not all(isinstance(g, str) for g in raw_groups):
+        raise ConfigError("node.groups", 'must be a list of group names, e.g. ["web"]')
+    return tuple(_name(f"node.groups[{i}]", g) for i, g in enumerate(raw_groups))
+
+
+def _log_level(node: dict[str, Any]) -> str:
+    log_level = node.get("log_level", "info")
+    if log_level not in LOG_LEVELS:
+        raise ConfigError("node.log_level", f"{log_level!r} is not one of: {', '.join(LOG_LEVELS)}")
+    return str(log_level)
+
+
+def _peer(base: Path, field: str, p: object, seen: set[str]) -> PeerConfig:
+    if not isinstance(p, dict):
+        raise ConfigError(field, "must be a table")
+    c = _Collect()
+    c(lambda: _unknown("peer", p, field), None)
+    pname = c(lambda: _name(f"{field}.name", p.get("name")), "")
+    if pname in seen:
+        c.errors.append(ConfigError(f"{field}.name", f"peer {pname!r} is listed twice"))
+    seen.add(pname)
+    pcert = c(lambda: _file(base, f"{field}.cert", p.get("cert"), required=False), None)
+    pkey = None
+    if "public_key" in p:
+        pkey = c(lambda: _public_key(f"{field}.public_key", p["public_key"]), b"")
+    if ("cert" in p) == ("public_key" in p):
+        c.errors.append(ConfigError(field, "give exactly one of `cert` or `public_key`"))
+    endpoint = None
+    if "endpoint" in p:
+        endpoint = c(
+            lambda: parse_endpoint(f"{field}.endpoint", p["endpoint"], need_host=True), None
+        )
+    c.raise_any()
+    return PeerConfig(name=pname, cert=pcert, public_key=pkey, endpoint=endpoint)
+
+
 def _signalling(base: Path, table: dict[str, Any]) -> SignallingConfig | None:
     if not table:
         return None
-    _unknown("signalling", table)
+    c = _Collect()
+    c(lambda: _unknown("signalling", table), None)
     url = table.get("url")
     if not isinstance(url, str) or not re.fullmatch(r"wss?://[^\s/?#]+(/[^\s]*)?", url):
-        raise ConfigError("signalling.url", 'must be a URL like "ws://192.0.2.1:8765/"')
-    ca = _file(base, "signalling.ca", table.get("ca"), required=False)
+        c.errors.append(ConfigError("signalling.url", 'must be a URL like "ws://192.0.2.1:8765/"'))
+        url = ""
+    ca = c(lambda: _file(base, "signalling.ca", table.get("ca"), required=False), None)
     if ca is not None and not url.startswith("wss://"):
-        raise ConfigError("signalling.ca", "only used with a wss:// url")
-    max_links = _int("signalling.max_links", table.get("max_links", DEFAULT_MAX_LINKS), 1, 4096)
-    advertise_raw = table.get("advertise", [])
-    if not isinstance(advertise_raw, list) or len(advertise_raw) > MAX_ADVERTISE:
-        raise ConfigError(
-            "signalling.advertise", f"must be a list of up to {MAX_ADVERTISE} addresses"
-        )
-    advertise = tuple(
-        parse_endpoint(f"signalling.advertise[{i}]", a, need_host=True)
-        for i, a in enumerate(advertise_raw)
+        c.errors.append(ConfigError("signalling.ca", "only used with a wss:// url"))
+    max_links = c(
+        lambda: _int("signalling.max_links", table.get("max_links", DEFAULT_MAX_LINKS), 1, 4096),
+        DEFAULT_MAX_LINKS,
     )
+    no_advertise: tuple[Endpoint, ...] = ()
+    advertise = c(lambda: _advertise(table.get("advertise", [])), no_advertise)
+    c.raise_any()
     return SignallingConfig(url=url, ca=ca, max_links=max_links, advertise=advertise)
 
 
-def _ice(table: dict[str, Any]) -> IceConfig:
-    _unknown("ice", table)
-    stun_raw = _list("ice.stun", table.get("stun", []), MAX_STUN_SERVERS, "STUN server URLs")
-    stun = tuple(
-        _server_url(f"ice.stun[{i}]", url, "stun", plain=True) for i, url in enumerate(stun_raw)
+def _advertise(raw: object) -> tuple[Endpoint, ...]:
+    if not isinstance(raw, list) or len(raw) > MAX_ADVERTISE:
+        raise ConfigError(
+            "signalling.advertise", f"must be a list of up to {MAX_ADVERTISE} addresses"
+        )
+    c = _Collect()
+    found = tuple(
+        c(functools.partial(parse_endpoint, f"signalling.advertise[{i}]", a, need_host=True), None)
+        for i, a in enumerate(raw)
     )
-    turn_raw = _list("ice.turn", table.get("turn", []), MAX_TURN_SERVERS, "TURN server tables")
-    turn = tuple(_turn(f"ice.turn[{i}]", t) for i, t in enumerate(turn_raw))
-    ifaces_raw = _list("ice.ignore_interfaces", table.get("ignore_interfaces", []), None, "names")
-    ifaces = tuple(_ifname(f"ice.ignore_interfaces[{i}]", n) for i, n in enumerate(ifaces_raw))
-    return IceConfig(stun=stun, turn=turn, ignore_interfaces=ifaces)
+    c.raise_any()
+    return tuple(e for e in found if e is not None)
+
+
+def _ice(table: dict[str, Any]) -> IceConfig:
+    c = _Collect()
+    c(lambda: _unknown("ice", table), None)
+    stun_raw: list[Any] = c(
+        lambda: _list("ice.stun", table.get("stun", []), MAX_STUN_SERVERS, "STUN server URLs"), []
+    )
+    stun = [
+        c(functools.partial(_server_url, f"ice.stun[{i}]", url, "stun", plain=True), None)
+        for i, url in enumerate(stun_raw)
+    ]
+    turn_raw: list[Any] = c(
+        lambda: _list("ice.turn", table.get("turn", []), MAX_TURN_SERVERS, "TURN server tables"),
+        [],
+    )
+    turn = [c(functools.partial(_turn, f"ice.turn[{i}]", t), None) for i, t in enumerate(turn_raw)]
+    ifaces_raw: list[Any] = c(
+        lambda: _list("ice.ignore_interfaces", table.get("ignore_interfaces", []), None, "names"),
+        [],
+    )
+    ifaces = [
+        c(functools.partial(_ifname, f"ice.ignore_interfaces[{i}]", n), "")
+        for i, n in enumerate(ifaces_raw)
+    ]
+    c.raise_any()
+    return IceConfig(
+        stun=tuple(e for e in stun if e is not None),
+        turn=tuple(t for t in turn if t is not None),
+        ignore_interfaces=tuple(ifaces),
+    )
 
 
 def _turn(where: str, table: object) -> TurnServerConfig:

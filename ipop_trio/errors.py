@@ -22,6 +22,18 @@ class ConfigError(IpopError):
         self.why = why
 
 
+class ConfigErrors(ConfigError):
+    """Several configuration values are wrong, all found in one pass (`errors`, in file order).
+
+    `field` and `why` are the first one's, so a caller that expects one error still works."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        first = errors[0]
+        super().__init__(first.field, first.why)
+        self.errors = errors
+        self.args = ("\n".join(str(e) for e in errors),)
+
+
 class BadPacket(IpopError):
     """Bytes from the network could not be accepted. The only error `*_untrusted` raises."""
 

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from ipop_trio import config
-from ipop_trio.errors import ConfigError
+from ipop_trio import cli, config
+from ipop_trio.errors import ConfigError, ConfigErrors
 
 
 @pytest.fixture
@@ -236,3 +236,48 @@ def test_an_unlike_key_gets_only_the_known_ones(files: Path) -> None:
     assert "did you mean" not in str(exc.value) and "known here: mtu, name, offload" in str(
         exc.value
     )
+
+
+def test_every_error_is_reported_in_one_pass(files: Path) -> None:
+    text = GOOD.replace('listen = "0.0.0.0:4700"', 'listen = "nowhere"\ncipher = "rot13"').replace(
+        "mtu = 1380", "mtu = 9000\nmut = 1"
+    ).replace('endpoint = "192.0.2.7:4600"', 'endpoint = "192.0.2.7"') + ICE.replace(
+        '"docker0"', '"no spaces"'
+    )
+    with pytest.raises(ConfigErrors) as exc:
+        config.load(write(files, text))
+    fields = [e.field for e in exc.value.errors]
+    assert fields == [
+        "tap.mut",
+        "node.listen",
+        "tap.mtu",
+        "node.cipher",
+        "peer[0].endpoint",
+        "ice.ignore_interfaces[0]",
+    ]
+    assert exc.value.field == "tap.mut" and str(exc.value).count("\n") == len(fields) - 1
+
+
+def test_the_cli_prints_each_config_error(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(files, GOOD.replace("mtu = 1380", "mtu = 9000").replace("a.key", "gone.key"))
+    assert cli.main(["run", "-c", str(path), "--check"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(": ")[2] for line in err] == ["node.key", "tap.mtu"], err
+
+
+def test_errors_inside_a_section_are_all_reported(files: Path) -> None:
+    text = (
+        GOOD
+        + '[signalling]\nurl = "http://x"\nmax_links = 0\nadvertise = ["0.0.0.0:1", "bad"]\n'
+        + ICE.replace("3478", "99999").replace('"docker0"', '"no spaces"')
+    )
+    with pytest.raises(ConfigErrors) as exc:
+        config.load(write(files, text))
+    assert [e.field for e in exc.value.errors] == [
+        "signalling.url",
+        "signalling.max_links",
+        "signalling.advertise[0]",
+        "signalling.advertise[1]",
+        "ice.stun[0]",
+        "ice.ignore_interfaces[0]",
+    ]
