@@ -308,7 +308,8 @@ def _reload(node: Any, path: Path, log: logging.Logger) -> None:
     try:
         new = prepare(config.load(path))
     except IpopError as exc:
-        log.error("SIGHUP: keeping the running configuration: %s", exc)
+        problems = "; ".join(str(exc).splitlines())  # ConfigErrors: all, on one log line
+        log.error("SIGHUP: keeping the running configuration: %s", problems)
         return
     rekeyed = node.reload(new)
     log.info(
