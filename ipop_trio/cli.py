@@ -295,8 +295,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         trio.run(main_task)
-    except* IpopError as group:  # e.g. no TAP without root: one clear error, not a tree
-        raise group.exceptions[0] from None
+    except BaseExceptionGroup as group:
+        # A user's mistake (no TAP without root or CAP_NET_ADMIN, a taken port) arrives wrapped
+        # in the nurseries' groups: main() prints it as one line. Raising it from inside an
+        # `except*` would wrap it in a new group (a traceback); only a group of nothing but
+        # IpopErrors is unwrapped here, anything else stays a bug report.
+        mistakes, rest = group.split(IpopError)
+        if mistakes is None or rest is not None:
+            raise
+        raise _first_leaf(mistakes) from None
     return 0
 
 

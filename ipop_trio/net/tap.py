@@ -12,6 +12,7 @@ study's asynchronous TAP writer). When the queue is full, the batch is dropped a
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import queue
@@ -45,13 +46,19 @@ class Tap:
         try:
             fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
-            raise TapError(f"cannot open /dev/net/tun: {exc.strerror} (are you root?)") from None
+            raise TapError(
+                f"cannot open /dev/net/tun: {exc.strerror} (needs root, or CAP_NET_ADMIN and "
+                "access to /dev/net/tun)"
+            ) from None
         flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
         try:
             ifr = fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
         except OSError as exc:
             os.close(fd)
-            why = "already in use" if exc.errno == 16 else exc.strerror
+            why = {
+                errno.EBUSY: "already in use",
+                errno.EPERM: "Operation not permitted (needs root or CAP_NET_ADMIN)",
+            }.get(exc.errno or 0, exc.strerror)
             raise TapError(f"cannot create TAP {name!r}: {why}") from None
         self.fd = fd
         self.name = ifr[:16].rstrip(b"\0").decode()
