@@ -504,13 +504,14 @@ def parse_endpoint(field: str, value: object, *, need_host: bool = False) -> End
 
 
 def _unknown(section: str, table: dict[str, Any], field: str | None = None) -> None:
-    extra = sorted(set(table) - _KNOWN[section])
-    if extra:
-        where = f"{field or section}.{extra[0]}" if (field or section) else extra[0]
-        known = ", ".join(sorted(_KNOWN[section]))
-        close = difflib.get_close_matches(extra[0], _KNOWN[section], n=1)
+    known = ", ".join(sorted(_KNOWN[section]))
+    c = _Collect()
+    for key in sorted(set(table) - _KNOWN[section]):
+        where = f"{field or section}.{key}" if (field or section) else key
+        close = difflib.get_close_matches(key, _KNOWN[section], n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ConfigError(where, f"unknown setting ({hint}known here: {known})")
+        c.errors.append(ConfigError(where, f"unknown setting ({hint}known here: {known})"))
+    c.raise_any()
 
 
 def _table(data: dict[str, Any], name: str, *, required: bool) -> dict[str, Any]:

@@ -23,7 +23,8 @@ class ConfigError(IpopError):
 
 
 class ConfigErrors(ConfigError):
-    """Several configuration values are wrong, all found in one pass (`errors`, in file order).
+    """Several configuration values are wrong, all found in one pass (`errors`, section by
+    section in the order the parser checks them).
 
     `field` and `why` are the first one's, so a caller that expects one error still works."""
 

@@ -281,3 +281,10 @@ def test_errors_inside_a_section_are_all_reported(files: Path) -> None:
         "ice.stun[0]",
         "ice.ignore_interfaces[0]",
     ]
+
+
+def test_every_unknown_key_of_a_section_is_reported(files: Path) -> None:
+    with pytest.raises(ConfigErrors) as exc:
+        config.load(write(files, GOOD.replace("mtu = 1380", "mut = 1380\nofload = true")))
+    assert [e.field for e in exc.value.errors] == ["tap.mut", "tap.ofload"]
+    assert "did you mean 'offload'?" in exc.value.errors[1].why
