@@ -318,7 +318,7 @@ def _peer(base: Path, field: str, p: object, seen: set[str]) -> PeerConfig:
     c = _Collect()
     c(lambda: _unknown("peer", p, field), None)
     pname = c(lambda: _name(f"{field}.name", p.get("name")), "")
-    if pname in seen:
+    if pname and pname in seen:  # "": a bad name, already reported
         c.errors.append(ConfigError(f"{field}.name", f"peer {pname!r} is listed twice"))
     seen.add(pname)
     pcert = c(lambda: _file(base, f"{field}.cert", p.get("cert"), required=False), None)
@@ -346,7 +346,7 @@ def _signalling(base: Path, table: dict[str, Any]) -> SignallingConfig | None:
         c.errors.append(ConfigError("signalling.url", 'must be a URL like "ws://192.0.2.1:8765/"'))
         url = ""
     ca = c(lambda: _file(base, "signalling.ca", table.get("ca"), required=False), None)
-    if ca is not None and not url.startswith("wss://"):
+    if ca is not None and url and not url.startswith("wss://"):  # "": a bad url, reported
         c.errors.append(ConfigError("signalling.ca", "only used with a wss:// url"))
     max_links = c(
         lambda: _int("signalling.max_links", table.get("max_links", DEFAULT_MAX_LINKS), 1, 4096),

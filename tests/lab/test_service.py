@@ -40,11 +40,13 @@ def _command(line: str, instance: str, etc: Path) -> list[str]:
     return [str(Path(sys.executable).parent / "ipop-trio"), *argv[1:]]
 
 
-def _setpriv(caps: list[str]) -> list[str]:
-    """Keep uid 0 but only `caps` (systemd's CapabilityBoundingSet + AmbientCapabilities)."""
+def _setpriv(caps: list[str], user: list[str] = []) -> list[str]:  # noqa: B006 (not mutated)
+    """Run with only `caps` (systemd's CapabilityBoundingSet + AmbientCapabilities), as uid 0
+    unless `user` gives setpriv's --reuid/--regid options."""
     names = ",".join(["-all", *(f"+{c.removeprefix('CAP_').lower()}" for c in caps)])
     return [
         "setpriv",
+        *user,
         f"--inh-caps={names}",
         f"--ambient-caps={names}",
         f"--bounding-set={names}",
@@ -125,7 +127,7 @@ def test_without_root_one_line_says_why(node_files: tuple[Host, Path]) -> None:
         os.chown(path, NOBODY.pw_uid, NOBODY.pw_gid)
     user = [f"--reuid={NOBODY.pw_uid}", f"--regid={NOBODY.pw_gid}", "--clear-groups"]
     done = host.run(
-        ["setpriv", *user, *_setpriv([])[1:], *_command(_service()["ExecStart"], "alpha", etc)],
+        [*_setpriv([], user), *_command(_service()["ExecStart"], "alpha", etc)],
         capture_output=True,
         text=True,
         timeout=30,

@@ -288,3 +288,17 @@ def test_every_unknown_key_of_a_section_is_reported(files: Path) -> None:
         config.load(write(files, GOOD.replace("mtu = 1380", "mut = 1380\nofload = true")))
     assert [e.field for e in exc.value.errors] == ["tap.mut", "tap.ofload"]
     assert "did you mean 'offload'?" in exc.value.errors[1].why
+
+
+def test_a_bad_value_brings_no_second_error_about_its_neighbours(files: Path) -> None:
+    # Two peers with bad names are not "listed twice"; a bad url does not make `ca` misplaced.
+    two = GOOD.replace('name = "b"', 'name = "b b"') + GOOD[GOOD.index("[[peer]]") :].replace(
+        'name = "b"', 'name = "c c"'
+    )
+    with pytest.raises(ConfigErrors) as exc:
+        config.load(write(files, two + '[signalling]\nurl = "http://x"\nca = "ca.crt"\n'))
+    assert [e.field for e in exc.value.errors] == [
+        "peer[0].name",
+        "peer[1].name",
+        "signalling.url",
+    ]
