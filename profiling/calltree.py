@@ -35,14 +35,27 @@ DATAPATH_FILES = (
 )
 
 
+# Characters XML 1.0 forbids (C0 controls but tab/newline/CR, lone surrogates, U+FFFE/F).
+# py-spy reads names out of a running process's memory, so a sample taken while a string
+# was being written can carry any byte; such a character is replaced, never passed to SVG.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def xml_safe(text: str) -> str:
+    """`text` with every character XML cannot carry replaced by U+FFFD."""
+    return _NOT_XML.sub("\ufffd", text)
+
+
 class ParseError(ValueError):
     """A line of py-spy raw output is not ``stack count``."""
 
 
 def parse_collapsed(text: str) -> list[tuple[Stack, int]]:
-    """Parse collapsed stacks (``a;b;c N`` per line); blank lines are skipped."""
+    """Parse collapsed stacks (``a;b;c N`` per line); blank lines are skipped. Lines end at
+    newline only (not at the other separators `str.splitlines` knows), and characters that
+    XML cannot carry become U+FFFD."""
     out: list[tuple[Stack, int]] = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(xml_safe(text).split("\n"), 1):
         line = line.rstrip()
         if not line:
             continue
@@ -287,4 +300,5 @@ __all__ = [
     "thread_samples",
     "to_speedscope",
     "write_collapsed",
+    "xml_safe",
 ]

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
-from html import escape
+from html import escape as _html_escape
 
-from .calltree import Node, Stack, build_tree, is_datapath, parse_frame
+from .calltree import Node, Stack, build_tree, is_datapath, parse_frame, xml_safe
 
 WIDTH = 1200
 FRAME_HEIGHT = 17
@@ -31,6 +31,11 @@ LEGEND = (
     ("native / C", "rgb(120,160,220)"),
     ("other Python", "rgb(226,96,76)"),
 )
+
+
+def escape(text: str) -> str:
+    """Text for an SVG element: markup escaped, characters XML forbids replaced."""
+    return _html_escape(xml_safe(text))
 
 
 def _hash(name: str) -> int:

@@ -127,3 +127,15 @@ def test_colours_by_origin() -> None:
     assert frame_colour(MAIN) == "rgb(190,190,190)"
     assert frame_colour(RUN) != frame_colour(SEND)
     assert frame_colour(AEAD) == frame_colour(AEAD)  # stable
+
+
+def test_names_xml_cannot_carry_are_replaced() -> None:
+    # py-spy reads names from a running process: a torn read gives control characters (one
+    # broke the lab profile's flamegraph.svg in CI) and line separators other than "\n".
+    text = "thread (1): Main;bad\x01name (x.py:1);also\x1cbad (x.py:2) 3\nthread (1): Main 1\n"
+    stacks = calltree.parse_collapsed(text)
+    assert stacks == [
+        (("thread (1): Main", "bad\ufffdname (x.py:1)", "also\ufffdbad (x.py:2)"), 3),
+        (("thread (1): Main",), 1),
+    ]
+    ET.fromstring(render_svg(stacks, title="t\x02"))
