@@ -131,9 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
         "status",
         help="show a running node's peers and links",
         description="Ask a running node (through its control socket) for its peers, link "
-        "state, security mode, bytes, drops and last handshake.",
+        "state, security mode, bytes, drops and last handshake. With neither -c nor -s: "
+        "the node running in this network namespace (its socket in /run/ipop-trio); "
+        "inside a namespace, run it there: `ip netns exec NS ipop-trio status`.",
     )
-    where = st.add_mutually_exclusive_group(required=True)
+    where = st.add_mutually_exclusive_group()
     where.add_argument("-c", "--config", type=Path, help="the node's config (finds its socket)")
     where.add_argument("-s", "--socket", type=Path, help="the node's control socket")
     st.add_argument("--json", action="store_true", help="print the raw JSON")
@@ -393,14 +395,14 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from .net.control import query
-    from .status import format_status
 
+    expect = None  # the node name the config's certificate claims
     if args.socket is not None:
         path = args.socket
+    elif args.config is not None:
+        path, expect = _control_of(args.config)
     else:
-        from . import config
-
-        path = config.load(args.config).control
+        return _status_of_local_node(args.json)
     try:
         reply = query(path)
     except (FileNotFoundError, ConnectionRefusedError):
@@ -409,11 +411,81 @@ def cmd_status(args: argparse.Namespace) -> int:
     except PermissionError:
         print(f"ipop-trio: permission denied on {path} (run as root)", file=sys.stderr)
         return 1
-    if args.json:
-        print(json.dumps(reply, indent=2))
-    else:
-        print(format_status(reply))
+    name = reply.get("node", {}).get("name") if isinstance(reply.get("node"), dict) else None
+    if expect is not None and name != expect:
+        print(
+            f"ipop-trio: {path} is node {name}'s, not {expect}'s (from {args.config}): is "
+            f"{expect} running in another network namespace? Run status there, or give -s",
+            file=sys.stderr,
+        )
+        return 1
+    _print_status(reply, args.json)
     return 0
+
+
+def _control_of(path: Path) -> tuple[Path, str | None]:
+    """The control socket a config names, and the node name its certificate claims. A config
+    with errors still says where its socket is (the node may be running an older, good one):
+    only [node] control and [tap] name are needed, and the errors are shown."""
+    import tomllib
+
+    from . import config, pki
+    from .proto.cert import certified_name
+
+    try:
+        cfg = config.load(path)
+    except ConfigError as exc:
+        try:
+            data = tomllib.loads(path.read_text())
+            raw = data.get("node", {}).get("control")
+            tap = data.get("tap", {}).get("name", "ipop0")
+        except (OSError, ValueError, AttributeError):
+            raise exc from None
+        if not isinstance(raw, str | None) or not isinstance(tap, str):
+            raise
+        where = config.default_control(tap) if raw is None else path.parent / raw
+        for line in str(exc).splitlines():
+            print(f"ipop-trio: warning: {path}: {line}", file=sys.stderr)
+        return where, None
+    try:
+        name = certified_name(pki.load_certificate_der(cfg.cert))
+    except IpopError:
+        name = None
+    return cfg.control_path(), cfg.name or name
+
+
+def _status_of_local_node(as_json: bool) -> int:
+    """`status` with no argument: the one node of this network namespace."""
+    from .config import RUN_DIR
+    from .net.control import local_nodes
+
+    found, denied = local_nodes(RUN_DIR)
+    if len(found) == 1:
+        _print_status(found[0][1], as_json)
+        return 0
+    if found:
+        lines = [f"  {reply['node']['name']:<16} -s {path}" for path, reply in found]
+        print(
+            f"ipop-trio: {len(found)} nodes run in this network namespace; choose one:\n"
+            + "\n".join(lines),
+            file=sys.stderr,
+        )
+        return 2
+    if denied:
+        print(f"ipop-trio: permission denied on {denied[0]} (run as root)", file=sys.stderr)
+        return 1
+    print(
+        f"ipop-trio: no node answers in {RUN_DIR} for this network namespace; give -c CONFIG "
+        "(a node with its own node.control) or -s SOCKET",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _print_status(reply: dict[str, Any], as_json: bool) -> None:
+    from .status import format_status
+
+    print(json.dumps(reply, indent=2) if as_json else format_status(reply))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ are resolved against the config file's directory.
     key = "alpha.key"           # X25519 private key, PEM, mode 0600
     ca = "ca.crt"               # overlay CA certificate
     listen = "0.0.0.0:4600"     # underlay UDP address
-    control = "/run/ipop-trio/alpha.sock"
+    control = "/run/ipop-trio/alpha.sock"  # default: one per TAP and network namespace
     cipher = "aes-256-gcm"      # or "chacha20-poly1305"
     security = "always"         # or "groups": plain links to peers sharing no group
     groups = ["web"]            # optional: narrows the certificate's groups, never widens
@@ -44,6 +44,7 @@ from __future__ import annotations
 import difflib
 import functools
 import ipaddress
+import os
 import re
 import tomllib
 from collections.abc import Callable
@@ -160,7 +161,7 @@ class NodeConfig:
     key: Path
     ca: Path
     listen: Endpoint
-    control: Path
+    control: Path | None  # None: default_control(tap.name), see control_path()
     cipher: Cipher
     log_level: str
     tap: TapConfig
@@ -169,6 +170,51 @@ class NodeConfig:
     security: SecurityPolicy = SecurityPolicy.ALWAYS
     groups: tuple[str, ...] | None = None  # narrows the certified groups; None: all of them
     ice: IceConfig = IceConfig()
+
+    def control_path(self, netns: Path | None = None) -> Path:
+        """The control socket: as configured, else the default for the TAP in `netns`
+        (a `/proc/PID/ns/net`; default: ours)."""
+        return self.control or default_control(self.tap.name, netns or SELF_NETNS)
+
+
+RUN_DIR = Path("/run/ipop-trio")
+SELF_NETNS = Path("/proc/self/ns/net")
+
+
+def netns_label(netns: Path = SELF_NETNS) -> str | None:
+    """The namespace's `ip netns` name; else None in the initial network namespace (PID 1's,
+    or when that cannot be read), else ``net-<inode>``."""
+    try:
+        st = os.stat(netns)
+    except OSError:
+        return None
+    try:
+        named = sorted(p.name for p in Path("/run/netns").iterdir() if _same_file(p, st))
+    except OSError:
+        named = []
+    if named:
+        return named[0]
+    try:
+        init = os.stat("/proc/1/ns/net")
+    except OSError:  # PID 1 is not ours to inspect (a container, a user namespace)
+        return None
+    return None if (st.st_dev, st.st_ino) == (init.st_dev, init.st_ino) else f"net-{st.st_ino}"
+
+
+def _same_file(path: Path, st: os.stat_result) -> bool:
+    try:
+        other = os.stat(path)
+    except OSError:
+        return False
+    return (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
+
+
+def default_control(tap: str, netns: Path = SELF_NETNS) -> Path:
+    """`/run/ipop-trio/<tap>.sock` in the initial network namespace, `<tap>@<netns>.sock` in
+    any other: a TAP name is unique within a namespace, and /run is shared between them, so
+    two nodes never meet at one socket."""
+    label = netns_label(netns)
+    return RUN_DIR / (f"{tap}.sock" if label is None else f"{tap}@{label}.sock")
 
 
 def load(path: Path) -> NodeConfig:
@@ -229,7 +275,7 @@ def parse(data: dict[str, Any], path: Path) -> NodeConfig:
         mtu=c(lambda: _int("tap.mtu", tap_t.get("mtu", DEFAULT_MTU), MIN_MTU, MAX_MTU), 0),
         offload=c(lambda: _bool("tap.offload", tap_t.get("offload", True)), True),
     )
-    control = c(lambda: _control(base, node, tap.name), base)
+    control = c(lambda: _control(base, node), None)
     cipher = c(lambda: _choice("node.cipher", node, Cipher, Cipher.AES_256_GCM), Cipher.AES_256_GCM)
     security = c(
         lambda: _choice("node.security", node, SecurityPolicy, SecurityPolicy.ALWAYS),
@@ -277,8 +323,10 @@ def _optional_name(node: dict[str, Any]) -> str | None:
     return None if name is None else _name("node.name", name)
 
 
-def _control(base: Path, node: dict[str, Any], tap_name: str) -> Path:
-    control_raw = node.get("control", f"/run/ipop-trio/{tap_name}.sock")
+def _control(base: Path, node: dict[str, Any]) -> Path | None:
+    control_raw = node.get("control")
+    if control_raw is None:
+        return None
     if not isinstance(control_raw, str) or not control_raw:
         raise ConfigError("node.control", "must be a path (string)")
     return (base / control_raw) if not Path(control_raw).is_absolute() else Path(control_raw)

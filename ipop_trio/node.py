@@ -18,11 +18,13 @@ them however it ends.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -39,7 +41,7 @@ from .datapath.sessions import SessionTable
 from .datapath.switch import Switch
 from .errors import CertificateRefused, ConfigError, PkiError
 from .net import netlink
-from .net.control import serve_control
+from .net.control import ControlSocket, netns_inode, serve_control
 from .net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, Tap, TapWriter
 from .net.udp import UdpSocket
 from .proto import handshake
@@ -138,10 +140,11 @@ class Node:
     """The running node: the parts run_node assembled, each given what it uses (nothing
     here is reached back into), and the control socket's answers."""
 
-    def __init__(self, setup: Setup, tap: Tap, udp: UdpSocket) -> None:
+    def __init__(self, setup: Setup, tap: Tap, udp: UdpSocket, control: Path) -> None:
         self.setup = setup
         self.tap = tap
         self.udp = udp
+        self.control = control
         self.stats = Stats()
         self.started_wall = time.time()
         self.switch = Switch(setup.identity.mac, self.stats)
@@ -213,6 +216,8 @@ class Node:
                 "mac": format_mac(ident.mac),
                 "listen": f"{host}:{port}",
                 "pid": os.getpid(),
+                "control": str(self.control),
+                "netns": netns_inode(),
                 "cipher": self.setup.config.cipher.value,
                 "started": self.started_wall,
                 "offload": self.tap.offload,
@@ -237,23 +242,34 @@ async def run_node(
     setup: Setup, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED
 ) -> None:
     cfg = setup.config
-    tap = Tap(cfg.tap.name, vnet_hdr=True)
-    if cfg.tap.offload and not tap.set_offload(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6):
-        log.warning("%s: the kernel refused checksum/TSO offload; running without", tap.name)
+    # What another node may hold comes first, before anything is created: its control
+    # socket, then its UDP port; the TAP last (its name taken gives the kernel's EBUSY).
+    control = ControlSocket(cfg.control_path())
     try:
         udp = UdpSocket(cfg.listen.host, cfg.listen.port)
     except OSError as exc:
-        tap.close()
-        raise ConfigError("node.listen", str(exc)) from None
+        control.close()
+        hint = ""
+        if exc.errno == errno.EADDRINUSE:
+            hint = " (another node or program holds this port: stop it, or set node.listen)"
+        raise ConfigError("node.listen", f"{exc.strerror or exc}{hint}") from None
+    try:
+        tap = Tap(cfg.tap.name, vnet_hdr=True)
+    except BaseException:
+        udp.close()
+        control.close()
+        raise
+    if cfg.tap.offload and not tap.set_offload(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6):
+        log.warning("%s: the kernel refused checksum/TSO offload; running without", tap.name)
     try:
         ident = setup.identity
         iface = ipaddress.ip_interface(f"{ident.address}/{ident.network.prefixlen}")
         netlink.configure_tap(tap.name, mac=ident.mac, mtu=cfg.tap.mtu, address=iface)
-        node = Node(setup, tap, udp)
+        node = Node(setup, tap, udp, control.path)
         send, receive = pipeline.make_outbound_channel()
         async with trio.open_nursery() as nursery:
             await nursery.start(
-                serve_control, cfg.control, {"status": node.status, "stats": node.stats_reply}
+                serve_control, control, {"status": node.status, "stats": node.stats_reply}
             )
             await nursery.start(node.writer.serve)
             nursery.start_soon(pipeline.tap_reader, tap, send, node.stats)
@@ -274,6 +290,7 @@ async def run_node(
             )
             task_status.started(node)
     finally:
+        control.close()  # serve_control closed it if it ran; closing twice is harmless
         udp.close()
         tap.close()
 

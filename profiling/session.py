@@ -483,7 +483,7 @@ def _control_from_cmdline(pid: int) -> Path | None:
             from ipop_trio import config
 
             try:
-                return config.load(cwd / value).control
+                return config.load(cwd / value).control_path(Path(f"/proc/{pid}/ns/net"))
             except (IpopError, OSError):
                 return None
     return None

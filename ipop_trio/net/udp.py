@@ -45,7 +45,8 @@ class UdpSocket:
         self.family = family
         self.sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
         try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # No SO_REUSEADDR: for UDP it would let a second node bind the same port and
+            # share its datagrams; a taken port must be an error.
             self.sock.bind((host, port))
         except OSError as exc:
             self.sock.close()

@@ -118,6 +118,15 @@ def format_mac(mac: bytes) -> str:
     return ":".join(f"{b:02x}" for b in mac)
 
 
+def certified_name(cert_der: bytes) -> str | None:
+    """The node name a certificate claims (its CN), unverified: for telling nodes apart
+    locally (`status`), never for trusting one."""
+    try:
+        return _single_cn(x509.load_der_x509_certificate(cert_der).subject)
+    except ValueError:
+        return None
+
+
 def _single_cn(name: x509.Name) -> str | None:
     cns = name.get_attributes_for_oid(NameOID.COMMON_NAME)
     if len(cns) != 1 or not isinstance(cns[0].value, str):

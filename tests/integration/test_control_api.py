@@ -1,8 +1,16 @@
+import socket
 from pathlib import Path
 
+import pytest
 import trio
 
-from ipop_trio.net.control import MAX_REQUEST, reply_to_request, serve_control
+from ipop_trio.net.control import (
+    MAX_REQUEST,
+    ControlSocket,
+    ControlSocketTaken,
+    reply_to_request,
+    serve_control,
+)
 
 HANDLERS = {"status": lambda req: {"ok": True}}
 
@@ -35,4 +43,40 @@ async def test_serves_over_a_unix_socket_and_removes_it(tmp_path: Path) -> None:
                 reply += await stream.receive_some(1024)
         assert reply == b'{"ok": true}\n'
         nursery.cancel_scope.cancel()
+    assert not path.exists()
+
+
+async def test_a_socket_a_live_node_serves_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "node.sock"
+    live = {"status": lambda req: {"node": {"name": "alpha", "pid": 4321}}}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_control, path, live)
+        # The claim asks the socket who is there (a blocking query): off the Trio thread.
+        with pytest.raises(ControlSocketTaken, match=r"live node \(node alpha, pid 4321\)"):
+            await trio.to_thread.run_sync(ControlSocket, path)
+        assert path.is_socket()  # still alpha's
+        nursery.cancel_scope.cancel()
+
+
+def test_a_stale_socket_is_replaced_and_a_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "node.sock"
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(path))
+    dead.close()  # the file stays, as after a SIGKILL: nobody answers
+    ControlSocket(path).close()
+    assert not path.exists()
+    path.write_text("not a socket")
+    with pytest.raises(ControlSocketTaken, match="exists and is not a socket"):
+        ControlSocket(path)
+    assert path.read_text() == "not a socket"
+
+
+def test_closing_removes_only_our_own_socket(tmp_path: Path) -> None:
+    path = tmp_path / "node.sock"
+    first = ControlSocket(path)
+    path.unlink()  # someone removed it, and another node then bound the same path
+    second = ControlSocket(path)
+    first.close()
+    assert path.is_socket()
+    second.close()
     assert not path.exists()

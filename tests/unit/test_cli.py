@@ -1,4 +1,5 @@
-"""cli.py: the `ipop-trio ca init | sign` commands (what they write and print, their errors)."""
+"""cli.py: the `ipop-trio ca init | sign` commands (what they write and print, their errors) and
+`status` finding a node's socket."""
 
 from __future__ import annotations
 
@@ -74,3 +75,17 @@ def test_parse_groups() -> None:
     assert cli.parse_groups(None) == []
     assert cli.parse_groups("") == []
     assert cli.parse_groups("a, b ,,c") == ["a", "b", "c"]
+
+
+def test_status_of_a_config_with_errors_still_finds_its_socket(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A config broken since its node started still says where that node's socket is."""
+    cfg = tmp_path / "node.toml"
+    cfg.write_text('[node]\ncert = "gone.crt"\ncontrol = "here.sock"\nlisten = "nowhere"\n')
+    assert cli.main(["status", "-c", str(cfg)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert any("warning" in line and "node.listen" in line for line in err), err
+    assert (
+        err[-1] == f"ipop-trio: no node is listening on {tmp_path / 'here.sock'} (is it running?)"
+    )

@@ -40,7 +40,8 @@ def test_good_config_parses_with_paths_relative_to_the_file(files: Path) -> None
     assert cfg.cert == files / "a.crt" and cfg.listen == config.Endpoint("0.0.0.0", 4700)
     assert cfg.tap == config.TapConfig("ipop7", 1380)
     assert cfg.peers[0].endpoint == config.Endpoint("192.0.2.7", 4600)
-    assert cfg.control == Path("/run/ipop-trio/ipop7.sock")
+    assert cfg.control is None  # the default: one socket per TAP and network namespace
+    assert cfg.control_path() == config.default_control("ipop7")
 
 
 @pytest.mark.parametrize(
