@@ -12,8 +12,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, logs
 from .errors import ConfigError, IpopError
+from .logs import LOG_FORMATS
 
 EPILOG = """\
 typical use:
@@ -125,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--tls-cert", type=Path, default=None, help="TLS certificate chain (PEM)")
     sg.add_argument("--tls-key", type=Path, default=None, help="TLS private key (PEM)")
     sg.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sg.add_argument(
+        "--log-format",
+        default="text",
+        choices=list(LOG_FORMATS),
+        help="text lines, or one JSON object per line (default text)",
+    )
     _add_signal_limits(sg)
 
     st = sub.add_parser(
@@ -277,9 +284,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.check:
         print(f"{args.config}: ok (node {setup.identity.name}, {len(cfg.peers)} peers)")
         return 0
-    logging.basicConfig(
-        level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    logs.setup(cfg.log_level, cfg.log_format)
 
     log = logging.getLogger("ipop_trio")
 
@@ -358,9 +363,7 @@ def cmd_signal(args: argparse.Namespace) -> int:
             ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError("--tls-cert", f"cannot load the TLS certificate/key: {exc}") from None
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    logs.setup(args.log_level, args.log_format)
     limits = signal_limits(args)
     raise_fd_limit()
     server = SignallingServer(anchors, limits)

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import ConfigError, ConfigErrors, LocalProtocolError
+from .logs import LOG_FORMATS
 from .proto.cert import decode_key
 from .proto.policy import SecurityPolicy
 from .proto.session import Cipher
@@ -81,6 +82,7 @@ _KNOWN = {
         "control",
         "cipher",
         "log_level",
+        "log_format",
         "security",
         "groups",
     },
@@ -170,6 +172,7 @@ class NodeConfig:
     security: SecurityPolicy = SecurityPolicy.ALWAYS
     groups: tuple[str, ...] | None = None  # narrows the certified groups; None: all of them
     ice: IceConfig = IceConfig()
+    log_format: str = "text"  # or "json": one object per line (ipop_trio/logs.py)
 
     def control_path(self, netns: Path | None = None) -> Path:
         """The control socket: as configured, else the default for the TAP in `netns`
@@ -283,6 +286,7 @@ def parse(data: dict[str, Any], path: Path) -> NodeConfig:
     )
     groups = c(lambda: _groups(node), None)
     log_level = c(lambda: _log_level(node), "info")
+    log_format = c(lambda: _log_format(node), "text")
 
     peers_raw = data.get("peer", [])
     peers = []
@@ -309,6 +313,7 @@ def parse(data: dict[str, Any], path: Path) -> NodeConfig:
         control=control,
         cipher=cipher,
         log_level=log_level,
+        log_format=log_format,
         tap=tap,
         peers=tuple(peers),
         signalling=signalling,
@@ -351,6 +356,13 @@ def _groups(node: dict[str, Any]) -> tuple[str, ...] | None:
     if not isinstance(raw_groups, list) or not all(isinstance(g, str) for g in raw_groups):
         raise ConfigError("node.groups", 'must be a list of group names, e.g. ["web"]')
     return tuple(_name(f"node.groups[{i}]", g) for i, g in enumerate(raw_groups))
+
+
+def _log_format(node: dict[str, Any]) -> str:
+    fmt = node.get("log_format", "text")
+    if fmt not in LOG_FORMATS:
+        raise ConfigError("node.log_format", f"{fmt!r} is not one of: {', '.join(LOG_FORMATS)}")
+    return str(fmt)
 
 
 def _log_level(node: dict[str, Any]) -> str:

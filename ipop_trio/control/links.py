@@ -195,6 +195,7 @@ class PeerRuntime:
         self.refused: str | None = None
         self.failures = 0
         self.retry_at: float | None = None
+        self.logged_mode: str | None = None  # the last mode a session was logged in at INFO
         self.decision: Decision | None = None  # the mode chosen at the last handshake, and why
         self._allocate_for = allocate
         self._decide_for = decide
@@ -646,15 +647,21 @@ class LinkManager:
                     self.writer.submit(flushed)
                 if ev.peer.address.version == 4 and port.ip4 != ev.peer.address.packed:
                     self.switch.set_ip4(port, ev.peer.address.packed)
-                log.info(
+                # The first session, or one in another mode, is news; a scheduled rekey
+                # (every 2 minutes per peer) is not.
+                mode = "secure" if session.secure else "plain"
+                log.log(
+                    logging.DEBUG if mode == rt.logged_mode else logging.INFO,
                     "%s: session %08x established (%s)",
                     rt.name,
                     session.local_index,
-                    "secure" if session.secure else "plain",
+                    mode,
                 )
+                rt.logged_mode = mode
             elif isinstance(ev, SessionRetired):
                 self.sessions.release(ev.local_index)
             elif isinstance(ev, HandshakeFailed | PeerRefused):
+                rt.logged_mode = None  # the next session, when it comes, is news again
                 rt.failures += 1
                 backoff = min(RETRY_MAX, RETRY_MIN * 2 ** (rt.failures - 1))
                 rt.retry_at = self.clock() + backoff

@@ -128,6 +128,7 @@ class Overlay:
         cipher: str = "aes-256-gcm",
         tap_mtu: int = 1400,
         log_level: str = "info",
+        log_format: str = "text",
         days: int = 2,
     ) -> None:
         self.lab = lab
@@ -135,6 +136,7 @@ class Overlay:
         self.cipher = cipher
         self.tap_mtu = tap_mtu
         self.log_level = log_level
+        self.log_format = log_format
         self.days = days
         self.nodes: dict[str, OverlayNode] = {}
         self.dir = lab.workdir / "overlay"
@@ -270,6 +272,7 @@ class Overlay:
             f"control = {_toml_str(str(node.control))}",
             f"cipher = {_toml_str(self.cipher)}",
             f"log_level = {_toml_str(self.log_level)}",
+            f"log_format = {_toml_str(self.log_format)}",
             *([f"security = {_toml_str(node.security)}"] if node.security else []),
             "",
             "[tap]",
@@ -442,6 +445,8 @@ class Overlay:
                     str(ca),
                     "--listen",
                     f"0.0.0.0:{port}",
+                    "--log-format",
+                    self.log_format,
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,

@@ -4,7 +4,7 @@
        ▲                                                 │
        │                            join, leave, con_req, con_resp, error ──► events
        │                                                 │
-       └── backoff (exponential, full jitter) ◄── lost ──┴──► Disconnected
+       └── backoff (exponential, equal jitter) ◄── lost ─┴──► Disconnected
 
 The client never decides anything: it turns the server's messages into events on a bounded
 channel for the controller (full: the client waits — the control path applies back-pressure
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import random
 import ssl
 import urllib.parse
@@ -47,6 +48,10 @@ BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
 OUTBOX_SIZE = 256  # messages the controller may queue while a send is in flight
 CONNECT_TIMEOUT = 10.0
 STABLE_AFTER = 10.0  # a connection that lasted this long resets the backoff
+# Refusals that another try cannot fix (our certificate, our key): the operator must act, so
+# the node asks again only every few minutes, and says so at WARNING.
+PERMANENT_REFUSALS = frozenset({"certificate_refused", "auth_failed"})
+REFUSED_DELAY = 300.0
 
 
 class ClientState(enum.Enum):
@@ -56,14 +61,51 @@ class ClientState(enum.Enum):
 
 
 class AdmissionRefused(Exception):
-    """The server refused our certificate or proof (an operator problem: keep retrying, slowly)."""
+    """The server refused us (`code`, `reason`): our certificate or proof, or a rate limit."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code = code
 
 
 def backoff_delay(attempt: int, rng: random.Random) -> float:
-    """Full jitter (AWS architecture blog): uniform in [0, min(MAX, MIN * 2**attempt)],
-    never below BACKOFF_MIN/2 so a flapping server is not hammered."""
+    """Equal jitter: uniform in [cap/2, cap] with cap = min(MAX, MIN * 2**attempt), so the
+    delays grow as the README says (0.5 s doubling to 30 s) and nodes that lost the server
+    together do not come back together."""
     cap = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** min(attempt, 30))
-    return max(BACKOFF_MIN / 2, rng.uniform(0, cap))
+    return rng.uniform(cap / 2, cap)
+
+
+def describe_connect_error(exc: BaseException) -> str:
+    """Why connecting failed, in the words of the failing step: trio reports a refused or
+    unreachable address as "all attempts to connect to H:P failed", with the reasons in
+    its cause; TLS failures arrive as a broken stream caused by the ssl error."""
+    if isinstance(exc, trio.TooSlowError):
+        return f"no answer within {CONNECT_TIMEOUT:.0f} s"
+    cause = exc.__cause__
+    if isinstance(exc, OSError) and isinstance(cause, BaseExceptionGroup):
+        whys = []
+        for leaf in _leaves(cause):
+            # trio's own text repeats the address: the errno's words say it all
+            errno = leaf.errno if isinstance(leaf, OSError) else None
+            why = os.strerror(errno) if errno else str(leaf)
+            if why not in whys:
+                whys.append(why)
+        return f"{exc}: {'; '.join(whys)}"
+    if isinstance(exc, trio.BrokenResourceError) and cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f"TLS: certificate verify failed: {cause.verify_message}"
+        return f"TLS: {getattr(cause, 'reason', None) or cause}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
 
 
 @asynccontextmanager
@@ -151,6 +193,7 @@ class SignallingClient:
         self.connects = 0
         self.last_error: str | None = None
         self.overlay: str | None = None
+        self.refused: str | None = None  # the code of a refusal another try cannot fix
         self._outbox: trio.MemorySendChannel[str] | None = None
 
     def send(self, msg: sig.Message) -> bool:
@@ -170,6 +213,7 @@ class SignallingClient:
             "overlay": self.overlay,
             "connects": self.connects,
             "last_error": self.last_error,
+            "refused": self.refused,
         }
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -187,24 +231,39 @@ class SignallingClient:
                 await self.events.send(sig.Disconnected(reason))
             if trio.current_time() - started >= STABLE_AFTER:
                 attempt = 0
-            delay = backoff_delay(attempt, self._rng)
-            attempt += 1
             self.state = ClientState.BACKOFF
-            log.info("signalling %s: %s; reconnecting in %.1f s", self.url, reason, delay)
+            if self.refused is not None:
+                delay = self._rng.uniform(0.9, 1.1) * REFUSED_DELAY
+                log.warning(
+                    "signalling %s: %s; another try will not change this (the node's "
+                    "certificate and key, the server's --ca): next try in %.0f min",
+                    self.url,
+                    reason,
+                    delay / 60,
+                )
+            else:
+                delay = backoff_delay(attempt, self._rng)
+                attempt += 1
+                log.info("signalling %s: %s; reconnecting in %.1f s", self.url, reason, delay)
             await trio.sleep(delay)
 
     async def _session(self) -> str:
         """One connection, from connect to loss; returns why it ended."""
+        self.refused = None
         try:
             async with open_connection(self.url, self.ssl_context) as ws:
                 return await self._connected(ws)
-        except (HandshakeError, ConnectionClosed, OSError, trio.TooSlowError) as exc:
-            return f"cannot connect: {exc!r}"
-        except trio.BrokenResourceError as exc:
+        except (
+            HandshakeError,
+            ConnectionClosed,
+            OSError,
+            trio.TooSlowError,
             # A failed TLS handshake (untrusted certificate, a wss:// URL for a ws:// server)
-            # reaches us as a broken stream; its cause says what went wrong. It must end in
-            # a retry like any other connection failure, never in the node's nursery.
-            return f"cannot connect: {exc.__cause__ or exc!r}"
+            # reaches us as a broken stream; it must end in a retry like any other
+            # connection failure, never in the node's nursery.
+            trio.BrokenResourceError,
+        ) as exc:
+            return f"cannot connect: {describe_connect_error(exc)}"
 
     async def _connected(self, ws: WebSocketConnection) -> str:
         """Admission, then the session; never raises (but Cancelled)."""
@@ -212,6 +271,8 @@ class SignallingClient:
             with trio.fail_after(CONNECT_TIMEOUT):
                 welcome = await self._admit(ws)
         except AdmissionRefused as exc:
+            if exc.code in PERMANENT_REFUSALS:
+                self.refused = exc.code
             return f"refused: {exc}"
         except BadPacket as exc:
             return f"bad message from the server: {exc}"
@@ -243,13 +304,13 @@ class SignallingClient:
         await ws.send_message(sig.encode(sig.Hello(self._cert)))
         msg = await self._receive(ws)
         if isinstance(msg, sig.Error):
-            raise AdmissionRefused(f"{msg.code}: {msg.reason}")
+            raise AdmissionRefused(msg.code, msg.reason)
         if not isinstance(msg, sig.Challenge):
             raise BadPacket(f"expected a challenge, got {type(msg).__name__}")
         await ws.send_message(sig.encode(sig.answer_challenge(self._private, self._cert, msg)))
         msg = await self._receive(ws)
         if isinstance(msg, sig.Error):
-            raise AdmissionRefused(f"{msg.code}: {msg.reason}")
+            raise AdmissionRefused(msg.code, msg.reason)
         if not isinstance(msg, sig.Welcome):
             raise BadPacket(f"expected a welcome, got {type(msg).__name__}")
         return msg
@@ -312,4 +373,5 @@ __all__ = [
     "ClientState",
     "SignallingClient",
     "backoff_delay",
+    "describe_connect_error",
 ]

@@ -299,7 +299,7 @@ class ServerCore:
         conn = self.conns.pop(conn_id, None)
         if conn is None:
             return
-        self._leave(conn)
+        self._leave(conn, "disconnected")
         conn.state = ConnState.CLOSED
         self._end_preauth(conn)
         if conn.counted:
@@ -399,6 +399,14 @@ class ServerCore:
         self._end_preauth(conn)
         overlay.members[ident.public_key] = conn
         self.count("admitted")
+        log.info(
+            "admitted %s (%s) to overlay %s from %s; %d members",
+            ident.name,
+            ident.address,
+            overlay.name,
+            conn.peer,
+            len(overlay.members),
+        )
         self._send(conn, sig.Welcome(overlay.name, member, others))
         self._broadcast(overlay, sig.encode(sig.Join(member)), skip=conn)
 
@@ -427,13 +435,20 @@ class ServerCore:
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _leave(self, conn: Conn) -> None:
+    def _leave(self, conn: Conn, why: str) -> None:
         if conn.state is not ConnState.MEMBER or conn.identity is None or conn.member is None:
             return
         overlay = self.overlays[conn.identity.overlay]
         if overlay.members.get(conn.member.key) is conn:
             del overlay.members[conn.member.key]
             self._broadcast(overlay, sig.encode(sig.Leave(conn.member.key, conn.member.name)))
+            log.info(
+                "%s left overlay %s (%s); %d members",
+                conn.member.name,
+                overlay.name,
+                why,
+                len(overlay.members),
+            )
 
     def _end_preauth(self, conn: Conn) -> None:
         """Give back its pre-authentication slot (admitted, or gone)."""
@@ -453,7 +468,7 @@ class ServerCore:
     def _close(self, conn: Conn, code: int, reason: str) -> None:
         """Ask the driver to close; the member leaves at once (not when the socket is gone),
         so nothing more is relayed to or from it."""
-        self._leave(conn)
+        self._leave(conn, reason)
         conn.state = ConnState.CLOSED
         self._actions.append(Close(conn.id, code, reason))
 

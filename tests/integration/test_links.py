@@ -9,11 +9,13 @@ milliseconds, and every wait is exact.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import pytest
 import trio
 
 from ipop_trio import pki
@@ -242,7 +244,9 @@ async def test_two_configured_peers_link_up_and_carry_staged_frames(
 async def test_rekeys_keep_traffic_flowing_and_retire_their_indices(
     autojump_clock: trio.testing.MockClock,
     datapath: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.DEBUG, "ipop_trio.links")
     alpha, beta = pair(Wire(loss=0.02, seed=7), datapath)
     async with trio.open_nursery() as nursery:
         await nursery.start(alpha.links.serve)
@@ -270,6 +274,13 @@ async def test_rekeys_keep_traffic_flowing_and_retire_their_indices(
             assert len(arrived) >= 0.9 * sent  # UDP loses 2%; rekeys lose nothing more
             assert arrived[-1] >= sent - 5  # and it still flows at the end
         nursery.cancel_scope.cancel()
+    # The first session of each link is news (INFO); the rekeys every 2 minutes are DEBUG.
+    sessions = [r for r in caplog.records if "established (secure)" in r.getMessage()]
+    for peer in ("alpha", "beta"):
+        levels = [r.levelno for r in sessions if r.getMessage().startswith(f"{peer}: session")]
+        assert levels and levels[0] == logging.INFO, [r.getMessage() for r in caplog.records][:20]
+        assert logging.INFO not in levels[1:], levels
+        assert levels.count(logging.DEBUG) >= 2, levels
 
 
 async def test_removing_a_peer_releases_its_indices_port_and_task(

@@ -21,6 +21,7 @@ RANK = {
     "": 0,  # ipop_trio/__init__.py: the version
     "errors": 0,
     "stats": 0,
+    "logs": 0,
     "_native": 1,  # the optional Rust extension: pure per-batch work
     "proto": 1,
     "config": 2,
