@@ -22,7 +22,8 @@ typical use:
   ipop-trio ca sign --ca ca --name alpha --address 10.77.0.1 --groups web --out alpha
   ipop-trio signal --listen 0.0.0.0:8765 --ca ca/ca.crt
   ipop-trio run -c alpha/node.toml
-  ipop-trio status -c alpha/node.toml
+  ipop-trio status           # the node of this network namespace
+  ipop-trio ping beta       # a probe through the link to beta: path and round trip
   ipop-trio demo            # three nodes behind NATs find each other (ICE, TURN), explained
   ipop-trio bench           # direct link vs overlay: throughput, RTT, CPU per GB
 """
@@ -147,6 +148,26 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("-s", "--socket", type=Path, help="the node's control socket")
     st.add_argument("--json", action="store_true", help="print the raw JSON")
 
+    pg = sub.add_parser(
+        "ping",
+        help="probe a peer through its link: path and round-trip time",
+        description="Send probes to PEER through its link, as `tailscale ping`: each is "
+        "answered by the peer's node (not its kernel), so the time is the overlay's own, on "
+        "the path the link uses now (direct or through a TURN relay), which is printed with "
+        "it. Exit 0 when a probe was answered. The node is found as by `status`.",
+    )
+    pg.add_argument("peer", metavar="PEER", help="the peer's name (as `status` lists it)")
+    where = pg.add_mutually_exclusive_group()
+    where.add_argument("-c", "--config", type=Path, help="the node's config (finds its socket)")
+    where.add_argument("-s", "--socket", type=Path, help="the node's control socket")
+    pg.add_argument("-n", "--count", type=int, default=4, help="probes to send (default 4)")
+    pg.add_argument(
+        "-i", "--interval", type=float, default=0.5, help="seconds between probes (default 0.5)"
+    )
+    pg.add_argument(
+        "-W", "--wait", type=float, default=2.0, help="seconds to wait for each pong (default 2)"
+    )
+
     ca = sub.add_parser("ca", help="overlay CA and node certificates")
     casub = ca.add_subparsers(dest="ca_command", metavar="SUBCOMMAND")
     init = casub.add_parser(
@@ -240,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "status":
             return cmd_status(args)
+        if args.command == "ping":
+            return cmd_ping(args)
         if args.command == "signal":
             return cmd_signal(args)
         if args.command == "ca":
@@ -399,31 +422,111 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
 def cmd_status(args: argparse.Namespace) -> int:
     from .net.control import query
 
-    expect = None  # the node name the config's certificate claims
-    if args.socket is not None:
-        path = args.socket
-    elif args.config is not None:
-        path, expect = _control_of(args.config)
-    else:
-        return _status_of_local_node(args.json)
+    path, expect = _locate(args)
     try:
         reply = query(path)
-    except (FileNotFoundError, ConnectionRefusedError):
-        print(f"ipop-trio: no node is listening on {path} (is it running?)", file=sys.stderr)
-        return 1
-    except PermissionError:
-        print(f"ipop-trio: permission denied on {path} (run as root)", file=sys.stderr)
-        return 1
-    name = reply.get("node", {}).get("name") if isinstance(reply.get("node"), dict) else None
-    if expect is not None and name != expect:
-        print(
-            f"ipop-trio: {path} is node {name}'s, not {expect}'s (from {args.config}): is "
-            f"{expect} running in another network namespace? Run status there, or give -s",
-            file=sys.stderr,
-        )
-        return 1
-    _print_status(reply, args.json)
+    except OSError as exc:
+        raise _not_answering(path, exc) from None
+    _check_node(reply, expect, path, args.config)
+    if args.json:
+        print(json.dumps(reply, indent=2))
+    else:
+        from .status import format_status
+
+        print(format_status(reply))
     return 0
+
+
+def cmd_ping(args: argparse.Namespace) -> int:
+    import time
+
+    from .net.control import query
+
+    if args.count < 1 or args.interval < 0 or not 0 < args.wait <= 30:
+        raise ConfigError("ping", "--count ≥ 1, --interval ≥ 0 and 0 < --wait ≤ 30, please")
+    path, expect = _locate(args)
+    rtts: list[float] = []
+    for i in range(args.count):
+        if i:
+            time.sleep(args.interval)
+        try:
+            reply = query(path, "ping", timeout=args.wait + 5, peer=args.peer, wait=args.wait)
+        except OSError as exc:
+            raise _not_answering(path, exc) from None
+        if "error" in reply:
+            print(f"ipop-trio: {reply['error']}", file=sys.stderr)
+            return 1
+        if i == 0:
+            _check_node(query(path), expect, path, args.config)
+        print(format_pong(reply), flush=True)
+        if reply.get("rtt_ms") is not None:
+            rtts.append(float(reply["rtt_ms"]))
+    summary = f"--- {args.peer}: {args.count} probes, {len(rtts)} pongs"
+    if rtts:
+        low, mean, high = min(rtts), sum(rtts) / len(rtts), max(rtts)
+        summary += f", rtt min/avg/max {low:.3f}/{mean:.3f}/{high:.3f} ms"
+    print(summary)
+    return 0 if rtts else 1
+
+
+def format_pong(reply: dict[str, Any]) -> str:
+    """One line per probe, as `tailscale ping` prints: who, by which path, how long. A relay
+    is ours (we send through our TURN allocation) or the peer's (we send to its relayed
+    address); anything else is direct."""
+    who = f"{reply['peer']} ({reply.get('address') or '?'})"
+    path = reply.get("path")
+    if reply.get("via"):
+        route = f"{reply['via']} (ours)"
+    elif path and path["remote"].endswith("(relay)"):
+        route = f"relay {reply.get('endpoint')} (the peer's)"
+    else:
+        route = f"{reply.get('endpoint') or '?'} (direct)"
+    pair = "" if not path else f", ICE {path['type']} pair {path['local']} → {path['remote']}"
+    if reply.get("rtt_ms") is None:
+        return f"no pong from {who} via {route}{pair} within {reply.get('timeout')} s"
+    return f"pong from {who} via {route}{pair} in {reply['rtt_ms']:.3f} ms"
+
+
+def _locate(args: argparse.Namespace) -> tuple[Path, str | None]:
+    """The control socket of the node -s or -c names, else of the one node of this network
+    namespace; and the node name the config's certificate claims (None: not checked)."""
+    from .config import RUN_DIR
+    from .net.control import local_nodes
+
+    if args.socket is not None:
+        return args.socket, None
+    if args.config is not None:
+        return _control_of(args.config)
+    found, denied = local_nodes(RUN_DIR)
+    if len(found) == 1:
+        return found[0][0], None
+    if found:
+        lines = [f"  {reply['node']['name']:<16} -s {path}" for path, reply in found]
+        raise IpopError(
+            f"{len(found)} nodes run in this network namespace; choose one:\n" + "\n".join(lines)
+        )
+    if denied:
+        raise IpopError(f"permission denied on {denied[0]} (run as root)")
+    raise IpopError(
+        f"no node answers in {RUN_DIR} for this network namespace; give -c CONFIG "
+        "(a node with its own node.control) or -s SOCKET"
+    )
+
+
+def _not_answering(path: Path, exc: OSError) -> IpopError:
+    if isinstance(exc, PermissionError):
+        return IpopError(f"permission denied on {path} (run as root)")
+    return IpopError(f"no node is listening on {path} (is it running?)")
+
+
+def _check_node(reply: dict[str, Any], expect: str | None, path: Path, config: Path) -> None:
+    node = reply.get("node")
+    name = node.get("name") if isinstance(node, dict) else None
+    if expect is not None and name != expect:
+        raise IpopError(
+            f"{path} is node {name}'s, not {expect}'s (from {config}): is {expect} running "
+            "in another network namespace? Run this there, or give -s"
+        )
 
 
 def _control_of(path: Path) -> tuple[Path, str | None]:
@@ -455,40 +558,6 @@ def _control_of(path: Path) -> tuple[Path, str | None]:
     except IpopError:
         name = None
     return cfg.control_path(), cfg.name or name
-
-
-def _status_of_local_node(as_json: bool) -> int:
-    """`status` with no argument: the one node of this network namespace."""
-    from .config import RUN_DIR
-    from .net.control import local_nodes
-
-    found, denied = local_nodes(RUN_DIR)
-    if len(found) == 1:
-        _print_status(found[0][1], as_json)
-        return 0
-    if found:
-        lines = [f"  {reply['node']['name']:<16} -s {path}" for path, reply in found]
-        print(
-            f"ipop-trio: {len(found)} nodes run in this network namespace; choose one:\n"
-            + "\n".join(lines),
-            file=sys.stderr,
-        )
-        return 2
-    if denied:
-        print(f"ipop-trio: permission denied on {denied[0]} (run as root)", file=sys.stderr)
-        return 1
-    print(
-        f"ipop-trio: no node answers in {RUN_DIR} for this network namespace; give -c CONFIG "
-        "(a node with its own node.control) or -s SOCKET",
-        file=sys.stderr,
-    )
-    return 1
-
-
-def _print_status(reply: dict[str, Any], as_json: bool) -> None:
-    from .status import format_status
-
-    print(json.dumps(reply, indent=2) if as_json else format_status(reply))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """run_node(): assembles a node's task tree (docs/architecture.md, "The task tree").
 
     run_node(setup)
-    ├── control server      unix socket: status / stats JSON
+    ├── control server      unix socket: status / stats / ping JSON
     ├── tap writer          one thread fed by a bounded queue
     ├── tap reader ─[batches]→ outbound (route, seal, GSO send)
     ├── udp receiver        GRO, demux, open → tap writer; handshakes → handshake task
@@ -34,6 +34,7 @@ from .config import NodeConfig
 from .control.controller import EVENT_QUEUE, Controller
 from .control.ice import IceService
 from .control.links import LinkManager, PeerRuntime, PeerSetup
+from .control.ping import Prober
 from .datapath import native, pipeline
 from .datapath.inbound import Inbound, NativeInbound
 from .datapath.outbound import NativeOutbound, Outbound
@@ -187,6 +188,7 @@ class Node:
             on_handshake=self.links.on_handshake,
             on_ice=self.ice.on_ice,
         )
+        self.prober = Prober(self.switch, self.outbound, self.links, self.stats)
         self.signalling: SignallingClient | None = None  # with [signalling]
         self.controller: Controller | None = None
 
@@ -269,7 +271,9 @@ async def run_node(
         send, receive = pipeline.make_outbound_channel()
         async with trio.open_nursery() as nursery:
             await nursery.start(
-                serve_control, control, {"status": node.status, "stats": node.stats_reply}
+                serve_control,
+                control,
+                {"status": node.status, "stats": node.stats_reply, "ping": node.prober.ping},
             )
             await nursery.start(node.writer.serve)
             nursery.start_soon(pipeline.tap_reader, tap, send, node.stats)

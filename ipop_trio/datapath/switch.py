@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Callable
 
 from ..proto.offload import Reassembler
+from ..proto.probe import ETH_P_PROBE
 from ..stats import Stats
 
 ETH_P_ARP = b"\x08\x06"
@@ -145,6 +146,11 @@ class Switch:
         self.stats = stats
         self.by_mac: dict[bytes, PeerPort] = {}
         self.by_ip4: dict[bytes, PeerPort] = {}
+        # A probe frame from an authenticated peer (proto/probe.py): the prober's.
+        self.on_probe: Callable[[PeerPort, bytes], None] = self._unhandled_probe
+
+    def _unhandled_probe(self, _port: PeerPort, _body: bytes) -> None:
+        self.stats.drop("probe_unhandled")
 
     def add(self, port: PeerPort) -> None:
         self.by_mac[port.mac] = port
@@ -225,6 +231,9 @@ class Switch:
             self.stats.drop("not_for_us")
             return False
         ethertype = frame[VNET + 12 : VNET + 14]
+        if ethertype == ETH_P_PROBE:  # `ipop-trio ping`: the node's, never the TAP's
+            self.on_probe(port, frame[VNET + 14 :])
+            return False
         if ethertype == ETH_P_IP:
             if port.ip4 is not None and frame[VNET + 26 : VNET + 30] != port.ip4:
                 self.stats.drop("spoofed_ip")

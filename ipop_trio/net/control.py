@@ -9,10 +9,12 @@ bounded size, clear error replies, never a crash.
 
 from __future__ import annotations
 
+import inspect
 import json
+import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +22,14 @@ import trio
 
 from ..errors import ConfigError, IpopError
 
+log = logging.getLogger("ipop_trio.control_socket")
+
 MAX_REQUEST = 4096
 REQUEST_TIMEOUT = 5.0
 
-Handler = Callable[[dict[str, Any]], dict[str, Any]]
+# A handler answers at once, or (`ping`) after awaiting something; either way it never
+# raises for a bad request: it answers {"error": ...}.
+Handler = Callable[[dict[str, Any]], dict[str, Any] | Awaitable[dict[str, Any]]]
 
 
 class ControlSocket:
@@ -112,22 +118,34 @@ async def serve_control(
 
 async def _serve_one(stream: trio.abc.Stream, handlers: dict[str, Handler]) -> None:
     async with stream:
-        with trio.move_on_after(REQUEST_TIMEOUT):
-            data = b""
+        data = b""
+        with trio.move_on_after(REQUEST_TIMEOUT) as reading:
             while b"\n" not in data and len(data) <= MAX_REQUEST:
                 chunk = await stream.receive_some(MAX_REQUEST)
                 if not chunk:
                     break
                 data += chunk
-            reply = reply_to_request(data.split(b"\n", 1)[0], handlers)
+        if reading.cancelled_caught:
+            return
+        reply = reply_to_request(data.split(b"\n", 1)[0], handlers)
+        if inspect.isawaitable(reply):  # bounded by the handler (ping: its timeout)
+            try:
+                reply = await reply
+            except Exception:  # a bug in a handler ends this request, not the node
+                log.exception("control request failed")
+                reply = {"error": "internal error (logged by the node)"}
+        with trio.move_on_after(REQUEST_TIMEOUT):
             try:
                 await stream.send_all(json.dumps(reply).encode() + b"\n")
             except trio.BrokenResourceError:
                 pass
 
 
-def reply_to_request(line: bytes, handlers: dict[str, Handler]) -> dict[str, Any]:
-    """The reply to one request line: the handler's, or an error object. Never raises."""
+def reply_to_request(
+    line: bytes, handlers: dict[str, Handler]
+) -> dict[str, Any] | Awaitable[dict[str, Any]]:
+    """The reply to one request line (or, from an async handler, what to await for it): the
+    handler's, or an error object. Never raises."""
     if len(line) > MAX_REQUEST:
         return {"error": f"request longer than {MAX_REQUEST} bytes"}
     try:
@@ -153,7 +171,7 @@ class ControlSocketTaken(ConfigError):
         super().__init__("node.control", why)
 
 
-def query(path: Path, cmd: str = "status", *, timeout: float = 5.0) -> dict[str, Any]:
+def query(path: Path, cmd: str = "status", *, timeout: float = 5.0, **args: Any) -> dict[str, Any]:
     """The one client of the control socket (`status`, the lab, profiling): send one
     command, return the reply. Raises OSError when no node answers there (FileNotFoundError,
     ConnectionRefusedError, PermissionError, TimeoutError) and ControlReplyError when the
@@ -161,7 +179,7 @@ def query(path: Path, cmd: str = "status", *, timeout: float = 5.0) -> dict[str,
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(str(path))
-        s.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
+        s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
         data = b""
         while b"\n" not in data:
             chunk = s.recv(65536)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ from .conftest import print_logs
 pytestmark = pytest.mark.lab
 
 PATH_TIMEOUT = 30.0
+IPOP = str(Path(sys.executable).parent / "ipop-trio")
 # Failover waits for consent on the direct path to expire (proto/ice.py CONSENT_TIMEOUT,
 # 10 s after the last answered check); going back waits for the recheck of failed better
 # pairs (RECHECK_INTERVAL, 10 s) and the nomination that follows.
@@ -58,6 +60,17 @@ class IceLab:
             if time.monotonic() >= deadline:
                 pytest.fail(f"no {want} path after {timeout:.0f}s: {seen}")
             time.sleep(0.2)
+
+    def ipop_ping(self) -> list[str]:
+        """`ipop-trio ping b` on a, three probes: its per-probe lines."""
+        r = self.pair.a.run(
+            [IPOP, "ping", "b", "-s", str(self.a.control), "-n", "3", "-i", "0.1"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout.splitlines()[:-1]
 
     def ping(self, count: int = 5) -> None:
         """`count` pings from a to b over the overlay, every one answered."""
@@ -135,6 +148,14 @@ def test_ice_finds_the_predicted_path(a: Placement, b: Placement | str, expected
         assert (peer["via"] is not None) == (path["local"].endswith("(relay)")), (
             "the data path sends through the relay exactly when the local candidate is relayed"
         )
+        # `ipop-trio ping` says which path its probes took, relay or direct.
+        probes = world.ipop_ping()
+        assert len(probes) == 3 and all(line.startswith("pong from b (") for line in probes)
+        for line in probes:
+            if expected == "relay":
+                assert f" via relay {world.pair.turn.address}:" in line, line
+            else:
+                assert "(direct), ICE " + expected + " pair" in line, line
 
 
 def test_blocked_direct_path_fails_over_to_the_relay_and_comes_back() -> None:

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ipop_trio.errors import BadPacket
-from ipop_trio.proto import cookie, handshake, signalling, stun, turn
+from ipop_trio.proto import cookie, handshake, probe, signalling, stun, turn
 from ipop_trio.proto.ice import Candidate, SrflxGatherer, host_candidate
 from ipop_trio.proto.link import Link
 from ipop_trio.proto.offload import Reassembler
@@ -83,6 +83,7 @@ def _entry_points() -> dict[str, Callable[[bytes], object]]:
             d, 1.0
         ),
         "ipop_trio.proto.signalling.decode_untrusted": signalling.decode_untrusted,
+        "ipop_trio.proto.probe.parse_untrusted": probe.parse_untrusted,
         hs + "decode_payload_untrusted": handshake.decode_payload_untrusted,
         hs + "_verify_peer_untrusted": lambda d: handshake._verify_peer_untrusted(
             anchor, d, bob.public_key, NOW
