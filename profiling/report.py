@@ -3,8 +3,9 @@
 The page answers, in order: how fast and at what CPU cost (throughput, CPU per node), where
 the time goes (the stage timers: a table and bars per node, batch sizes, drops, queue gauges),
 which code (a top-down call tree with inclusive percentages from the py-spy samples, Zoom's
-view, and the hottest functions), and the flame graph itself, inlined. No script, no external
-resource: it can be mailed or attached to an issue. Pure: the profile dict in, text out.
+view, and the hottest functions), and the flame graphs, inlined with their zoom-and-search
+script. No external resource: it can be mailed or attached to an issue. Pure: the profile
+dict in, text out.
 """
 
 from __future__ import annotations
@@ -388,8 +389,11 @@ def render_html(
     body.append("<h2>Flame graphs</h2>")
     body.append(
         '<p class="note">Width is samples; the root is at the bottom. Hover a frame for its '
-        "numbers. The same samples, interactive: open <code>NODE/profile.speedscope.json</code> "
-        "in speedscope.</p>"
+        "numbers; click it to zoom (it fills the width, its callers stay below it; “Reset "
+        "zoom” or a click on the root undoes it); “Search” highlights the frames whose name "
+        "matches a regular expression and says what share of the samples they cover. The "
+        "same samples in another viewer: open <code>NODE/profile.speedscope.json</code> in "
+        "speedscope.</p>"
     )
     for name, node in profile["nodes"].items():
         svg = (svgs or {}).get(name)

@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from profiling import calltree
-from profiling.flamegraph import frame_colour, render_svg
+from profiling.flamegraph import PAD_X, WIDTH, frame_colour, render_svg, svg_id
 
 MAIN = "thread (100): MainThread"
 WRITER = "thread (101): tap-writer-ipop0"
@@ -112,14 +112,54 @@ def test_flamegraph_svg(stacks: list[tuple[calltree.Stack, int]]) -> None:
     assert any(
         t.startswith("Outbound.send (ipop_trio/datapath/outbound.py) — 9 samples") for t in titles
     )
+    frames = [g for g in root.iter(f"{ns}g") if g.get("class") == "f"]
     rects = {
-        g.find(f"{ns}title").text.split(" — ")[0]: float(g.find(f"{ns}rect").get("width"))  # type: ignore[union-attr]
-        for g in root.iter(f"{ns}g")
+        g.find(f"{ns}title").text.split(" — ")[0]: float(g.find(f"{ns}rect").get("width"))  # type: ignore[union-attr,arg-type]
+        for g in frames
     }
     assert rects["Outbound.send (ipop_trio/datapath/outbound.py)"] / rects["all"] == pytest.approx(
         9 / 16
     )
     assert "alpha &lt;sender&gt; &amp; co" in svg
+
+
+def test_flamegraph_carries_what_its_script_needs(
+    stacks: list[tuple[calltree.Stack, int]],
+) -> None:
+    svg = render_svg(stacks, title="alpha", key="alpha")
+    root = ET.fromstring(svg)
+    ns = "{http://www.w3.org/2000/svg}"
+    ident = root.get("id")
+    assert ident == svg_id("alpha") != svg_id("beta")
+    # Each frame: first sample, samples, depth; the drawn rect agrees with them.
+    usable = WIDTH - 2 * PAD_X
+    frames = {}
+    for g in root.iter(f"{ns}g"):
+        if g.get("class") != "f":
+            continue
+        s, n, d = (int(g.get(a) or "-1") for a in ("data-s", "data-n", "data-d"))
+        rect = g.find(f"{ns}rect")
+        assert rect is not None and g.find(f"{ns}text") is not None
+        assert float(rect.get("x") or 0) == pytest.approx(PAD_X + s / 16 * usable, abs=0.01)
+        assert float(rect.get("width") or 0) == pytest.approx(n / 16 * usable, abs=0.01)
+        name = (g.findtext(f"{ns}title") or "").rpartition(" — ")[0]
+        frames[name] = (s, n, d)
+    assert frames["all"] == (0, 16, 0)
+    send = frames["Outbound.send (ipop_trio/datapath/outbound.py)"]
+    seal = frames["Session.seal_iov (ipop_trio/proto/session.py)"]
+    assert send[1:] == (9, 3) and seal[1:] == (7, 4)
+    assert send[0] <= seal[0] and seal[0] + seal[1] <= send[0] + send[1]  # nested
+    # Children tile their parent, by name: run = Outbound.send (9) then get_events (3).
+    run = frames["run (trio/_core/_run.py)"]
+    events = frames["get_events (trio/_core/_io_epoll.py)"]
+    assert (send[0], events[0], events[0] + events[1]) == (run[0], run[0] + 9, run[0] + run[1])
+    # The controls and the script, which names this graph and loads nothing.
+    for control in ("reset", "search", "matched"):
+        assert root.find(f".//*[@id='{ident}-{control}']") is not None, control
+    script = root.find(f"{ns}script")
+    assert script is not None and script.text and f'"id": "{ident}"' in script.text
+    assert "<![CDATA[" in svg and "]]>" not in script.text
+    assert "http" not in script.text and "src" not in script.text
 
 
 def test_colours_by_origin() -> None:
