@@ -148,6 +148,11 @@ def test_lab_profile_writes_every_file(lab_profile: tuple[Path, str, str]) -> No
         == len(NODES)
         == report.count('<script type="text/javascript"><![CDATA[')
     )
+    # The call trees start at the data path, saying what was elided above it.
+    assert report.count('<p class="thread"><b>MainThread') == len(NODES)
+    assert "elided above it:" in report and "trio run loop" in report
+    assert report.count('<details class="full">') == len(NODES)
+    assert "<h3>Channels</h3>" in report and "&#x27;" not in report  # cells, not dict reprs
     bench = json.loads((out / "bench.json").read_text())
     assert bench["rows"][0]["throughput_mbps"] > 0
 

@@ -73,6 +73,50 @@ def test_tree_inclusive_and_self(stacks: list[tuple[calltree.Stack, int]]) -> No
     assert MAIN in uncollapsed and "run (trio/_core/_run.py)" in uncollapsed
 
 
+def test_datapath_view_starts_at_the_first_datapath_frame(
+    stacks: list[tuple[calltree.Stack, int]],
+) -> None:
+    main, writer = calltree.datapath_view(stacks)
+    assert (main.thread, main.samples, main.outside) == (MAIN, 12, 3)
+    send = "Outbound.send (ipop_trio/datapath/outbound.py)"
+    seal = "Session.seal_iov (ipop_trio/proto/session.py)"
+    assert list(main.root.children) == [send]  # not the thread, not trio's run
+    assert main.above == {send: {("run (trio/_core/_run.py)",): 9}}
+    assert main.outside_leaves == {"get_events (trio/_core/_io_epoll.py)": 3}
+    lines = {ln.name: ln for ln in calltree.flatten(main.root, min_share=0.0)}
+    assert lines[send].depth == 0 and lines[send].inclusive == pytest.approx(9 / 12)
+    assert lines[seal].inclusive == pytest.approx(7 / 12)
+    assert (writer.thread, writer.samples, writer.outside) == (WRITER, 4, 0)
+    assert writer.above == {"TapWriter._write (ipop_trio/net/tap.py)": {(): 4}}
+
+
+def test_datapath_view_takes_only_the_first_datapath_frame() -> None:
+    # The data path calls out (cryptography) and back in: one tree, rooted at the first frame.
+    stack = f"{MAIN};{RUN};{SEND};{AEAD};{SEAL} 5\nlone (x.py:1) 1\n"
+    main, everything = calltree.datapath_view(calltree.parse_collapsed(stack))
+    send = main.root.children["Outbound.send (ipop_trio/datapath/outbound.py)"]
+    assert list(main.root.children) == ["Outbound.send (ipop_trio/datapath/outbound.py)"]
+    aead = send.children["AESGCM.encrypt_into (cryptography/aead.py)"]
+    assert aead.children["Session.seal_iov (ipop_trio/proto/session.py)"].self == 5
+    # without --threads, stacks belong to "all"
+    assert (everything.thread, everything.samples, everything.outside) == ("all", 1, 1)
+
+
+def test_describe_chain() -> None:
+    chain = (
+        "_run_module_as_main (<frozen runpy>)",
+        "_run_code (<frozen runpy>)",
+        "<module> (ipop_trio/__main__.py)",
+        "main (ipop_trio/cli.py)",
+        "run (trio/_core/_run.py)",
+        "unrolled_run (trio/_core/_run.py)",
+        "helper (somewhere.py)",
+    )
+    assert calltree.describe_chain(chain) == "runpy → ipop-trio CLI → trio run loop → helper"
+    assert calltree.describe_chain(["Thread.run (threading.py)"]) == "thread start"
+    assert calltree.thread_label(MAIN) == "MainThread (tid 100)"
+
+
 def test_function_table_counts_each_function_once_per_stack() -> None:
     rec = "f (a.py:1)"
     stacks = calltree.parse_collapsed(f"{MAIN};{rec};{rec};{rec} 5\n{MAIN};g (a.py:9) 5\n")
