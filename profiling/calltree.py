@@ -98,6 +98,14 @@ def short_name(frame: str) -> str:
     return f"{f.name} ({f.file})"
 
 
+def thread_label(frame: str) -> str:
+    """``MainThread (tid 18814)`` for a thread root frame; other text as it is."""
+    m = _THREAD.match(frame)
+    if not m:
+        return frame
+    return f"{m.group('name') or 'thread'} (tid {m.group('tid')})"
+
+
 def is_datapath(frame: str) -> bool:
     f = parse_frame(frame)
     return any(part in f.file for part in DATAPATH_FILES)
@@ -176,6 +184,87 @@ def flatten(
 
     visit(root, 0)
     return lines
+
+
+@dataclass(slots=True)
+class ThreadView:
+    """One thread's samples from the data path down: `root.children` are the first data-path
+    frame of each of its stacks (merged by function), `root.total` is all the thread's samples,
+    so shares of `root.total` are shares of the thread. `above[name]` counts the chains of
+    frames above that data-path frame (thread start, runpy, the CLI, Trio's run loop), which the
+    view leaves out; `outside` is the samples with no data-path frame at all, and
+    `outside_leaves` their innermost functions (Trio's epoll wait, the control socket...)."""
+
+    thread: str
+    root: Node
+    above: dict[str, dict[Stack, int]] = field(default_factory=dict)
+    outside: int = 0
+    outside_leaves: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def samples(self) -> int:
+        return self.root.total
+
+
+def datapath_view(stacks: Iterable[tuple[Stack, int]]) -> list[ThreadView]:
+    """Per thread (by descending samples), the subtrees rooted at the first data-path frame
+    of each stack, names as `short_name` gives them."""
+    views: dict[str, ThreadView] = {}
+    for stack, count in stacks:
+        thread, body = "all", stack
+        if stack and parse_frame(stack[0]).thread:
+            thread, body = stack[0], stack[1:]
+        view = views.get(thread)
+        if view is None:
+            view = views[thread] = ThreadView(thread, Node(thread))
+        view.root.total += count
+        first = next((i for i, f in enumerate(body) if is_datapath(f)), None)
+        names = [short_name(f) for f in body]
+        if first is None:
+            view.outside += count
+            leaf = names[-1] if names else thread
+            view.outside_leaves[leaf] = view.outside_leaves.get(leaf, 0) + count
+            continue
+        above = view.above.setdefault(names[first], {})
+        prefix = tuple(names[:first])
+        above[prefix] = above.get(prefix, 0) + count
+        node = view.root
+        for name in names[first:]:
+            node = node.child(name)
+            node.total += count
+        node.self += count
+    return sorted(views.values(), key=lambda v: (-v.samples, v.thread))
+
+
+# Where the frames above the data path come from, by file, for saying what a view left out.
+BOILERPLATE = (
+    ("<frozen runpy>", "runpy"),
+    ("runpy.py", "runpy"),
+    ("ipop_trio/__main__.py", "ipop-trio CLI"),
+    ("ipop_trio/cli.py", "ipop-trio CLI"),
+    ("trio/_core/_run.py", "trio run loop"),
+    ("threading.py", "thread start"),
+)
+
+
+def frame_origin(frame: str) -> str:
+    """What a frame is part of (`BOILERPLATE`: "trio run loop", ...), else its function."""
+    f = parse_frame(frame)
+    for file, label in BOILERPLATE:
+        if f.file == file or f.file.endswith("/" + file):
+            return label
+    return f.name
+
+
+def describe_chain(chain: Sequence[str]) -> str:
+    """A chain of frames in a few words: consecutive frames of one origin are one step,
+    ``runpy → ipop-trio CLI → trio run loop``."""
+    steps: list[str] = []
+    for frame in chain:
+        origin = frame_origin(frame)
+        if not steps or steps[-1] != origin:
+            steps.append(origin)
+    return " → ".join(steps)
 
 
 def function_table(stacks: Sequence[tuple[Stack, int]], *, limit: int = 25) -> list[dict[str, Any]]:
@@ -287,16 +376,21 @@ __all__ = [
     "Frame",
     "Node",
     "ParseError",
+    "ThreadView",
     "TreeLine",
     "build_tree",
     "datapath_functions",
+    "datapath_view",
+    "describe_chain",
     "flatten",
     "format_tree",
+    "frame_origin",
     "function_table",
     "is_datapath",
     "parse_collapsed",
     "parse_frame",
     "short_name",
+    "thread_label",
     "thread_samples",
     "to_speedscope",
     "write_collapsed",

@@ -2,15 +2,19 @@
 
 The page answers, in order: how fast and at what CPU cost (throughput, CPU per node), where
 the time goes (the stage timers: a table and bars per node, batch sizes, drops, queue gauges),
-which code (a top-down call tree with inclusive percentages from the py-spy samples, Zoom's
-view, and the hottest functions), and the flame graph itself, inlined. No script, no external
-resource: it can be mailed or attached to an issue. Pure: the profile dict in, text out.
+which code (the hottest functions, and per thread a top-down call tree from the first data-path
+frame down with inclusive percentages of that thread's samples, Zoom's view, the full tree
+folded below it), and the flame graphs, inlined with their zoom-and-search script. No
+external resource: it can be mailed or attached to an issue. Every table cell is a formatted
+number with its unit or a name, never a Python repr, whatever shape a node's stats take
+(`fmt_value`, `mapping_table`). Pure: the profile dict in, text out.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from html import escape
+import math
+from collections.abc import Mapping, Sequence
+from html import escape as _html_escape
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +41,15 @@ details[open]>summary{list-style:disclosure-open}.leaf{margin-left:18px;padding-
 .tree .p{display:inline-block;width:58px;text-align:right;color:#000}
 .tree .s{display:inline-block;width:78px;color:#888}.dp{color:#b4500a;font-weight:600}
 .hist td{padding:2px 4px;font-size:11px}.svg{overflow-x:auto;border:1px solid #eee}
-code{background:#f4f4f4;padding:1px 4px;border-radius:3px}
+code{background:#f4f4f4;padding:1px 4px;border-radius:3px}.el{color:#999}
+p.thread{font-size:13px;margin:14px 0 4px}details.full{margin:10px 0 0}
+details.full>summary{color:#555;font-size:13px}
 """
+
+
+def escape(text: Any) -> str:
+    """Text for the page: markup escaped, characters XML (and HTML) cannot carry replaced."""
+    return _html_escape(calltree.xml_safe(str(text)))
 
 
 def _f(value: Any, fmt: str = "{:.2f}", dash: str = "–") -> str:
@@ -47,6 +58,163 @@ def _f(value: Any, fmt: str = "{:.2f}", dash: str = "–") -> str:
 
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{x * 100:.1f}%"
+
+
+# ---------------------------------------------------------------------------------------------
+# Values with units
+
+
+def duration(seconds: float) -> str:
+    """``1.23 s``, ``4.56 ms``, ``78.9 µs``, ``12 ns``."""
+    a = abs(seconds)
+    if a == 0:
+        return "0 s"
+    if a >= 1:
+        return f"{seconds:.2f} s"
+    if a >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    if a >= 1e-6:
+        return f"{seconds * 1e6:.1f} µs"
+    return f"{seconds * 1e9:.0f} ns"
+
+
+def size(nbytes: float) -> str:
+    """``512 B``, ``3.4 kB``, ``56.7 MB``, ``1.20 GB`` (powers of ten, like iperf3's MB)."""
+    a = abs(nbytes)
+    if a >= 1e9:
+        return f"{nbytes / 1e9:.2f} GB"
+    if a >= 1e6:
+        return f"{nbytes / 1e6:.1f} MB"
+    if a >= 1e3:
+        return f"{nbytes / 1e3:.1f} kB"
+    return f"{nbytes:.0f} B"
+
+
+# The unit a value's key names (its last part that names one): the formatter for it.
+_UNITS: tuple[tuple[tuple[str, ...], Any], ...] = (
+    (("seconds", "_s"), duration),
+    (("bytes",), size),
+    (("share", "ratio", "utilisation"), _pct),
+    (("_mb",), lambda v: f"{v:.1f} MB"),
+    (("_ms",), lambda v: f"{v:.2f} ms"),
+    (("_mbps",), lambda v: f"{v:.1f} Mbit/s"),
+)
+
+
+def fmt_value(key: str | Sequence[str], value: Any) -> str:
+    """A value as the text of one cell: its unit from its key (``wait_seconds`` -> a duration,
+    ``bytes`` -> MB, ``share`` -> %; for a nested key, the innermost part that names a unit),
+    whole numbers without ``.0``, a mapping as ``name value, ...`` and a list comma-joined, so
+    no Python repr reaches a reader whatever a node reports."""
+    parts = [key] if isinstance(key, str) else list(key)
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int | float):
+        if not math.isfinite(value):
+            return "–"
+        for part in reversed(parts):
+            for suffixes, unit in _UNITS:
+                if part == suffixes[0] or part.endswith(suffixes):
+                    text: str = unit(value)
+                    return text
+        if float(value).is_integer():
+            return str(int(value))
+        return f"{value:.2f}"
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k} {fmt_value([*parts, str(k)], v)}" for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return ", ".join(fmt_value(parts, v) for v in value)
+    return str(value)
+
+
+def _leaves(value: Mapping[str, Any], path: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """A nested mapping's scalars by key path: {"a": {"b": 1}, "c": 2} -> {(a, b): 1, (c,): 2}."""
+    out: dict[tuple[str, ...], Any] = {}
+    for k, v in value.items():
+        if isinstance(v, Mapping) and v:
+            out.update(_leaves(v, (*path, str(k))))
+        else:
+            out[(*path, str(k))] = v
+    return out
+
+
+def mapping_table(
+    rows: Mapping[str, Any],
+    *,
+    name: str,
+    columns: Mapping[str, str] | None = None,
+    value: str = "value",
+) -> str:
+    """`rows` (row name -> a mapping, or a scalar) as an HTML table. A mapping's keys become
+    columns, a nested mapping's leaves columns headed ``outer · inner``; known keys come first,
+    in the order and with the headers `columns` gives, then the rest as they first appear.
+    Scalar rows fill one column headed `value`. Cells go through `fmt_value`."""
+    columns = columns or {}
+    flat: dict[str, dict[tuple[str, ...], Any]] = {
+        str(r): _leaves(v) if isinstance(v, Mapping) else {(value,): v} for r, v in rows.items()
+    }
+    seen: list[tuple[str, ...]] = []
+    for cells in flat.values():
+        seen += [p for p in cells if p not in seen]
+    order = {k: i for i, k in enumerate(columns)}
+    first = {p: i for i, p in enumerate(seen)}
+    seen.sort(key=lambda p: (order.get(p[0], len(order)), first[p]))
+
+    def header(path: tuple[str, ...]) -> str:
+        return " · ".join(columns.get(p, p.replace("_", " ")) for p in path)
+
+    out = [f"<table><tr><th class=l>{escape(name)}</th>"]
+    out += [f"<th>{escape(header(p))}</th>" for p in seen] + ["</tr>"]
+    for r, cells in flat.items():
+        out.append(f"<tr><td class=l>{escape(r)}</td>")
+        out += [f"<td>{escape(fmt_value(p, cells.get(p)))}</td>" for p in seen]
+        out.append("</tr>")
+    out.append("</table>")
+    return "".join(out)
+
+
+CHANNEL_COLUMNS = {
+    "batches": "batches taken",
+    "depth": "depth at end",
+    "max_depth": "max depth",
+    "wait_seconds": "queue wait",
+    "wait_per_batch_seconds": "mean wait / batch",
+}
+
+
+def channel_rows(channels: Mapping[str, Any]) -> dict[str, Any]:
+    """The node's channels with the mean wait per batch taken added (when both are known)."""
+    out: dict[str, Any] = {}
+    for name, ch in channels.items():
+        if isinstance(ch, Mapping):
+            row = dict(ch)
+            wait, batches = ch.get("wait_seconds"), ch.get("batches")
+            if isinstance(wait, int | float) and isinstance(batches, int | float) and batches > 0:
+                row["wait_per_batch_seconds"] = wait / batches
+            out[str(name)] = row
+        else:
+            out[str(name)] = ch
+    return out
+
+
+def _channels_text(channels: Mapping[str, Any]) -> str:
+    parts = []
+    for name, ch in channel_rows(channels).items():
+        if not isinstance(ch, Mapping):
+            parts.append(f"{name} {fmt_value(name, ch)}")
+            continue
+        bits = [
+            f"{label} {fmt_value(key, ch[key])}"
+            for key, label in (
+                ("max_depth", "max depth"),
+                ("wait_per_batch_seconds", "wait/batch"),
+            )
+            if key in ch
+        ]
+        parts.append(f"{name} " + ", ".join(bits) if bits else name)
+    return "; ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,9 +266,12 @@ def summary_text(profile: Mapping[str, Any], out: Path | None = None) -> str:
         if hot and samples:
             parts = [f"{name.split(' (')[0]} {n / samples * 100:.0f}%" for name, n in hot]
             lines.append("         hottest data-path code (py-spy, inclusive): " + ", ".join(parts))
+        if node.get("channels"):
+            lines.append("         channels: " + _channels_text(node["channels"]))
         if node.get("drops"):
             lines.append(
-                "         drops: " + ", ".join(f"{k} {v}" for k, v in node["drops"].items())
+                "         drops: "
+                + ", ".join(f"{k} {fmt_value(k, v)}" for k, v in node["drops"].items())
             )
     if out is not None:
         lines.append(f"  report: {out / 'report.html'}")
@@ -234,41 +405,32 @@ def _extras(node: Mapping[str, Any]) -> str:
     parts = []
     drops = node.get("drops")
     if drops:
-        items = "".join(
-            f"<tr><td class=l>{escape(k)}</td><td>{v}</td></tr>" for k, v in drops.items()
-        )
-        parts.append(
-            f"<h3>Drops</h3><table><tr><th class=l>reason</th><th>count</th></tr>{items}</table>"
-        )
+        parts.append("<h3>Drops</h3>" + mapping_table(drops, name="reason", value="count"))
     elif drops is not None:
         parts.append('<p class="note">No drops during the interval.</p>')
     gauges = (node.get("gauges") or {}).get("polled") or {}
     if gauges:
-        items = "".join(
-            f"<tr><td class=l>{escape(k)}</td><td>{g['samples']}</td><td>{g['min']:.0f}</td>"
-            f"<td>{g['mean']:.2f}</td><td>{g['max']:.0f}</td></tr>"
-            for k, g in gauges.items()
-        )
         parts.append(
-            "<h3>Channel depths (polled while recording)</h3><table><tr><th class=l>gauge</th>"
-            f"<th>polls</th><th>min</th><th>mean</th><th>max</th></tr>{items}</table>"
+            "<h3>Gauges (polled while recording)</h3>"
+            + mapping_table(gauges, name="gauge", columns={"samples": "polls"})
         )
     if node.get("channels"):
-        items = "".join(
-            f"<tr><td class=l>{escape(k)}</td><td class=l><code>{escape(str(v))}</code></td></tr>"
-            for k, v in node["channels"].items()
+        parts.append(
+            "<h3>Channels</h3>"
+            + mapping_table(channel_rows(node["channels"]), name="channel", columns=CHANNEL_COLUMNS)
+            + '<p class="note">Batches taken and queue wait (time from put to take, summed) '
+            "over the interval; depths as the closing snapshot saw them.</p>"
         )
-        parts.append(f"<h3>Channels</h3><table>{items}</table>")
     threads = node["cpu"].get("threads") or []
     if threads:
         items = "".join(
-            f"<tr><td>{t['tid']}</td><td class=l>{escape(t['name'] or '?')}</td>"
-            f"<td>{t['seconds']:.2f}</td></tr>"
+            f"<tr><td>{escape(t['tid'])}</td><td class=l>{escape(t['name'] or '?')}</td>"
+            f"<td>{escape(fmt_value('seconds', t['seconds']))}</td></tr>"
             for t in threads
         )
         parts.append(
             "<h3>CPU per thread</h3><table><tr><th>tid</th><th class=l>thread</th>"
-            f"<th>CPU s</th></tr>{items}</table>"
+            f"<th>CPU</th></tr>{items}</table>"
         )
     if node.get("missing"):
         items = "".join(f"<li>{escape(m)}</li>" for m in node["missing"])
@@ -279,7 +441,29 @@ def _extras(node: Mapping[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def _tree_html(root: calltree.Node) -> str:
+def _above_html(above: Mapping[calltree.Stack, int]) -> str:
+    """The grey ``… unrolled_run →`` before a data-path root: the last function of the chain
+    most of its samples came through, every chain and its samples in the tooltip."""
+    chains = sorted(above.items(), key=lambda kv: (-kv[1], kv[0]))
+    if not chains or (len(chains) == 1 and not chains[0][0]):
+        return ""
+    tip = "\n".join(
+        f"{n} sample{'s' if n != 1 else ''}: "
+        + (" → ".join(chain) if chain else "(the stack starts here)")
+        for chain, n in chains
+    )
+    top = chains[0][0]
+    text = f"… {calltree.frame_origin(top[-1])} →" if top else "…"
+    if len(chains) > 1:
+        text = f"{text} (+{len(chains) - 1} other path{'s' if len(chains) > 2 else ''})"
+    return f'<span class="el" title="elided above: {escape(tip)}">{escape(text)}</span> '
+
+
+def _tree_html(
+    root: calltree.Node, above: Mapping[str, Mapping[calltree.Stack, int]] | None = None
+) -> str:
+    """`root`'s children as nested <details>, shares of `root.total`; with `above`, each
+    top-level row starts with what was elided above it (`_above_html`)."""
     total = root.total or 1
 
     def name_html(name: str) -> str:
@@ -288,6 +472,7 @@ def _tree_html(root: calltree.Node) -> str:
 
     def visit(node: calltree.Node) -> list[str]:
         out: list[str] = []
+        top = node is root and above is not None
         for child in node.sorted_children():
             share = child.total / total
             if share < TREE_MIN_SHARE:
@@ -298,6 +483,8 @@ def _tree_html(root: calltree.Node) -> str:
                 chain.append(next(iter(chain[-1].children.values())))
             last = chain[-1]
             label = " → ".join(name_html(c.name) for c in chain)
+            if top and above is not None:
+                label = _above_html(above.get(child.name) or {}) + label
             head = (
                 f'<span class="p">{share * 100:.1f}%</span>'
                 f'<span class="s">self {last.self / total * 100:.1f}%</span> {label}'
@@ -311,6 +498,46 @@ def _tree_html(root: calltree.Node) -> str:
         return out
 
     return '<div class="tree">' + "".join(visit(root)) + "</div>"
+
+
+def _datapath_trees(stacks: Sequence[tuple[calltree.Stack, int]]) -> str:
+    """Per thread: its share of the node's samples, what was elided above the data path,
+    the tree from the first data-path frame down (shares of the thread's samples), and where
+    the rest of its samples were."""
+    views = calltree.datapath_view(stacks)
+    everything = sum(v.samples for v in views) or 1
+    out: list[str] = []
+    for view in views:
+        inside = view.samples - view.outside
+        head = (
+            f"<b>{escape(calltree.thread_label(view.thread))}</b>: {view.samples} samples "
+            f"({_pct(view.samples / everything)} of the node's), {_pct(inside / view.samples)} "
+            "of them in the data path"
+        )
+        chains: dict[calltree.Stack, int] = {}
+        for above in view.above.values():
+            for chain, n in above.items():
+                chains[chain] = chains.get(chain, 0) + n
+        common = max(chains.items(), key=lambda kv: (kv[1], kv[0]), default=((), 0))[0]
+        if common:
+            head += (
+                f'; elided above it: <span class="el" title="{escape(" → ".join(common))}">'
+                f"{escape(calltree.describe_chain(common))}</span> ({len(common)} frames)"
+            )
+        out.append(f'<p class="thread">{head}</p>')
+        if inside:
+            out.append(_tree_html(view.root, view.above))
+        if view.outside:
+            leaves = sorted(view.outside_leaves.items(), key=lambda kv: (-kv[1], kv[0]))[:4]
+            where = ", ".join(
+                f"{escape(calltree.parse_frame(name).name)} {_pct(n / view.samples)}"
+                for name, n in leaves
+            )
+            out.append(
+                f'<p class="note">Outside the data path: {_pct(view.outside / view.samples)} '
+                f"of this thread's samples; innermost there: {where}.</p>"
+            )
+    return "".join(out)
 
 
 def _hot_table(node: Mapping[str, Any]) -> str:
@@ -370,10 +597,15 @@ def render_html(
         body.append(_extras(node))
     body.append("<h2>Call tree (top-down, from py-spy samples)</h2>")
     body.append(
-        '<p class="note">Each line: share of the node\'s busy samples with this function on the '
-        "stack (inclusive), the share where it was the innermost frame (self), and the function. "
-        "Chains that pass every sample on are joined with →. Data-path code is "
-        '<span class="dp">highlighted</span>. Idle threads are not sampled.</p>'
+        '<p class="note">Per thread, from the data path down: each tree starts at the first '
+        "data-path frame of its stacks; what ran above it (thread start, runpy, the CLI, Trio's "
+        "run loop) is elided, shown grey (hover for every chain and its samples). Each line: "
+        "share of the thread's busy samples with this function on the stack (inclusive), the "
+        "share where it was the innermost frame (self), and the function. Chains that pass "
+        "every sample on are joined with →. Data-path code is "
+        '<span class="dp">highlighted</span>. Idle threads are not sampled. The full tree, '
+        "from each thread's first frame and in shares of all the node's samples, is folded "
+        "below.</p>"
     )
     for name, node in profile["nodes"].items():
         raw = out / node["pyspy"]["raw"]
@@ -384,12 +616,19 @@ def render_html(
             f"(≈{spy['busy_seconds']:.2f} busy thread-seconds)</h3>"
         )
         body.append(_hot_table(node))
-        body.append(_tree_html(calltree.build_tree(stacks)))
+        body.append(_datapath_trees(stacks))
+        body.append(
+            f'<details class="full"><summary>Full call tree of {escape(name)}</summary>'
+            f"{_tree_html(calltree.build_tree(stacks))}</details>"
+        )
     body.append("<h2>Flame graphs</h2>")
     body.append(
         '<p class="note">Width is samples; the root is at the bottom. Hover a frame for its '
-        "numbers. The same samples, interactive: open <code>NODE/profile.speedscope.json</code> "
-        "in speedscope.</p>"
+        "numbers; click it to zoom (it fills the width, its callers stay below it; “Reset "
+        "zoom” or a click on the root undoes it); “Search” highlights the frames whose name "
+        "matches a regular expression and says what share of the samples they cover. The "
+        "same samples in another viewer: open <code>NODE/profile.speedscope.json</code> in "
+        "speedscope.</p>"
     )
     for name, node in profile["nodes"].items():
         svg = (svgs or {}).get(name)

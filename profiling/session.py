@@ -677,7 +677,9 @@ def write_artefacts(
             f"{entry['pyspy']['samples']} busy samples at {opts.rate} Hz over "
             f"{entry['interval_s']:.1f} s, CPU {entry['cpu']['seconds']:.2f} s"
         )
-        svgs[t.name] = render_svg(stacks, title=f"{t.name} ({t.role})", subtitle=subtitle)
+        svgs[t.name] = render_svg(
+            stacks, title=f"{t.name} ({t.role})", subtitle=subtitle, key=t.name
+        )
         (t.dir / "flamegraph.svg").write_text(svgs[t.name])
     (opts.out / "stages.json").write_text(json.dumps(profile, indent=2) + "\n")
     if traffic is not None:

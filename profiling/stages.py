@@ -115,9 +115,10 @@ def _channel_delta(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[
         if not isinstance(prev, dict):
             prev = {}
         row = dict(ch)
-        for key in ("wait_seconds", "batches"):
-            if key in ch:
-                row[key] = _num(ch.get(key)) - _num(prev.get(key))
+        if "wait_seconds" in ch:
+            row["wait_seconds"] = _num(ch.get("wait_seconds")) - _num(prev.get("wait_seconds"))
+        if "batches" in ch:
+            row["batches"] = int(_num(ch.get("batches")) - _num(prev.get("batches")))
         out[name] = row
     return out
 

@@ -122,7 +122,8 @@ def test_lab_profile_writes_every_file(lab_profile: tuple[Path, str, str]) -> No
     for node in NODES:
         for name in PER_NODE:
             assert (out / node / name).stat().st_size > 0, f"{node}/{name}"
-        ET.parse(out / node / "flamegraph.svg")  # well-formed XML
+        svg = ET.parse(out / node / "flamegraph.svg").getroot()  # well-formed XML
+        assert svg.find("{http://www.w3.org/2000/svg}script") is not None, "no zoom/search"
         speedscope = json.loads((out / node / "profile.speedscope.json").read_text())
         frames = speedscope["shared"]["frames"]
         assert speedscope["profiles"], "no profiles"
@@ -140,7 +141,18 @@ def test_lab_profile_writes_every_file(lab_profile: tuple[Path, str, str]) -> No
     report = (out / "report.html").read_text()
     for needle in ("Where the time goes", "Call tree", "Flame graphs", "<svg", "Mbit/s"):
         assert needle in report, needle
-    assert "src=" not in report and "<script" not in report  # self-contained, no script
+    # Self-contained: nothing loaded; the one script per flame graph is inline (CDATA).
+    assert "src=" not in report and "<link" not in report
+    assert (
+        report.count("<script")
+        == len(NODES)
+        == report.count('<script type="text/javascript"><![CDATA[')
+    )
+    # The call trees start at the data path, saying what was elided above it.
+    assert report.count('<p class="thread"><b>MainThread') == len(NODES)
+    assert "elided above it:" in report and "trio run loop" in report
+    assert report.count('<details class="full">') == len(NODES)
+    assert "<h3>Channels</h3>" in report and "&#x27;" not in report  # cells, not dict reprs
     bench = json.loads((out / "bench.json").read_text())
     assert bench["rows"][0]["throughput_mbps"] > 0
 
