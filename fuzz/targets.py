@@ -27,6 +27,7 @@ from ipop_trio.datapath.inbound import Inbound
 from ipop_trio.datapath.sessions import SessionEntry, SessionTable
 from ipop_trio.datapath.switch import VNET, PeerPort, Switch
 from ipop_trio.errors import BadPacket
+from ipop_trio.net import httpd
 from ipop_trio.proto import cookie, handshake, stun, turn
 from ipop_trio.proto import signalling as sig
 from ipop_trio.proto.cert import CertificateRefused
@@ -122,6 +123,13 @@ def handshake_payload(data: bytes) -> None:
 def handshake_indices(data: bytes) -> None:
     _expect(lambda: handshake.response_receiver_index_untrusted(data))
     _expect(lambda: cookie.cookie_reply_receiver_index_untrusted(data))
+
+
+def http_request(data: bytes) -> None:
+    # the metrics endpoint: the request line, and the whole reply to a head (never raises)
+    _expect(lambda: httpd.parse_request_untrusted(data))
+    reply = httpd.reply_to(data, {"/metrics": lambda: ("text/plain", b"x 1\n")})
+    assert reply.startswith(b"HTTP/1.1 ")
 
 
 def ice_candidate(data: bytes) -> None:
@@ -354,7 +362,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     f.__name__: f
     for f in (
         stun_header, stun_parse, turn_channel_data, signalling_decode, handshake_payload,
-        handshake_indices, ice_candidate, cert_verify, handshake_initiation,
+        handshake_indices, http_request, ice_candidate, cert_verify, handshake_initiation,
         handshake_response, cookie_reply, cookie_admit, link_receive, turn_client,
         srflx_gatherer, session_open, reassembler, inbound, signalling_server,
     )
@@ -425,6 +433,7 @@ def _seed_lists() -> dict[str, list[bytes]]:
         "signalling_decode": [_hello(), sig.encode(sig.Ping(7)).encode()],
         "handshake_payload": [handshake.encode_payload(_alice().cert_der, {"x": 1})],
         "handshake_indices": [resp],
+        "http_request": [b"GET /metrics HTTP/1.1\r\nHost: 192.0.2.1:9464\r\n"],
         "ice_candidate": [host_candidate(("192.0.2.1", 4600)).to_sdp().encode()],
         "cert_verify": [_alice().cert_der],
         "handshake_initiation": [init],

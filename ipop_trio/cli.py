@@ -133,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(LOG_FORMATS),
         help="text lines, or one JSON object per line (default text)",
     )
+    sg.add_argument(
+        "--metrics",
+        default=None,
+        metavar="ADDR:PORT",
+        help="serve Prometheus metrics at http://ADDR:PORT/metrics: connected clients, members "
+        "per overlay, admissions, refusals by reason, con_req/con_resp relays (default: off)",
+    )
     _add_signal_limits(sg)
 
     st = sub.add_parser(
@@ -368,6 +375,7 @@ def cmd_signal(args: argparse.Namespace) -> int:
     from .signalling.server import SignallingServer, raise_fd_limit
 
     listen = config.parse_endpoint("--listen", args.listen)
+    metrics = None if args.metrics is None else config.parse_endpoint("--metrics", args.metrics)
     anchors = []
     for i, path in enumerate(args.ca):
         try:
@@ -392,8 +400,18 @@ def cmd_signal(args: argparse.Namespace) -> int:
     server = SignallingServer(anchors, limits)
 
     async def main_task() -> None:
+        metrics_listeners = [] if metrics is None else await _signal_metrics_listeners(metrics)
         async with trio.open_nursery() as nursery:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                if metrics is not None:
+                    from .metrics import signal_page
+                    from .net.httpd import serve_http
+
+                    pages = {"/metrics": signal_page(server.core.stats)}
+                    await nursery.start(serve_http, metrics_listeners, pages)
+                    port = metrics_listeners[0].socket.getsockname()[1]
+                    where = f"[{metrics.host}]" if ":" in metrics.host else metrics.host
+                    print(f"ipop-trio signal: metrics on http://{where}:{port}/metrics", flush=True)
                 await nursery.start(
                     partial(server.serve, listen.host, listen.port, ssl_context=ssl_context)
                 )
@@ -410,6 +428,18 @@ def cmd_signal(args: argparse.Namespace) -> int:
     except* OSError as group:  # the address is taken or not ours: the operator's to fix
         raise ConfigError("--listen", str(_first_leaf(group))) from None
     return 0
+
+
+async def _signal_metrics_listeners(where: Any) -> list[Any]:
+    """`signal --metrics`'s socket, bound before the server starts: a taken port is one
+    line naming the option (exit 2), not the --listen error."""
+    from .net.httpd import open_listeners
+
+    try:
+        return await open_listeners(where.host, where.port)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        raise ConfigError("--metrics", f"cannot listen on {where}: {why}") from None
 
 
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:

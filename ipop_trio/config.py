@@ -36,6 +36,9 @@ are resolved against the config file's directory.
     turn = [{url = "turn:198.51.100.1:3478?transport=udp", username = "alice", password = "s3"}]
     ignore_interfaces = ["docker0"]  # no host candidates from these (the TAP never gives any)
 
+    [metrics]                   # optional: Prometheus exposition at http://ADDR:PORT/metrics
+    listen = "127.0.0.1:9464"
+
 Servers are literal IP addresses: resolving names would make startup depend on DNS.
 """
 
@@ -72,7 +75,7 @@ T = TypeVar("T")
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,63}$")
 _IFNAME = re.compile(r"^[A-Za-z0-9._-]{1,15}$")
 _KNOWN = {
-    "": {"node", "tap", "peer", "signalling", "ice"},
+    "": {"node", "tap", "peer", "signalling", "ice", "metrics"},
     "node": {
         "name",
         "cert",
@@ -91,6 +94,7 @@ _KNOWN = {
     "signalling": {"url", "ca", "max_links", "advertise"},
     "ice": {"stun", "turn", "ignore_interfaces"},
     "ice.turn": {"url", "username", "password"},
+    "metrics": {"listen"},
 }
 DEFAULT_MAX_LINKS = 32
 MAX_ADVERTISE = 8
@@ -156,6 +160,11 @@ class IceConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    listen: Endpoint  # TCP address of the /metrics page (net/httpd.py)
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     path: Path
     name: str | None
@@ -173,6 +182,7 @@ class NodeConfig:
     groups: tuple[str, ...] | None = None  # narrows the certified groups; None: all of them
     ice: IceConfig = IceConfig()
     log_format: str = "text"  # or "json": one object per line (ipop_trio/logs.py)
+    metrics: MetricsConfig | None = None  # None: no metrics endpoint (opt-in)
 
     def control_path(self, netns: Path | None = None) -> Path:
         """The control socket: as configured, else the default for the TAP in `netns`
@@ -301,6 +311,7 @@ def parse(data: dict[str, Any], path: Path) -> NodeConfig:
 
     signalling = c(lambda: _signalling(base, _table(data, "signalling", required=False)), None)
     ice = c(lambda: _ice(_table(data, "ice", required=False)), IceConfig())
+    metrics = c(lambda: _metrics(data), None)
     c.raise_any()
 
     return NodeConfig(
@@ -320,6 +331,7 @@ def parse(data: dict[str, Any], path: Path) -> NodeConfig:
         security=security,
         groups=groups,
         ice=ice,
+        metrics=metrics,
     )
 
 
@@ -430,6 +442,31 @@ def _advertise(raw: object) -> tuple[Endpoint, ...]:
     )
     c.raise_any()
     return tuple(e for e in found if e is not None)
+
+
+def _metrics(data: dict[str, Any]) -> MetricsConfig | None:
+    """[metrics]: absent, no endpoint; present, `listen` is required (an empty section is
+    a mistake, not a way to turn metrics off)."""
+    if "metrics" not in data:
+        return None
+    table = _table(data, "metrics", required=True)
+    c = _Collect()
+    c(lambda: _unknown("metrics", table), None)
+    listen = None
+    if "listen" not in table:
+        c.errors.append(ConfigError("metrics.listen", 'missing (an "ADDRESS:PORT" to serve on)'))
+    else:
+        listen = c(lambda: _metrics_listen(table["listen"]), None)
+    c.raise_any()
+    assert listen is not None
+    return MetricsConfig(listen=listen)
+
+
+def _metrics_listen(value: object) -> Endpoint:
+    listen = parse_endpoint("metrics.listen", value)
+    if listen.port == 0:
+        raise ConfigError("metrics.listen", "needs a port a scraper can be told (1..65535)")
+    return listen
 
 
 def _ice(table: dict[str, Any]) -> IceConfig:

@@ -9,7 +9,8 @@
     ├── links nursery       one run_link(peer) per configured or learned peer
     ├── ICE service         ([signalling] only) candidates: host, STUN, TURN (control/ice.py)
     ├── signalling client   ([signalling] only) membership and con_req/resp → controller
-    └── controller          membership → links added / removed in the links nursery
+    ├── controller          membership → links added / removed in the links nursery
+    └── metrics             ([metrics] only) HTTP GET /metrics: a `status` snapshot, rendered
 
 `prepare()` does every check that can fail because of the configuration or the PKI, before
 anything on the system is touched; `run_node()` then owns the TAP and the socket and removes
@@ -41,7 +42,8 @@ from .datapath.outbound import NativeOutbound, Outbound
 from .datapath.sessions import SessionTable
 from .datapath.switch import Switch
 from .errors import CertificateRefused, ConfigError, PkiError
-from .net import netlink
+from .metrics import node_page
+from .net import httpd, netlink
 from .net.control import ControlSocket, netns_inode, serve_control
 from .net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, Tap, TapWriter
 from .net.udp import UdpSocket
@@ -245,7 +247,8 @@ async def run_node(
 ) -> None:
     cfg = setup.config
     # What another node may hold comes first, before anything is created: its control
-    # socket, then its UDP port; the TAP last (its name taken gives the kernel's EBUSY).
+    # socket, then its UDP port and metrics port; the TAP last (its name taken gives the
+    # kernel's EBUSY).
     control = ControlSocket(cfg.control_path())
     try:
         udp = UdpSocket(cfg.listen.host, cfg.listen.port)
@@ -256,8 +259,15 @@ async def run_node(
             hint = " (another node or program holds this port: stop it, or set node.listen)"
         raise ConfigError("node.listen", f"{exc.strerror or exc}{hint}") from None
     try:
+        metrics_listeners = await _open_metrics(cfg)
+    except BaseException:
+        udp.close()
+        control.close()
+        raise
+    try:
         tap = Tap(cfg.tap.name, vnet_hdr=True)
     except BaseException:
+        _close_listeners(metrics_listeners)
         udp.close()
         control.close()
         raise
@@ -270,6 +280,10 @@ async def run_node(
         node = Node(setup, tap, udp, control.path)
         send, receive = pipeline.make_outbound_channel()
         async with trio.open_nursery() as nursery:
+            if metrics_listeners:
+                pages = {"/metrics": node_page(lambda: node.status({}))}
+                await nursery.start(httpd.serve_http, metrics_listeners, pages)
+                log.info("metrics on http://%s/metrics", _metrics_where(cfg, metrics_listeners))
             await nursery.start(
                 serve_control,
                 control,
@@ -295,8 +309,33 @@ async def run_node(
             task_status.started(node)
     finally:
         control.close()  # serve_control closed it if it ran; closing twice is harmless
+        _close_listeners(metrics_listeners)  # likewise serve_http
         udp.close()
         tap.close()
+
+
+async def _open_metrics(cfg: NodeConfig) -> list[trio.SocketListener]:
+    """[metrics] listen's socket, bound before any task starts: a taken port is one config
+    error (exit 2), like a taken UDP port."""
+    if cfg.metrics is None:
+        return []
+    where = cfg.metrics.listen
+    try:
+        return await httpd.open_listeners(where.host, where.port)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        raise ConfigError("metrics.listen", f"cannot listen on {where}: {why}") from None
+
+
+def _close_listeners(listeners: list[trio.SocketListener]) -> None:
+    for listener in listeners:
+        listener.socket.close()
+
+
+def _metrics_where(cfg: NodeConfig, listeners: list[trio.SocketListener]) -> str:
+    assert cfg.metrics is not None
+    host, port = cfg.metrics.listen.host, httpd.bound_port(listeners)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def _run_signalling(

@@ -69,6 +69,7 @@ class OverlayNode:
     # "python" runs the node with IPOP_TRIO_PURE_PYTHON=1; None: the default (native if built)
     datapath: str | None = None
     offload: bool | None = None  # [tap] offload; None: the default
+    metrics: str | None = None  # [metrics] listen ("ADDR:PORT"); None: no metrics endpoint
     proc: subprocess.Popen[Any] | None = None
 
     @property
@@ -101,6 +102,7 @@ class SignalServer:
     port: int
     dir: Path
     url: str
+    metrics: str | None = None  # --metrics ADDR:PORT
     proc: subprocess.Popen[Any] | None = None
 
     @property
@@ -174,6 +176,7 @@ class Overlay:
         turn: Iterable[tuple[str, str, str]] = (),
         datapath: str | None = None,
         offload: bool | None = None,
+        metrics: str | None = None,
     ) -> OverlayNode:
         """Issue a certificate for a node on `host` (next free overlay address unless given).
         The node is configured and started by `start`. With `signalling`, it learns its peers
@@ -181,7 +184,8 @@ class Overlay:
         unless `peers` names some. `stun` URLs and `turn` servers, as (url, username,
         password), go into the node's [ice] section. `datapath` "python" forces the
         pure-Python data path (IPOP_TRIO_PURE_PYTHON=1); "native" requires the native core.
-        `offload` sets [tap] offload (None: the node's default)."""
+        `offload` sets [tap] offload (None: the node's default); `metrics` sets [metrics]
+        listen (None: none)."""
         if datapath not in (None, "python", "native"):
             raise LabError(f"datapath {datapath!r}: expected 'python' or 'native'")
         from ipop_trio import pki
@@ -215,6 +219,7 @@ class Overlay:
             turn=tuple(turn),
             datapath=datapath,
             offload=offload,
+            metrics=metrics,
         )
         self.nodes[name] = node
         return node
@@ -296,6 +301,8 @@ class Overlay:
                 f"stun = [{', '.join(_toml_str(url) for url in node.stun)}]",
                 f"turn = [{', '.join(turn)}]",
             ]
+        if node.metrics is not None:
+            lines += ["", "[metrics]", f"listen = {_toml_str(node.metrics)}"]
         names = node.peers if node.peers is not None else [n for n in self.nodes if n != node.name]
         for peer_name in names:
             peer = self.nodes[peer_name]
@@ -417,10 +424,15 @@ class Overlay:
     # -- the signalling server ----------------------------------------------------------------
 
     def start_signalling(
-        self, host: Host | None = None, port: int = DEFAULT_SIGNAL_PORT, timeout: float = 15.0
+        self,
+        host: Host | None = None,
+        port: int = DEFAULT_SIGNAL_PORT,
+        timeout: float = 15.0,
+        *,
+        metrics: str | None = None,
     ) -> SignalServer:
         """Start `ipop-trio signal` on `host` (again: after `stop_signalling`, on the same host
-        and port) for this overlay's CA; wait until it listens."""
+        and port) for this overlay's CA; wait until it listens. `metrics`: its --metrics."""
         running = self.signal is not None and self.signal.proc is not None
         if running and self.signal.proc.poll() is None:  # type: ignore[union-attr]
             raise LabError("the signalling server is already running")
@@ -432,7 +444,8 @@ class Overlay:
         directory.mkdir(exist_ok=True)
         ca = directory / "ca.crt"
         ca.write_bytes(self.ca.cert_pem)
-        server = SignalServer(host, port, directory, f"ws://{host.address}:{port}/")
+        server = SignalServer(host, port, directory, f"ws://{host.address}:{port}/", metrics)
+        extra = [] if metrics is None else ["--metrics", metrics]
         start = server.log.stat().st_size if server.log.exists() else 0
         with open(server.log, "ab") as log:
             server.proc = host.popen(
@@ -447,6 +460,7 @@ class Overlay:
                     f"0.0.0.0:{port}",
                     "--log-format",
                     self.log_format,
+                    *extra,
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,

@@ -430,7 +430,7 @@ class ServerCore:
             self._send(conn, sig.Error("unknown_peer", "no such member", msg.request_id))
             return
         conn.relayed += 1
-        self.count("relayed")
+        self.count("relayed_con_req" if isinstance(msg, sig.ConReq) else "relayed_con_resp")
         self._send(target, msg)
 
     # -- helpers ----------------------------------------------------------------------------

@@ -303,3 +303,46 @@ def test_a_bad_value_brings_no_second_error_about_its_neighbours(files: Path) ->
         "peer[1].name",
         "signalling.url",
     ]
+
+
+def test_metrics_is_off_unless_configured(files: Path) -> None:
+    assert config.load(write(files, GOOD)).metrics is None
+
+
+@pytest.mark.parametrize(
+    ("listen", "endpoint"),
+    [("127.0.0.1:9464", ("127.0.0.1", 9464)), ("[::1]:9464", ("::1", 9464))],
+)
+def test_metrics_listen_parses(files: Path, listen: str, endpoint: tuple[str, int]) -> None:
+    cfg = config.load(write(files, GOOD + f'[metrics]\nlisten = "{listen}"\n'))
+    assert cfg.metrics == config.MetricsConfig(config.Endpoint(*endpoint))
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "why"),
+    [
+        ("[metrics]\n", "metrics.listen", "missing"),
+        ('[metrics]\nlisten = "localhost:9464"\n', "metrics.listen", "ADDRESS:PORT"),
+        ('[metrics]\nlisten = "127.0.0.1:0"\n', "metrics.listen", "needs a port"),
+        ('[metrics]\nlisten = "127.0.0.1:70000"\n', "metrics.listen", "out of range"),
+        ("[metrics]\nlisten = 9464\n", "metrics.listen", "must be a string"),
+        ('metrics = "127.0.0.1:9464"\n', "metrics", "must be a [metrics] table"),
+    ],
+)
+def test_each_metrics_error_names_its_field(
+    files: Path, section: str, field: str, why: str
+) -> None:
+    text = section + GOOD if not section.startswith("[") else GOOD + section
+    with pytest.raises(ConfigError) as err:
+        config.load(write(files, text))
+    assert err.value.field == field and why in err.value.why, err.value
+
+
+def test_a_misspelt_metrics_key_gets_a_did_you_mean_with_the_other_errors(files: Path) -> None:
+    text = GOOD.replace("mtu = 1380", "mtu = 9000") + '[metrics]\nlistn = "127.0.0.1:9464"\n'
+    with pytest.raises(ConfigErrors) as err:
+        config.load(write(files, text))
+    got = [str(e) for e in err.value.errors]
+    assert any(e.startswith("tap.mtu:") for e in got)
+    assert "metrics.listn: unknown setting (did you mean 'listen'? known here: listen)" in got
+    assert any(e.startswith("metrics.listen: missing") for e in got)

@@ -30,6 +30,7 @@ RANK = {
     "datapath": 4,
     "control": 5,
     "signalling": 5,
+    "metrics": 5,  # status snapshots -> Prometheus families; imports none of ours
     "node": 6,
     "status": 6,
     "cli": 7,

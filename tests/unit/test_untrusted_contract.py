@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ipop_trio.errors import BadPacket
+from ipop_trio.net import httpd
 from ipop_trio.proto import cookie, handshake, probe, signalling, stun, turn
 from ipop_trio.proto.ice import Candidate, SrflxGatherer, host_candidate
 from ipop_trio.proto.link import Link
@@ -133,6 +134,7 @@ def _entry_points() -> dict[str, Callable[[bytes], object]]:
         "ipop_trio.proto.session.Session.open_into_untrusted": (
             lambda d: _session().open_into_untrusted(d, bytearray(2048))
         ),
+        "ipop_trio.net.httpd.parse_request_untrusted": httpd.parse_request_untrusted,
     }
 
 
@@ -156,6 +158,7 @@ PREFIXES = [
     b'{"type": "con_req", ',
     b"\x30\x82\x01\x00",
     b"1 1 UDP 2130706431 192.0.2.1 4600 typ ",
+    b"GET /metrics HTTP/1.",
 ]
 
 
