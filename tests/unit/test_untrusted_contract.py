@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ipop_trio.errors import BadPacket
-from ipop_trio.proto import cookie, handshake, signalling, stun, turn
+from ipop_trio.proto import cookie, handshake, names, signalling, stun, turn
 from ipop_trio.proto.ice import Candidate, SrflxGatherer, host_candidate
 from ipop_trio.proto.link import Link
 from ipop_trio.proto.offload import Reassembler
@@ -132,6 +132,11 @@ def _entry_points() -> dict[str, Callable[[bytes], object]]:
         "ipop_trio.proto.session.Session.open_into_untrusted": (
             lambda d: _session().open_into_untrusted(d, bytearray(2048))
         ),
+        "ipop_trio.proto.names._header_untrusted": names._header_untrusted,
+        "ipop_trio.proto.names.parse_query_untrusted": names.parse_query_untrusted,
+        "ipop_trio.proto.names.answer_untrusted": lambda d: names.answer_untrusted(
+            d, names.Zone.of("lab", [ids.alice().bundle.identity], NOW)
+        ),
     }
 
 
@@ -155,6 +160,7 @@ PREFIXES = [
     b'{"type": "con_req", ',
     b"\x30\x82\x01\x00",
     b"1 1 UDP 2130706431 192.0.2.1 4600 typ ",
+    b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00",  # a DNS query's header
 ]
 
 
