@@ -69,6 +69,7 @@ class OverlayNode:
     # "python" runs the node with IPOP_TRIO_PURE_PYTHON=1; None: the default (native if built)
     datapath: str | None = None
     offload: bool | None = None  # [tap] offload; None: the default
+    extra_config: str = ""  # TOML appended to the config: sections without a parameter here
     proc: subprocess.Popen[Any] | None = None
 
     @property
@@ -172,6 +173,7 @@ class Overlay:
         turn: Iterable[tuple[str, str, str]] = (),
         datapath: str | None = None,
         offload: bool | None = None,
+        extra_config: str = "",
     ) -> OverlayNode:
         """Issue a certificate for a node on `host` (next free overlay address unless given).
         The node is configured and started by `start`. With `signalling`, it learns its peers
@@ -179,7 +181,8 @@ class Overlay:
         unless `peers` names some. `stun` URLs and `turn` servers, as (url, username,
         password), go into the node's [ice] section. `datapath` "python" forces the
         pure-Python data path (IPOP_TRIO_PURE_PYTHON=1); "native" requires the native core.
-        `offload` sets [tap] offload (None: the node's default)."""
+        `offload` sets [tap] offload (None: the node's default). `extra_config` is TOML
+        appended to the node's config (e.g. a `[dns]` section)."""
         if datapath not in (None, "python", "native"):
             raise LabError(f"datapath {datapath!r}: expected 'python' or 'native'")
         from ipop_trio import pki
@@ -213,6 +216,7 @@ class Overlay:
             turn=tuple(turn),
             datapath=datapath,
             offload=offload,
+            extra_config=extra_config,
         )
         self.nodes[name] = node
         return node
@@ -304,6 +308,8 @@ class Overlay:
             else:
                 lines.append(f"public_key = {_toml_str(self.public_key(peer))}")
             lines.append(f"endpoint = {_toml_str(self.endpoint(node, peer))}")
+        if node.extra_config:
+            lines += ["", node.extra_config.strip()]
         node.config.write_text("\n".join(lines) + "\n")
         return node.config
 
