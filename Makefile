@@ -26,8 +26,8 @@ $(STAMP): pyproject.toml $(NATIVE_SRC)
 		print("native core:", "built" if n.AVAILABLE else "NOT built, " + n.WHY)'
 	@touch $@
 
-# Installs iproute2, iperf3, nftables, tcpdump, coturn, ethtool, procps, iputils-ping, make
-# and python3-venv, only when one of their tools is missing.
+# Installs iproute2, iperf3, nftables, tcpdump, coturn, ethtool, procps, iputils-ping, make,
+# bind9-dnsutils (dig) and python3-venv, only when one of their tools is missing.
 deps:
 	@bash .ci/system-deps
 

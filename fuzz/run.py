@@ -26,10 +26,11 @@ MAX_LEN = 8192  # the largest seed (a 3-piece super-frame) is ~3.3 kB
 
 
 def _child(name: str, libfuzzer_args: list[str]) -> None:
-    """Run one target under atheris, with the ipop_trio modules instrumented."""
+    """Run one target under atheris, with the ipop_trio modules (and dnspython, which the
+    dns_answer target drives) instrumented."""
     import atheris
 
-    with atheris.instrument_imports(include=["ipop_trio"]):
+    with atheris.instrument_imports(include=["ipop_trio", "dns"]):
         from fuzz import targets
     target = targets.TARGETS[name]
     # identities, keys and CA are built once here, not in the first fuzzed input

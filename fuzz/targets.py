@@ -28,7 +28,7 @@ from ipop_trio.datapath.sessions import SessionEntry, SessionTable
 from ipop_trio.datapath.switch import VNET, PeerPort, Switch
 from ipop_trio.errors import BadPacket
 from ipop_trio.net import httpd
-from ipop_trio.proto import cookie, handshake, stun, turn
+from ipop_trio.proto import cookie, handshake, names, stun, turn
 from ipop_trio.proto import signalling as sig
 from ipop_trio.proto.cert import CertificateRefused
 from ipop_trio.proto.ice import Candidate, SrflxGatherer, host_candidate
@@ -134,6 +134,24 @@ def http_request(data: bytes) -> None:
 
 def ice_candidate(data: bytes) -> None:
     _expect(lambda: Candidate.from_sdp_untrusted(data.decode("utf-8", "replace")))
+
+
+def dns_answer(data: bytes) -> None:
+    """A query to the [dns] server, over UDP and over TCP: a reply that is a response to
+    it (same id), within the UDP size limit, or QueryDropped."""
+    for tcp in (False, True):
+        try:
+            reply = names.answer_untrusted(data, _zone(), tcp=tcp)
+        except names.QueryDropped:
+            return
+        assert reply.wire[:2] == data[:2] and reply.wire[2] & 0x80, "not a response to it"
+        assert tcp or len(reply.wire) <= names.UDP_PAYLOAD, "a UDP reply over the limit"
+
+
+@functools.cache
+def _zone() -> names.Zone:
+    members = [_node("alice", "10.77.0.2")[0].identity, _node("bob", "10.77.0.3")[0].identity]
+    return names.Zone.of("lab", members, NOW)
 
 
 def cert_verify(data: bytes) -> None:
@@ -364,7 +382,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
         stun_header, stun_parse, turn_channel_data, signalling_decode, handshake_payload,
         handshake_indices, http_request, ice_candidate, cert_verify, handshake_initiation,
         handshake_response, cookie_reply, cookie_admit, link_receive, turn_client,
-        srflx_gatherer, session_open, reassembler, inbound, signalling_server,
+        srflx_gatherer, session_open, reassembler, inbound, signalling_server, dns_answer,
     )
 }  # fmt: skip
 
@@ -422,6 +440,22 @@ def _inbound_datagrams() -> list[bytes]:
     return [tx.seal(p) for p in _pieces()] + [_binding_request(), _initiation()[0]]
 
 
+def _dns_queries() -> list[bytes]:
+    import dns.message  # what a resolver sends: dnspython builds it, as proto/names.py reads it
+
+    queries = [
+        dns.message.make_query(name, rdtype, use_edns=edns, id=7)
+        for name, rdtype, edns in (
+            ("alice.lab.", "A", None),
+            ("BOB.lab.", "AAAA", 0),
+            ("nobody.lab.", "A", 0),
+            ("lab.", "SOA", None),
+            ("example.com.", "A", None),
+        )
+    ]
+    return [q.to_wire() for q in queries]
+
+
 def _seed_lists() -> dict[str, list[bytes]]:
     stun_seeds = [_binding_request(), _binding_response()]
     init, resp = _initiation()[0], _response()
@@ -447,6 +481,7 @@ def _seed_lists() -> dict[str, list[bytes]]:
         "reassembler": [_join(_pieces())],
         "inbound": [_join(_inbound_datagrams())],
         "signalling_server": [_server_script()],
+        "dns_answer": _dns_queries(),
     }
 
 

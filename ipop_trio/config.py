@@ -39,6 +39,10 @@ are resolved against the config file's directory.
     [metrics]                   # optional: Prometheus exposition at http://ADDR:PORT/metrics
     listen = "127.0.0.1:9464"
 
+    [dns]                       # optional: answer NAME.OVERLAY. for the overlay's members
+    listen = "10.77.0.1:53"     # default: this node's overlay address, port 53
+    domain = "lab.internal"     # default: the overlay's name (the CA's)
+
 Servers are literal IP addresses: resolving names would make startup depend on DNS.
 """
 
@@ -58,6 +62,7 @@ from typing import Any, TypeVar
 from .errors import ConfigError, ConfigErrors, LocalProtocolError
 from .logs import LOG_FORMATS
 from .proto.cert import decode_key
+from .proto.names import check_domain
 from .proto.policy import SecurityPolicy
 from .proto.session import Cipher
 from .proto.stun import saslprep
@@ -75,7 +80,7 @@ T = TypeVar("T")
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,63}$")
 _IFNAME = re.compile(r"^[A-Za-z0-9._-]{1,15}$")
 _KNOWN = {
-    "": {"node", "tap", "peer", "signalling", "ice", "metrics"},
+    "": {"node", "tap", "peer", "signalling", "ice", "metrics", "dns"},
     "node": {
         "name",
         "cert",
@@ -95,6 +100,7 @@ _KNOWN = {
     "ice": {"stun", "turn", "ignore_interfaces"},
     "ice.turn": {"url", "username", "password"},
     "metrics": {"listen"},
+    "dns": {"listen", "domain"},
 }
 DEFAULT_MAX_LINKS = 32
 MAX_ADVERTISE = 8
@@ -165,6 +171,12 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DnsConfig:
+    listen: Endpoint | None = None  # None: the node's overlay address, port 53
+    domain: str | None = None  # lower case, no final dot; None: the overlay's name
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     path: Path
     name: str | None
@@ -183,6 +195,7 @@ class NodeConfig:
     ice: IceConfig = IceConfig()
     log_format: str = "text"  # or "json": one object per line (ipop_trio/logs.py)
     metrics: MetricsConfig | None = None  # None: no metrics endpoint (opt-in)
+    dns: DnsConfig | None = None  # with a [dns] section
 
     def control_path(self, netns: Path | None = None) -> Path:
         """The control socket: as configured, else the default for the TAP in `netns`
@@ -312,6 +325,7 @@ def parse(data: dict[str, Any], path: Path) -> NodeConfig:
     signalling = c(lambda: _signalling(base, _table(data, "signalling", required=False)), None)
     ice = c(lambda: _ice(_table(data, "ice", required=False)), IceConfig())
     metrics = c(lambda: _metrics(data), None)
+    dns = c(lambda: _dns(data), None)
     c.raise_any()
 
     return NodeConfig(
@@ -332,6 +346,7 @@ def parse(data: dict[str, Any], path: Path) -> NodeConfig:
         groups=groups,
         ice=ice,
         metrics=metrics,
+        dns=dns,
     )
 
 
@@ -498,6 +513,33 @@ def _ice(table: dict[str, Any]) -> IceConfig:
         turn=tuple(t for t in turn if t is not None),
         ignore_interfaces=tuple(ifaces),
     )
+
+
+def _dns(data: dict[str, Any]) -> DnsConfig | None:
+    if "dns" not in data:  # opt-in: an empty [dns] section turns it on with the defaults
+        return None
+    table = _table(data, "dns", required=False)
+    c = _Collect()
+    c(lambda: _unknown("dns", table), None)
+    listen = None
+    if "listen" in table:
+        listen = c(lambda: parse_endpoint("dns.listen", table["listen"]), None)
+        if listen is not None and listen.port == 0:
+            c.errors.append(ConfigError("dns.listen", "port 0: give the port to answer on (53)"))
+    domain = None
+    if "domain" in table:
+        domain = c(lambda: _domain("dns.domain", table["domain"]), None)
+    c.raise_any()
+    return DnsConfig(listen=listen, domain=domain)
+
+
+def _domain(field: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(field, 'must be a string like "lab.internal"')
+    try:
+        return check_domain(value)
+    except ValueError as exc:
+        raise ConfigError(field, str(exc)) from None
 
 
 def _turn(where: str, table: object) -> TurnServerConfig:

@@ -10,7 +10,8 @@
     ├── ICE service         ([signalling] only) candidates: host, STUN, TURN (control/ice.py)
     ├── signalling client   ([signalling] only) membership and con_req/resp → controller
     ├── controller          membership → links added / removed in the links nursery
-    └── metrics             ([metrics] only) HTTP GET /metrics: a `status` snapshot, rendered
+    ├── metrics             ([metrics] only) HTTP GET /metrics: a `status` snapshot, rendered
+    └── DNS server          ([dns] only) NAME.OVERLAY. from certified identities (net/names.py)
 
 `prepare()` does every check that can fail because of the configuration or the PKI, before
 anything on the system is touched; `run_node()` then owns the TAP and the socket and removes
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from . import pki
-from .config import NodeConfig
+from .config import DnsConfig, Endpoint, NodeConfig
 from .control.controller import EVENT_QUEUE, Controller
 from .control.ice import IceService
 from .control.links import LinkManager, PeerRuntime, PeerSetup
@@ -45,9 +46,10 @@ from .errors import CertificateRefused, ConfigError, PkiError
 from .metrics import node_page
 from .net import httpd, netlink
 from .net.control import ControlSocket, netns_inode, serve_control
+from .net.names import DnsSockets, serve_dns
 from .net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, Tap, TapWriter
 from .net.udp import UdpSocket
-from .proto import handshake
+from .proto import handshake, names
 from .proto.cert import Identity, TrustAnchor, format_mac
 from .proto.policy import SecurityPolicy, effective_groups
 from .proto.signalling import ClientEvent
@@ -136,7 +138,21 @@ def prepare(cfg: NodeConfig) -> Setup:
                 "the config may narrow the certified groups, never widen them",
             )
     groups = effective_groups(identity.groups, cfg.groups)
+    if cfg.dns is not None:
+        dns_plan(cfg.dns, identity)
     return Setup(cfg, anchor, private_key, identity, tuple(peers), groups)
+
+
+def dns_plan(dns: DnsConfig, identity: Identity) -> tuple[Endpoint, str]:
+    """Where [dns] answers (default: our overlay address, port 53) and for which domain
+    (default: the overlay's name, which must then be a DNS name)."""
+    listen = dns.listen or Endpoint(str(identity.address), names.PORT)
+    if dns.domain is not None:
+        return listen, dns.domain
+    try:
+        return listen, names.check_domain(identity.overlay)
+    except ValueError as exc:
+        raise ConfigError("dns.domain", f"the overlay's name: {exc}; set a domain") from None
 
 
 class Node:
@@ -193,6 +209,7 @@ class Node:
         self.prober = Prober(self.switch, self.outbound, self.links, self.stats)
         self.signalling: SignallingClient | None = None  # with [signalling]
         self.controller: Controller | None = None
+        self.dns: dict[str, str] | None = None  # with [dns]: where it answers, for what
 
     @property
     def identity(self) -> Identity:
@@ -235,6 +252,7 @@ class Node:
             if self.signalling is None or self.controller is None
             else {**self.signalling.status(), **self.controller.status()},
             "ice": self.ice.status() if self.controller is not None else None,
+            "dns": self.dns,
             "stats": self.stats.snapshot(),
         }
 
@@ -273,10 +291,20 @@ async def run_node(
         raise
     if cfg.tap.offload and not tap.set_offload(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6):
         log.warning("%s: the kernel refused checksum/TSO offload; running without", tap.name)
+    dns_socks: DnsSockets | None = None
+    domain = ""
     try:
         ident = setup.identity
         iface = ipaddress.ip_interface(f"{ident.address}/{ident.network.prefixlen}")
         netlink.configure_tap(tap.name, mac=ident.mac, mtu=cfg.tap.mtu, address=iface)
+        if cfg.dns is not None:  # after the TAP has our overlay address, the default one
+            dns_at, domain = dns_plan(cfg.dns, ident)
+            try:
+                dns_socks = DnsSockets(dns_at.host, dns_at.port)
+            except OSError as exc:
+                low = exc.errno == errno.EACCES and dns_at.port < 1024
+                hint = " (a port below 1024 needs CAP_NET_BIND_SERVICE)" if low else ""
+                raise ConfigError("dns.listen", f"{exc}{hint}") from None
         node = Node(setup, tap, udp, control.path)
         send, receive = pipeline.make_outbound_channel()
         async with trio.open_nursery() as nursery:
@@ -296,6 +324,8 @@ async def run_node(
             await nursery.start(node.links.serve)
             if cfg.signalling is not None:
                 await nursery.start(_run_signalling, node)
+            if dns_socks is not None:
+                await nursery.start(_run_dns, node, dns_socks, domain)
             log.info(
                 "node %s up: %s on %s, listening on %s:%d, %d peers, %s data path%s",
                 ident.name,
@@ -310,6 +340,8 @@ async def run_node(
     finally:
         control.close()  # serve_control closed it if it ran; closing twice is harmless
         _close_listeners(metrics_listeners)  # likewise serve_http
+        if dns_socks is not None:
+            dns_socks.close()
         udp.close()
         tap.close()
 
@@ -379,3 +411,25 @@ async def _run_signalling(
         await nursery.start(controller.serve, receive)
         await nursery.start(client.serve)
         task_status.started()
+
+
+async def _run_dns(
+    node: Node,
+    socks: DnsSockets,
+    domain: str,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The DNS server, answering from the identities the node holds verified now: its own
+    and its peers' (from a certificate in the config, a link handshake or a con_req /
+    con_resp), never from what signalling says of members it has no certificate of."""
+
+    def respond(data: bytes, tcp: bool) -> names.Reply:
+        peers = (rt.link.peer or rt.setup.identity for rt in node.links.peers)
+        verified = [node.identity, *(p for p in peers if p is not None)]
+        zone = names.Zone.of(domain, verified, time.time())
+        return names.answer_untrusted(data, zone, tcp=tcp)
+
+    node.dns = {"listen": socks.local, "domain": f"{domain}."}
+    log.info("DNS: answering for %s. on %s (UDP and TCP)", domain, socks.local)
+    await serve_dns(socks, respond, node.stats, task_status=task_status)

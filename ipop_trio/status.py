@@ -67,6 +67,9 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
             + (f"  stun {', '.join(ice['stun'])}" if ice.get("stun") else "")
             + (f"  turn {turn}" if turn else "")
         )
+    dns = status.get("dns")
+    if dns:
+        lines.append(f"dns {dns.get('domain')} on {dns.get('listen')}")
     header = (
         "PEER", "ADDRESS", "STATE", "MODE", "LEARNED", "ENDPOINT", "PATH", "RTT", "TX", "RX",
         "DROPS", "HANDSHAKE",

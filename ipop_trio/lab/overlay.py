@@ -70,6 +70,7 @@ class OverlayNode:
     datapath: str | None = None
     offload: bool | None = None  # [tap] offload; None: the default
     metrics: str | None = None  # [metrics] listen ("ADDR:PORT"); None: no metrics endpoint
+    extra_config: str = ""  # TOML appended to the config: sections without a parameter here
     proc: subprocess.Popen[Any] | None = None
 
     @property
@@ -177,6 +178,7 @@ class Overlay:
         datapath: str | None = None,
         offload: bool | None = None,
         metrics: str | None = None,
+        extra_config: str = "",
     ) -> OverlayNode:
         """Issue a certificate for a node on `host` (next free overlay address unless given).
         The node is configured and started by `start`. With `signalling`, it learns its peers
@@ -185,7 +187,8 @@ class Overlay:
         password), go into the node's [ice] section. `datapath` "python" forces the
         pure-Python data path (IPOP_TRIO_PURE_PYTHON=1); "native" requires the native core.
         `offload` sets [tap] offload (None: the node's default); `metrics` sets [metrics]
-        listen (None: none)."""
+        listen (None: none). `extra_config` is TOML appended to the node's config
+        (e.g. a `[dns]` section)."""
         if datapath not in (None, "python", "native"):
             raise LabError(f"datapath {datapath!r}: expected 'python' or 'native'")
         from ipop_trio import pki
@@ -220,6 +223,7 @@ class Overlay:
             datapath=datapath,
             offload=offload,
             metrics=metrics,
+            extra_config=extra_config,
         )
         self.nodes[name] = node
         return node
@@ -314,6 +318,8 @@ class Overlay:
             else:
                 lines.append(f"public_key = {_toml_str(self.public_key(peer))}")
             lines.append(f"endpoint = {_toml_str(self.endpoint(node, peer))}")
+        if node.extra_config:
+            lines += ["", node.extra_config.strip()]
         node.config.write_text("\n".join(lines) + "\n")
         return node.config
 

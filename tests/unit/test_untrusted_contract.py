@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from ipop_trio.errors import BadPacket
 from ipop_trio.net import httpd
-from ipop_trio.proto import cookie, handshake, probe, signalling, stun, turn
+from ipop_trio.proto import cookie, handshake, names, probe, signalling, stun, turn
 from ipop_trio.proto.ice import Candidate, SrflxGatherer, host_candidate
 from ipop_trio.proto.link import Link
 from ipop_trio.proto.offload import Reassembler
@@ -135,6 +135,11 @@ def _entry_points() -> dict[str, Callable[[bytes], object]]:
             lambda d: _session().open_into_untrusted(d, bytearray(2048))
         ),
         "ipop_trio.net.httpd.parse_request_untrusted": httpd.parse_request_untrusted,
+        "ipop_trio.proto.names._header_untrusted": names._header_untrusted,
+        "ipop_trio.proto.names.parse_query_untrusted": names.parse_query_untrusted,
+        "ipop_trio.proto.names.answer_untrusted": lambda d: names.answer_untrusted(
+            d, names.Zone.of("lab", [ids.alice().bundle.identity], NOW)
+        ),
     }
 
 
@@ -159,6 +164,7 @@ PREFIXES = [
     b"\x30\x82\x01\x00",
     b"1 1 UDP 2130706431 192.0.2.1 4600 typ ",
     b"GET /metrics HTTP/1.",
+    b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00",  # a DNS query's header
 ]
 
 
