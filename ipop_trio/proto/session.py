@@ -493,6 +493,7 @@ class Session:
             # Authenticated (or a plain link): now, and only now, the window moves.
             if not fast:
                 window.update(counter)
+                top = window.highest  # a far counter accepted here is the new top too
             elif counter == run_last + 1 and run_first >= 0:
                 run_last = top = counter
             else:
