@@ -24,6 +24,7 @@ typical use:
   ipop-trio run -c alpha/node.toml
   ipop-trio status           # the node of this network namespace
   ipop-trio ping beta       # a probe through the link to beta: path and round trip
+  ipop-trio netcheck -c alpha/node.toml   # STUN/TURN/signalling reachable? which NAT?
   ipop-trio demo            # three nodes behind NATs find each other (ICE, TURN), explained
   ipop-trio bench           # direct link vs overlay: throughput, RTT, CPU per GB
 """
@@ -163,6 +164,19 @@ def build_parser() -> argparse.ArgumentParser:
         "the path the link uses now (direct or through a TURN relay), which is printed with "
         "it. Exit 0 when a probe was answered. The node is found as by `status`.",
     )
+    nc = sub.add_parser(
+        "netcheck",
+        help="reach the config's STUN, TURN and signalling servers; what the NAT does",
+        description="From a fresh UDP socket (a running node keeps its own): a STUN Binding "
+        "to each STUN and TURN server (round trip, the address it saw), the NAT's mapping from "
+        "those answers (endpoint-independent or symmetric: it takes two servers to tell), a "
+        "TURN allocation with the config's credentials (freed at once), and a TCP (and TLS) "
+        "connect to the signalling server. Exit 0 when every server answered.",
+    )
+    nc.add_argument("-c", "--config", type=Path, required=True, help="the node's config")
+    nc.add_argument("--json", action="store_true", help="print the results as JSON")
+    nc.add_argument("--timeout", type=float, default=3.0, help="seconds per server (default 3)")
+
     pg.add_argument("peer", metavar="PEER", help="the peer's name (as `status` lists it)")
     where = pg.add_mutually_exclusive_group()
     where.add_argument("-c", "--config", type=Path, help="the node's config (finds its socket)")
@@ -270,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_status(args)
         if args.command == "ping":
             return cmd_ping(args)
+        if args.command == "netcheck":
+            return cmd_netcheck(args)
         if args.command == "signal":
             return cmd_signal(args)
         if args.command == "ca":
@@ -497,6 +513,22 @@ def cmd_ping(args: argparse.Namespace) -> int:
         summary += f", rtt min/avg/max {low:.3f}/{mean:.3f}/{high:.3f} ms"
     print(summary)
     return 0 if rtts else 1
+
+
+def cmd_netcheck(args: argparse.Namespace) -> int:
+    from . import config
+    from .netcheck import netcheck
+
+    if not 0 < args.timeout <= 60:
+        raise ConfigError("--timeout", "must be in (0, 60] seconds")
+    cfg = config.load(args.config)
+    if not cfg.ice.stun and not cfg.ice.turn and cfg.signalling is None:
+        raise ConfigError(
+            "ice", "no STUN, TURN or signalling server in the config: nothing to check"
+        )
+    report = netcheck(cfg, timeout=args.timeout)
+    print(json.dumps(report.as_json(), indent=2) if args.json else "\n".join(report.lines()))
+    return 0 if report.ok else 1
 
 
 def format_pong(reply: dict[str, Any]) -> str:

@@ -33,6 +33,7 @@ RANK = {
     "metrics": 5,  # status snapshots -> Prometheus families; imports none of ours
     "node": 6,
     "status": 6,
+    "netcheck": 6,
     "cli": 7,
     "__main__": 8,
     "lab": 8,
