@@ -628,6 +628,12 @@ def parse_endpoint(field: str, value: object, *, need_host: bool = False) -> End
         raise ConfigError(field, 'must be a string like "192.0.2.7:4600"')
     m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([0-9.]+):(\d+)", value.strip())
     if not m:
+        if re.fullmatch(r"[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\.?:\d+", value.strip()):
+            raise ConfigError(
+                field,
+                f"{value!r}: host names are not supported, give its IP address "
+                "(resolving names would make the node's start depend on DNS)",
+            )
         raise ConfigError(field, f'{value!r} is not "ADDRESS:PORT" (IPv6 as "[ADDR]:PORT")')
     host = m.group(1) or m.group(3)
     port = int(m.group(2) or m.group(4))

@@ -322,7 +322,7 @@ def test_metrics_listen_parses(files: Path, listen: str, endpoint: tuple[str, in
     ("section", "field", "why"),
     [
         ("[metrics]\n", "metrics.listen", "missing"),
-        ('[metrics]\nlisten = "localhost:9464"\n', "metrics.listen", "ADDRESS:PORT"),
+        ('[metrics]\nlisten = "localhost:9464"\n', "metrics.listen", "host names are not supported"),
         ('[metrics]\nlisten = "127.0.0.1:0"\n', "metrics.listen", "needs a port"),
         ('[metrics]\nlisten = "127.0.0.1:70000"\n', "metrics.listen", "out of range"),
         ("[metrics]\nlisten = 9464\n", "metrics.listen", "must be a string"),
@@ -346,3 +346,10 @@ def test_a_misspelt_metrics_key_gets_a_did_you_mean_with_the_other_errors(files:
     assert any(e.startswith("tap.mtu:") for e in got)
     assert "metrics.listn: unknown setting (did you mean 'listen'? known here: listen)" in got
     assert any(e.startswith("metrics.listen: missing") for e in got)
+
+
+def test_a_host_name_endpoint_says_names_are_not_supported() -> None:
+    with pytest.raises(config.ConfigError, match="host names are not supported, give its IP"):
+        config.parse_endpoint("peer[0].endpoint", "beta.example.net:4600")
+    with pytest.raises(config.ConfigError, match='is not "ADDRESS:PORT"'):
+        config.parse_endpoint("peer[0].endpoint", "beta")
