@@ -5,7 +5,11 @@ Two layers:
     `new_ca_bundle` / `issue_node_bundle` conveniences that tests and the lab use;
   * files: `init_ca`, `sign_node` (the only functions here that read the clock) and the
     `load_*` readers a node uses at start-up. The `ipop-trio ca init|sign` commands over
-    them live in cli.py.
+    them live in cli.py. `sign_node_files` keeps the CA directory's record of what it
+    issued (issued.json) and refuses a second key for a name or address.
+
+Certificates are named by `fingerprint` (SHA-256 of the DER) in revocation lists
+(`parse_revoked`), which nodes and the signalling server read.
 
 Verification lives in `ipop_trio/proto/cert.py` (`TrustAnchor.verify_untrusted`), which is the
 trust boundary; this module is operator-side, so every failure is a `PkiError` saying what the
