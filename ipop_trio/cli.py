@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the signalling server: nodes connect over WebSocket, prove their "
         "certificate's key, and are admitted to the overlay whose CA issued it; the server "
         "announces joins and leaves and relays con_req/con_resp within each overlay. Serves "
-        "wss:// with --tls-cert/--tls-key, ws:// otherwise. Ctrl-C / SIGTERM stops it.",
+        "wss:// with --tls-cert/--tls-key, ws:// otherwise. Ctrl-C / SIGTERM stops it; "
+        "SIGHUP re-reads --revoked.",
     )
     sg.add_argument(
         "--listen", default="0.0.0.0:8765", help="ADDRESS:PORT to listen on (default 0.0.0.0:8765)"
@@ -124,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         required=True,
         help="an overlay CA certificate (repeat for several overlays)",
+    )
+    sg.add_argument(
+        "--revoked",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="certificate fingerprints to refuse, one per line, # comments (the file a node's "
+        "[node] revoked names); re-read on SIGHUP: members it names are dropped",
     )
     sg.add_argument("--tls-cert", type=Path, default=None, help="TLS certificate chain (PEM)")
     sg.add_argument("--tls-key", type=Path, default=None, help="TLS private key (PEM)")
@@ -206,7 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="issue a node certificate",
         description="Issue a node certificate: the node's X25519 link key, name, overlay address "
         "and groups, signed by the CA. Writes OUT/NAME.key (0600, unless --public-key) and "
-        "OUT/NAME.crt. Refuses to overwrite. Inspect with `openssl x509 -text -in NAME.crt`.",
+        "OUT/NAME.crt. Refuses to overwrite, and (unless --replace) a name or address the CA "
+        "already certified to another key: CA/issued.json records what it issued. Prints the "
+        "certificate's fingerprint (for revocation lists). Inspect with `openssl x509 -text "
+        "-in NAME.crt`.",
     )
     sign.add_argument("--ca", type=Path, required=True, help="CA directory (from `ca init`)")
     sign.add_argument("--name", required=True, help="node name")
@@ -216,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     sign.add_argument("--out", type=Path, required=True, help="output directory")
     sign.add_argument(
         "--public-key", type=Path, default=None, help="sign an existing X25519 key (PEM) instead"
+    )
+    sign.add_argument(
+        "--replace",
+        action="store_true",
+        help="issue it even if the CA's record (CA/issued.json) has a live certificate of "
+        "another key with this name or address (revoke that one to withdraw it)",
     )
 
     sub.add_parser(
@@ -373,10 +391,11 @@ def _reload(node: Any, path: Path, log: logging.Logger) -> None:
         return
     rekeyed = node.reload(new)
     log.info(
-        "SIGHUP: reloaded %s (policy %s, groups %s); %d link(s) re-keyed",
+        "SIGHUP: reloaded %s (policy %s, groups %s, %d revoked); %d link(s) re-keyed",
         path,
         new.policy.value,
         ", ".join(sorted(new.groups)) or "none",
+        len(new.revoked),
         rekeyed,
     )
 
@@ -410,15 +429,22 @@ def cmd_signal(args: argparse.Namespace) -> int:
             ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError("--tls-cert", f"cannot load the TLS certificate/key: {exc}") from None
+    revoked: frozenset[str] = frozenset()
+    if args.revoked is not None:
+        try:
+            revoked = pki.load_revoked(args.revoked)
+        except PkiError as exc:
+            raise ConfigError("--revoked", str(exc)) from None
     logs.setup(args.log_level, args.log_format)
     limits = signal_limits(args)
     raise_fd_limit()
-    server = SignallingServer(anchors, limits)
+    server = SignallingServer(anchors, limits, revoked=revoked)
+    log = logging.getLogger("ipop_trio")
 
     async def main_task() -> None:
         metrics_listeners = [] if metrics is None else await _signal_metrics_listeners(metrics)
         async with trio.open_nursery() as nursery:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
                 if metrics is not None:
                     from .metrics import signal_page
                     from .net.httpd import serve_http
@@ -433,9 +459,10 @@ def cmd_signal(args: argparse.Namespace) -> int:
                 )
                 print(f"ipop-trio signal: listening on {listen.host}:{server.port}", flush=True)
                 async for signum in signals:
-                    logging.getLogger("ipop_trio").info(
-                        "%s: shutting down", signal.Signals(signum).name
-                    )
+                    if signum == signal.SIGHUP:
+                        _reload_revoked(server, args.revoked, log)
+                        continue
+                    log.info("%s: shutting down", signal.Signals(signum).name)
                     nursery.cancel_scope.cancel()
                     break
 
@@ -444,6 +471,32 @@ def cmd_signal(args: argparse.Namespace) -> int:
     except* OSError as group:  # the address is taken or not ours: the operator's to fix
         raise ConfigError("--listen", str(_first_leaf(group))) from None
     return 0
+
+
+def _reload_revoked(server: Any, path: Path | None, log: logging.Logger) -> None:
+    """`signal`'s SIGHUP: re-read --revoked, drop the members it now names; a broken file
+    keeps the list in force (logged, never fatal)."""
+    from . import pki
+    from .errors import PkiError
+
+    if path is None:
+        log.info("SIGHUP: nothing to reload (no --revoked)")
+        return
+    try:
+        new = pki.load_revoked(path)
+    except PkiError as exc:
+        log.error("SIGHUP: keeping the revocation list in force: %s", exc)
+        return
+    old = server.core.revoked
+    dropped = server.set_revoked(new)
+    log.info(
+        "SIGHUP: reloaded %s: %d revoked (%d added, %d removed); dropped %s",
+        path,
+        len(new),
+        len(new - old),
+        len(old - new),
+        ", ".join(dropped) or "no member",
+    )
 
 
 async def _signal_metrics_listeners(where: Any) -> list[Any]:
@@ -665,6 +718,7 @@ def cmd_ca_sign(args: argparse.Namespace) -> int:
         days,
         Path(out),
         None if public_key_file is None else Path(public_key_file),
+        replace=bool(getattr(args, "replace", False)),
     )
     identity = signed.identity
     if signed.key_path is not None:
@@ -675,7 +729,13 @@ def cmd_ca_sign(args: argparse.Namespace) -> int:
     print(f"mac        {format_mac(identity.mac)}")
     print(f"groups     {', '.join(sorted(identity.groups)) or '(none)'}")
     print(f"expires    {_day(identity.not_after)}")
+    print(f"sha256     {pki.fingerprint(identity.der)} (recorded in {args.ca}/{pki.ISSUED_FILE})")
     print(f'public_key = "{encode_key(identity.public_key)}"')
+    for old in signed.replaced:
+        print(
+            f"replaces   {old.name} ({old.address}) sha256 {old.fingerprint}: it stays valid "
+            "until it expires; add that fingerprint to the revoked lists to withdraw it now"
+        )
     return 0
 
 

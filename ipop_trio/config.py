@@ -14,6 +14,7 @@ are resolved against the config file's directory.
     cipher = "aes-256-gcm"      # or "chacha20-poly1305"
     security = "always"         # or "groups": plain links to peers sharing no group
     groups = ["web"]            # optional: narrows the certificate's groups, never widens
+    revoked = "revoked.txt"     # optional: certificate fingerprints refused (pki.parse_revoked)
 
     [tap]
     name = "ipop0"
@@ -93,6 +94,7 @@ _KNOWN = {
         "log_format",
         "security",
         "groups",
+        "revoked",
     },
     "tap": {"name", "mtu", "offload"},
     "peer": {"name", "cert", "public_key", "endpoint"},
@@ -196,6 +198,7 @@ class NodeConfig:
     log_format: str = "text"  # or "json": one object per line (ipop_trio/logs.py)
     metrics: MetricsConfig | None = None  # None: no metrics endpoint (opt-in)
     dns: DnsConfig | None = None  # with a [dns] section
+    revoked: Path | None = None  # [node] revoked: the revocation list (read by node.prepare)
 
     def control_path(self, netns: Path | None = None) -> Path:
         """The control socket: as configured, else the default for the TAP in `netns`
@@ -308,6 +311,7 @@ def parse(data: dict[str, Any], path: Path) -> NodeConfig:
         SecurityPolicy.ALWAYS,
     )
     groups = c(lambda: _groups(node), None)
+    revoked = c(lambda: _file(base, "node.revoked", node.get("revoked"), required=False), None)
     log_level = c(lambda: _log_level(node), "info")
     log_format = c(lambda: _log_format(node), "text")
 
@@ -347,6 +351,7 @@ def parse(data: dict[str, Any], path: Path) -> NodeConfig:
         ice=ice,
         metrics=metrics,
         dns=dns,
+        revoked=revoked,
     )
 
 

@@ -45,8 +45,11 @@ SIGNAL_REFUSALS = (
     "certificate",
     "proof",
     "admit_rate",
+    "revoked",
+    "address_in_use",
+    "name_in_use",
 )
-SIGNAL_CLOSES = ("rate", "bad_message", "spoofed", "slow", "too_big", "send_timeout")
+SIGNAL_CLOSES = ("rate", "bad_message", "spoofed", "slow", "too_big", "send_timeout", "revoked")
 SIGNAL_RELAYS = ("con_req", "con_resp")
 
 Snapshot = Callable[[], Mapping[str, Any]]
@@ -402,7 +405,9 @@ def signal_families(stats: Mapping[str, Any]) -> Iterator[Metric]:
     refusals = CounterMetricFamily(
         "ipop_trio_signal_refusals",
         "Connections refused, by reason: full, source, preauth, preauth_source (connection "
-        "limits), certificate, proof (admission), admit_rate (a key admitted too often)",
+        "limits), certificate, proof (admission), admit_rate (a key admitted too often), "
+        "revoked (a certificate on --revoked), address_in_use, name_in_use (held by another "
+        "key)",
         labels=["reason"],
     )
     for reason in SIGNAL_REFUSALS:

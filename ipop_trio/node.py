@@ -69,6 +69,7 @@ class Setup:
     identity: Identity
     peers: tuple[PeerSetup, ...]
     groups: frozenset[str] = frozenset()  # certified groups, narrowed by the config
+    revoked: frozenset[str] = frozenset()  # [node] revoked: certificate fingerprints refused
 
     @property
     def policy(self) -> SecurityPolicy:
@@ -140,7 +141,13 @@ def prepare(cfg: NodeConfig) -> Setup:
     groups = effective_groups(identity.groups, cfg.groups)
     if cfg.dns is not None:
         dns_plan(cfg.dns, identity)
-    return Setup(cfg, anchor, private_key, identity, tuple(peers), groups)
+    revoked: frozenset[str] = frozenset()
+    if cfg.revoked is not None:
+        try:
+            revoked = pki.load_revoked(cfg.revoked)
+        except PkiError as exc:
+            raise ConfigError("node.revoked", str(exc)) from None
+    return Setup(cfg, anchor, private_key, identity, tuple(peers), groups, revoked)
 
 
 def dns_plan(dns: DnsConfig, identity: Identity) -> tuple[Endpoint, str]:
@@ -197,6 +204,7 @@ class Node:
             udp=udp,
             ice=self.ice,
             stats=self.stats,
+            revoked=setup.revoked,
         )
         inbound = NativeInbound if native.AVAILABLE else Inbound
         self.inbound = inbound(
@@ -218,10 +226,13 @@ class Node:
     def reload(self, setup: Setup) -> int:
         """Apply a re-read configuration (SIGHUP): a new certificate, security policy or
         groups re-key the links whose mode changes; the others keep running. Changes to the
-        TAP, the listen address or the peer list take effect at the next start."""
+        TAP, the listen address or the peer list take effect at the next start. A new
+        revocation list closes the links of the peers it names."""
         self.setup = setup
         if self.controller is not None:
             self.controller.reconfigure(setup.identity.der, setup.groups, setup.policy.value)
+        for name in self.links.set_revoked(setup.revoked):
+            log.warning("%s: link closed: its certificate is revoked", name)
         return self.links.reconfigure(_local_identity(setup), setup.policy, setup.groups)
 
     def status(self, _req: dict[str, Any]) -> dict[str, Any]:
@@ -246,6 +257,7 @@ class Node:
                 "gro": self.udp.gro,
                 "datapath": self.datapath,
                 "datapath_why": native.WHY,
+                "revoked": len(self.setup.revoked),  # fingerprints in [node] revoked
             },
             "peers": self.links.status(),
             "signalling": None

@@ -5,7 +5,11 @@ Two layers:
     `new_ca_bundle` / `issue_node_bundle` conveniences that tests and the lab use;
   * files: `init_ca`, `sign_node` (the only functions here that read the clock) and the
     `load_*` readers a node uses at start-up. The `ipop-trio ca init|sign` commands over
-    them live in cli.py.
+    them live in cli.py. `sign_node_files` keeps the CA directory's record of what it
+    issued (issued.json) and refuses a second key for a name or address.
+
+Certificates are named by `fingerprint` (SHA-256 of the DER) in revocation lists
+(`parse_revoked`), which nodes and the signalling server read.
 
 Verification lives in `ipop_trio/proto/cert.py` (`TrustAnchor.verify_untrusted`), which is the
 trust boundary; this module is operator-side, so every failure is a `PkiError` saying what the
@@ -15,9 +19,13 @@ briefly world-readable.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import hashlib
 import ipaddress
+import json
 import os
+import string
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -38,6 +46,7 @@ from ipop_trio.proto.cert import (
     IPNetwork,
     TrustAnchor,
     decode_key,
+    encode_key,
     mac_for_key,
     usable_address,
     valid_name,
@@ -55,6 +64,7 @@ MAX_DAYS = 100 * 366
 
 CA_KEY_FILE = "ca.key"
 CA_CERT_FILE = "ca.crt"
+ISSUED_FILE = "issued.json"  # what `ca sign` issued (sign_node_files), in the CA directory
 _PRIVATE_MODE = 0o600
 _PUBLIC_MODE = 0o644
 _DAY = 86400
@@ -82,6 +92,58 @@ def _x25519_private_raw(key: X25519PrivateKey) -> bytes:
 
 def _private_pem(key: X25519PrivateKey | Ed25519PrivateKey) -> bytes:
     return key.private_bytes(_PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprints and revocation lists
+
+
+def fingerprint(der: bytes) -> str:
+    """A certificate's fingerprint: SHA-256 of its DER, 64 lower-case hex digits (what
+    `openssl x509 -noout -fingerprint -sha256` prints, without the colons)."""
+    return hashlib.sha256(der).hexdigest()
+
+
+_HEX = frozenset(string.hexdigits)
+MAX_REPORTED = 5  # bad lines a revocation list's error names
+
+
+def parse_revoked(text: str) -> frozenset[str]:
+    """A revocation list: one certificate `fingerprint` per line, `#` to the end of a line is
+    a comment, blank lines are ignored. Upper case, colons and openssl's "SHA256
+    Fingerprint=" prefix are accepted, so the output of `openssl x509 -fingerprint -sha256`
+    can be pasted. `PkiError` names every bad line (the first few)."""
+    found: set[str] = set()
+    bad: list[str] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        word = line.split("#", 1)[0].strip()
+        if not word:
+            continue
+        digits = word.rsplit("=", 1)[-1].replace(":", "").strip().lower()
+        if len(digits) == 64 and _HEX.issuperset(digits):
+            found.add(digits)
+        else:
+            bad.append(f"line {number}: {word[:80]!r}")
+    if bad:
+        more = f" and {len(bad) - MAX_REPORTED} more" if len(bad) > MAX_REPORTED else ""
+        raise PkiError(
+            f"{'; '.join(bad[:MAX_REPORTED])}{more}: not a certificate fingerprint (SHA-256 of "
+            "the DER, 64 hex digits, as `ipop-trio ca sign` prints it; # starts a comment)"
+        )
+    return frozenset(found)
+
+
+def load_revoked(path: Path) -> frozenset[str]:
+    """The revocation list in `path` (`parse_revoked`), the file named in a `PkiError`."""
+    data = _read(Path(path), "revocation list")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PkiError(f"{path}: not UTF-8 text: {exc}") from exc
+    try:
+        return parse_revoked(text)
+    except PkiError as exc:
+        raise PkiError(f"{path}: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -533,12 +595,98 @@ def init_ca(out_dir: Path, name: str, network: str, days: int) -> tuple[Path, Pa
 
 
 @dataclass(frozen=True, slots=True)
+class IssuedRecord:
+    """One certificate `sign_node_files` issued, as the CA directory's issued.json keeps it:
+    what a later `ca sign` checks a new name and address against."""
+
+    name: str
+    address: str
+    fingerprint: str  # `fingerprint` of the certificate
+    not_after: int  # Unix seconds
+    public_key: str  # base64 of the raw X25519 key, as in a config's public_key
+    issued_at: int = 0
+    replaced_by: str | None = None  # the fingerprint of the certificate issued in its place
+
+    def live(self, now: float) -> bool:
+        return self.replaced_by is None and now < self.not_after
+
+
+def load_issued(ca_dir: Path) -> list[IssuedRecord]:
+    """The record of what the CA in `ca_dir` issued (empty before its first `ca sign`)."""
+    path = Path(ca_dir) / ISSUED_FILE
+    if not path.exists():
+        return []
+    data = _read(path, "record of issued certificates")
+    try:
+        entries = json.loads(data)["issued"]
+        return [
+            IssuedRecord(
+                name=str(e["name"]),
+                address=str(e["address"]),
+                fingerprint=str(e["fingerprint"]),
+                not_after=int(e["not_after"]),
+                public_key=str(e["public_key"]),
+                issued_at=int(e.get("issued_at", 0)),
+                replaced_by=None if e.get("replaced_by") is None else str(e["replaced_by"]),
+            )
+            for e in entries
+        ]
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise PkiError(
+            f"{path}: not a record of issued certificates ({type(exc).__name__}: {exc}); "
+            "fix it, or move it away to start a new record"
+        ) from exc
+
+
+def _write_issued(ca_dir: Path, records: list[IssuedRecord]) -> None:
+    """Replace issued.json at once (a temporary file renamed over it)."""
+    path = Path(ca_dir) / ISSUED_FILE
+    tmp = path.with_name(f".{ISSUED_FILE}.tmp")
+    entries = [
+        {f: getattr(r, f) for f in IssuedRecord.__dataclass_fields__}
+        | {"expires": _utc(r.not_after).isoformat()}  # for people; not read back
+        for r in records
+    ]
+    try:
+        tmp.write_text(json.dumps({"issued": entries}, indent=1) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise PkiError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _taken_by(records: list[IssuedRecord], identity: Identity, now: float) -> list[int]:
+    """The live records whose name or address the new certificate takes."""
+    address = str(identity.address)
+    return [
+        i
+        for i, r in enumerate(records)
+        if r.live(now) and (r.name == identity.name or r.address == address)
+    ]
+
+
+def _duplicate(record: IssuedRecord, identity: Identity) -> PkiError:
+    what = (
+        f"address {record.address}"
+        if record.address == str(identity.address)
+        else f"name {record.name!r}"
+    )
+    return PkiError(
+        f"{what} is already certified to {record.name} ({record.address}, another key): "
+        f"certificate sha256 {record.fingerprint}, valid until {_utc(record.not_after):%Y-%m-%d}"
+        f" (in {ISSUED_FILE}); give --replace to issue it anyway, and revoke the earlier "
+        "certificate (its fingerprint into the revoked list) if it should stop working now"
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class SignedNode:
     """What `sign_node_files` wrote."""
 
     key_path: Path | None
     cert_path: Path
     identity: Identity
+    replaced: tuple[IssuedRecord, ...] = ()  # live certificates of the same name or address
 
 
 def sign_node_files(
@@ -549,11 +697,19 @@ def sign_node_files(
     days: int,
     out_dir: Path,
     public_key_file: Path | None = None,
+    *,
+    replace: bool = False,
 ) -> SignedNode:
-    """`sign_node`, also returning the issued identity (for the `ca sign` report)."""
+    """`sign_node`, also returning the issued identity (for the `ca sign` report).
+
+    The CA directory's issued.json records every certificate issued here; a name or
+    address a live certificate for another key already holds is refused (`PkiError` naming
+    that certificate) unless `replace`. The same key's earlier certificate (a renewal) is
+    replaced without asking. Replaced records stay in the file, marked `replaced_by`."""
     ca_dir, out_dir = Path(ca_dir), Path(out_dir)
     ca_key_pem = _read(ca_dir / CA_KEY_FILE, "CA key")
     ca_cert_pem = _read(ca_dir / CA_CERT_FILE, "CA certificate")
+    records = load_issued(ca_dir)
     public_key = None
     if public_key_file is not None:
         data = _read(Path(public_key_file), "public key")
@@ -561,15 +717,39 @@ def sign_node_files(
             public_key = load_public_key_bytes(data)
         except PkiError as exc:
             raise PkiError(f"{public_key_file}: {exc}") from exc
+    now = time.time()
     key_pem, cert_pem, identity = _issue(
-        ca_key_pem, ca_cert_pem, name, address, groups, days, time.time(), public_key
+        ca_key_pem, ca_cert_pem, name, address, groups, days, now, public_key
     )
-    _make_dir(out_dir)
     key_path = out_dir / f"{name}.key" if key_pem is not None else None
     cert_path = out_dir / f"{name}.crt"
+    for path in (key_path, cert_path):  # the files first: they are the likelier mistake
+        if path is not None and (path.exists() or path.is_symlink()):
+            raise PkiError(f"{path} already exists; refusing to overwrite it")
+    taken = _taken_by(records, identity, now)
+    new_key = encode_key(identity.public_key)
+    others = [records[i] for i in taken if records[i].public_key != new_key]
+    if others and not replace:
+        raise _duplicate(others[0], identity)
+    _make_dir(out_dir)
     key_item = None if key_path is None or key_pem is None else (key_path, key_pem, _PRIVATE_MODE)
     _write_pair(key_item, (cert_path, cert_pem, _PUBLIC_MODE))
-    return SignedNode(key_path, cert_path, identity)
+    issued = fingerprint(identity.der)
+    replaced = tuple(records[i] for i in taken)
+    for i in taken:
+        records[i] = dataclasses.replace(records[i], replaced_by=issued)
+    records.append(
+        IssuedRecord(
+            name=identity.name,
+            address=str(identity.address),
+            fingerprint=issued,
+            not_after=int(identity.not_after),
+            public_key=new_key,
+            issued_at=int(now),
+        )
+    )
+    _write_issued(ca_dir, records)
+    return SignedNode(key_path, cert_path, identity, replaced)
 
 
 def sign_node(
@@ -583,6 +763,7 @@ def sign_node(
 ) -> tuple[Path | None, Path]:
     """Issue a node certificate with the CA in `ca_dir`; write <name>.key (0600, only when the
     key is generated here, i.e. no `public_key_file`) and <name>.crt (0644) in `out_dir`.
-    Never overwrites. Returns (key path or None, certificate path)."""
+    Never overwrites; refuses a name or address already certified to another key (see
+    `sign_node_files`). Returns (key path or None, certificate path)."""
     signed = sign_node_files(ca_dir, name, address, groups, days, out_dir, public_key_file)
     return signed.key_path, signed.cert_path

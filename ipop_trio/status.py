@@ -54,6 +54,8 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
             f"signalling {sg.get('url')}  {sg.get('state')}  members {sg.get('members')}  "
             f"links {sg.get('learned_links')}/{sg.get('max_links')}"
         )
+        if sg.get("refused"):  # the server's reason (certificate revoked, address in use, ...)
+            lines.append(f"  refused by the server: {sg.get('last_error')}")
     ice = status.get("ice")
     if ice:
         turn = ", ".join(
@@ -113,6 +115,12 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
     if pairs:
         lines.append("ICE pairs (local -> remote):")
         lines += pairs
+    refused = [
+        f"  {p.get('name')}: {p['refused']}" for p in status.get("peers", []) if p.get("refused")
+    ]
+    if refused:  # a revoked certificate, an address another key holds, a name mismatch, ...
+        lines.append("refused peers:")
+        lines += refused
     drops = status.get("stats", {}).get("drops", {})
     if drops:
         lines.append("drops: " + ", ".join(f"{k}={v}" for k, v in sorted(drops.items())))

@@ -58,6 +58,7 @@ from ..datapath.outbound import Outbound
 from ..datapath.sessions import SessionEntry, SessionTable
 from ..datapath.switch import PeerPort, Switch
 from ..errors import BadPacket, LocalProtocolError
+from ..pki import fingerprint
 from ..proto import handshake
 from ..proto.cert import Identity, encode_key, mac_for_key
 from ..proto.cookie import CookieGuard, Verdict, cookie_reply_receiver_index_untrusted
@@ -181,6 +182,7 @@ class PeerRuntime:
         allocate: Callable[[PeerRuntime], int],
         decide: Callable[[Identity, Mapping[str, Any]], Decision],
         make_session: Callable[..., Session],
+        check_peer: Callable[[Identity], str | None] | None = None,
     ) -> None:
         self.setup = setup
         self.name = setup.config.name
@@ -210,6 +212,7 @@ class PeerRuntime:
             decide_secure=self._decide,
             replay_floor=replay_floor,
             make_session=make_session,
+            check_peer=check_peer,
         )
         # Answer one handshake here (address, relay), not on the path.
         self.reply_to: tuple[Addr, object | None] | None = None
@@ -261,6 +264,7 @@ class LinkManager:
         ice: IceService,
         stats: Stats,
         clock: Callable[[], float] = time.monotonic,
+        revoked: frozenset[str] = frozenset(),
     ) -> None:
         self.local = local
         self.cipher = cipher
@@ -274,6 +278,7 @@ class LinkManager:
         self.ice = ice
         self.stats = stats
         self.clock = clock
+        self.revoked = frozenset(revoked)  # certificate fingerprints refused (pki.fingerprint)
         self.hs_send, self.hs_receive = trio.open_memory_channel[tuple[bytes, Addr, object | None]](
             HANDSHAKE_QUEUE
         )
@@ -338,6 +343,55 @@ class LinkManager:
                 rt.wake()
                 rekeyed += 1
         return rekeyed
+
+    # --- revocation and address ownership -------------------------------------------------
+
+    def refusal(self, peer: Identity) -> str | None:
+        """Why an authenticated peer is refused on this node's own account (counted), or
+        None: its certificate is revoked, or its overlay address is held by another key
+        whose link is established (the first holder keeps it; a newcomer with the same
+        address would take its traffic)."""
+        if self.revoked:
+            fp = fingerprint(peer.der)
+            if fp in self.revoked:
+                self.stats.drop("peer_revoked")
+                return f"certificate revoked (sha256 {fp})"
+        for rt in self.peers:
+            held = rt.link.peer
+            if (
+                held is not None
+                and held.address == peer.address
+                and rt.key != peer.public_key
+                and rt.established
+            ):
+                self.stats.drop("peer_address_in_use")
+                return f"address {peer.address} is held by {rt.name} (another key, linked)"
+        return None
+
+    def set_revoked(self, revoked: frozenset[str]) -> list[str]:
+        """A new revocation list (SIGHUP): the links of peers it names are closed now and
+        their handshakes refused from then on; a peer no longer named may try again at
+        once. Returns the names of the links closed."""
+        self.revoked = frozenset(revoked)
+        closed = []
+        for rt in self.peers:
+            peer = rt.link.peer or rt.setup.identity
+            fp = None if peer is None else fingerprint(peer.der)
+            if fp is None or fp not in self.revoked:
+                if rt.refused is not None and rt.refused.startswith("certificate revoked"):
+                    rt.refused, rt.retry_at, rt.failures = None, None, 0
+                    rt.wake()  # idle with an endpoint and no retry pending: it connects
+                continue
+            why = f"certificate revoked (sha256 {fp})"
+            rt.refused = why
+            if rt.link.state is LinkState.IDLE:
+                continue  # nothing to close; its next handshake is refused
+            self.stats.drop("peer_revoked")
+            rt.link.refuse(why)
+            rt.port.session = None  # nothing more leaves for it, from this moment
+            rt.wake()  # its task retires the sessions
+            closed.append(rt.name)
+        return closed
 
     def _sendable(self, rt: PeerRuntime, session: Session | None) -> Session | None:
         """`session`, unless it is plain and our configuration now wants the link secure."""
@@ -430,6 +484,7 @@ class LinkManager:
             allocate=self.sessions.allocate,
             decide=self.decide,
             make_session=self.sessions.make_session,
+            check_peer=self.refusal,
         )
         self.peers.append(rt)
         self.by_key[setup.public_key] = rt
@@ -516,6 +571,20 @@ class LinkManager:
                     self.local, data, cipher, time.time()
                 )
                 rt = self.by_key.get(state.peer_static)
+                why = self.refusal(state.peer)
+                if why is not None:
+                    # Before admit_unknown: a refused member gets no link either.
+                    news = rt is None or rt.refused != why
+                    if rt is not None:
+                        rt.refused = why
+                    log.log(
+                        logging.INFO if news else logging.DEBUG,
+                        "initiation from %s (%s) refused: %s",
+                        state.peer.name,
+                        addr[0],
+                        why,
+                    )
+                    continue
                 admit = self.admit_unknown
                 if rt is None and admit is not None and admit(state.peer, addr):
                     rt = self.by_key.get(state.peer_static)

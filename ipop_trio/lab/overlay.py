@@ -71,6 +71,7 @@ class OverlayNode:
     offload: bool | None = None  # [tap] offload; None: the default
     metrics: str | None = None  # [metrics] listen ("ADDR:PORT"); None: no metrics endpoint
     extra_config: str = ""  # TOML appended to the config: sections without a parameter here
+    revoked: str | None = None  # [node] revoked: a file in the node's directory (the test's)
     proc: subprocess.Popen[Any] | None = None
 
     @property
@@ -283,6 +284,7 @@ class Overlay:
             f"log_level = {_toml_str(self.log_level)}",
             f"log_format = {_toml_str(self.log_format)}",
             *([f"security = {_toml_str(node.security)}"] if node.security else []),
+            *([f"revoked = {_toml_str(node.revoked)}"] if node.revoked else []),
             "",
             "[tap]",
             f"name = {_toml_str(node.tap)}",
@@ -436,9 +438,11 @@ class Overlay:
         timeout: float = 15.0,
         *,
         metrics: str | None = None,
+        extra_args: Iterable[str] = (),
     ) -> SignalServer:
         """Start `ipop-trio signal` on `host` (again: after `stop_signalling`, on the same host
-        and port) for this overlay's CA; wait until it listens. `metrics`: its --metrics."""
+        and port) for this overlay's CA; wait until it listens. `metrics`: its --metrics;
+        `extra_args`: more options (e.g. --revoked FILE)."""
         running = self.signal is not None and self.signal.proc is not None
         if running and self.signal.proc.poll() is None:  # type: ignore[union-attr]
             raise LabError("the signalling server is already running")
@@ -451,7 +455,7 @@ class Overlay:
         ca = directory / "ca.crt"
         ca.write_bytes(self.ca.cert_pem)
         server = SignalServer(host, port, directory, f"ws://{host.address}:{port}/", metrics)
-        extra = [] if metrics is None else ["--metrics", metrics]
+        extra = ([] if metrics is None else ["--metrics", metrics]) + list(extra_args)
         start = server.log.stat().st_size if server.log.exists() else 0
         with open(server.log, "ab") as log:
             server.proc = host.popen(

@@ -158,6 +158,8 @@ class Link:
     `expect_address` / `expect_name`, when given, must match the peer's certificate.
     `ext` is sent in every handshake message we write (the initiation adds "ts").
     `decide_secure(peer, peer_ext)` chooses secure (AEAD) or plain sessions; default secure.
+    `check_peer(peer)`, when given, may refuse an authenticated peer for the node's own
+    reasons (a revoked certificate, an address another key holds): a reason, or None.
     `rng` drives the retransmit jitter (tests seed it).
     """
 
@@ -175,6 +177,7 @@ class Link:
         rng: random.Random | None = None,
         replay_floor: int = -1,
         make_session: Callable[..., Session] = Session,
+        check_peer: Callable[[Identity], str | None] | None = None,
     ) -> None:
         if len(peer_static) != 32:
             raise LocalProtocolError("peer static key must be 32 raw bytes")
@@ -188,6 +191,7 @@ class Link:
         self._allocate = allocate_index
         self._ext: Mapping[str, Any] = dict(ext or {})
         self._decide_secure = decide_secure or _always_secure
+        self._check_more = check_peer
         self._rng = rng or random.Random()
         # Session's keyword constructor: proto/session.py's, or the native core's twin
         self._new_session = make_session
@@ -339,6 +343,11 @@ class Link:
             self._ext = dict(ext)
         if decide_secure is not None:
             self._decide_secure = decide_secure
+
+    def refuse(self, reason: str) -> None:
+        """The node no longer accepts this peer (its certificate was revoked): drop the
+        pending handshake and every session now, with a PeerRefused event."""
+        self._refuse(reason)
 
     def rekey(self, now: float) -> None:
         """Start a fresh handshake now even while established (the link's mode or our
@@ -544,7 +553,7 @@ class Link:
             return (
                 f"peer certificate names {peer.name!r}, configuration expects {self.expect_name!r}"
             )
-        return None
+        return None if self._check_more is None else self._check_more(peer)
 
     def _refuse(self, reason: str) -> None:
         self._abandon_handshake()

@@ -48,9 +48,18 @@ BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
 OUTBOX_SIZE = 256  # messages the controller may queue while a send is in flight
 CONNECT_TIMEOUT = 10.0
 STABLE_AFTER = 10.0  # a connection that lasted this long resets the backoff
-# Refusals that another try cannot fix (our certificate, our key): the operator must act, so
-# the node asks again only every few minutes, and says so at WARNING.
-PERMANENT_REFUSALS = frozenset({"certificate_refused", "auth_failed"})
+# Refusals that another try soon cannot fix (our certificate, our key; or our address or name
+# held by another node's key, until it leaves): the operator must act, so the node asks again
+# only every few minutes, and says so at WARNING with the server's reason and what to look at.
+PERMANENT_REFUSALS = frozenset(
+    {"certificate_refused", "auth_failed", "certificate_revoked", "address_in_use", "name_in_use"}
+)
+REFUSAL_HINTS = {
+    "certificate_revoked": "the server's revocation list names this node's certificate",
+    "address_in_use": "another node's certificate has this node's address",
+    "name_in_use": "another node's certificate has this node's name",
+}
+REFUSAL_HINT = "the node's certificate and key, the server's --ca"
 REFUSED_DELAY = 300.0
 
 
@@ -235,10 +244,11 @@ class SignallingClient:
             if self.refused is not None:
                 delay = self._rng.uniform(0.9, 1.1) * REFUSED_DELAY
                 log.warning(
-                    "signalling %s: %s; another try will not change this (the node's "
-                    "certificate and key, the server's --ca): next try in %.0f min",
+                    "signalling %s: %s; another try will not change this (%s): next try in "
+                    "%.0f min",
                     self.url,
                     reason,
+                    REFUSAL_HINTS.get(self.refused, REFUSAL_HINT),
                     delay / 60,
                 )
             else:
@@ -272,7 +282,7 @@ class SignallingClient:
                 welcome = await self._admit(ws)
         except AdmissionRefused as exc:
             if exc.code in PERMANENT_REFUSALS:
-                self.refused = exc.code
+                self._refuse(exc.code, f"refused: {exc}")
             return f"refused: {exc}"
         except BadPacket as exc:
             return f"bad message from the server: {exc}"
@@ -296,6 +306,12 @@ class SignallingClient:
         self._outbox = outbox_send
         await self.events.send(sig.Connected(welcome, None if local is None else str(local)))
         return await self._run(ws, outbox_send, outbox_receive)
+
+    def _refuse(self, code: str, reason: str) -> str:
+        """A permanent refusal: `status` shows the code and the server's reason together at
+        once (closing the connection still takes a moment)."""
+        self.refused, self.last_error = code, reason
+        return reason
 
     async def _receive(self, ws: WebSocketConnection) -> sig.Message:
         return sig.decode_untrusted(await ws.get_message(), max_size=sig.MAX_SERVER_MESSAGE)
@@ -342,6 +358,10 @@ class SignallingClient:
                     continue
                 if not isinstance(msg, sig.Join | sig.Leave | sig.ConReq | sig.ConResp | sig.Error):
                     return f"unexpected {type(msg).__name__} from the server"
+                if isinstance(msg, sig.Error) and msg.code in PERMANENT_REFUSALS:
+                    # Admitted, then refused (our certificate revoked by a reload): as at
+                    # admission, the server closes next; we back off for minutes.
+                    return self._refuse(msg.code, f"refused: {msg.code}: {msg.reason}")
                 await self.events.send(msg)
         except BadPacket as exc:
             return f"bad message from the server: {exc}"

@@ -41,6 +41,14 @@ counted `refused_*`). A source is an IPv4 address (IPv4-mapped ones too) or an I
                      announcement, counted refused_admit_rate; the client backs off. The
                      buckets (`max_admit_keys` at most) are forgotten once full again.
 
+Admission refusals (an error to the client, then close 1008): a certificate no overlay CA
+accepts (certificate_refused), a wrong proof (auth_failed), a certificate on the revocation
+list (certificate_revoked: `--revoked`, reloaded on SIGHUP; a member whose certificate a
+reload revokes is told so and dropped, its leave announced), and an overlay address or node
+name that another key already holds in the overlay (address_in_use, name_in_use: the first
+holder keeps it, as two nodes answering ARP for one address would make both unreachable).
+The same key connecting again replaces its older connection.
+
 Ordering: a connection's messages leave in the order the core queued them, and the core is
 driven from one task at a time (Trio is single-threaded and the core never awaits), so every
 member sees joins and leaves in the same order the server admitted and lost members.
@@ -71,6 +79,7 @@ from trio_websocket import (
 )
 
 from ..errors import BadPacket, CertificateRefused
+from ..pki import fingerprint
 from ..proto import signalling as sig
 from ..proto.cert import Identity, TrustAnchor
 from ..proto.ratelimit import TokenBucket
@@ -146,6 +155,7 @@ class Conn:
     state: ConnState = ConnState.HELLO
     challenge: sig.PendingChallenge | None = None
     identity: Identity | None = None
+    fingerprint: str = ""  # of the certificate in its hello (pki.fingerprint)
     member: sig.Member | None = None
     received: int = 0
     relayed: int = 0
@@ -218,13 +228,38 @@ class Overlay:
     name: str
     anchor: TrustAnchor
     members: dict[bytes, Conn] = field(default_factory=dict)  # key → conn, in join order
+    # who holds each overlay address and node name: the key of a member
+    by_address: dict[str, bytes] = field(default_factory=dict)
+    by_name: dict[str, bytes] = field(default_factory=dict)
+
+    def index(self, member: sig.Member) -> None:
+        self.by_address[member.address] = member.key
+        self.by_name[member.name] = member.key
+
+    def unindex(self, member: sig.Member) -> None:
+        if self.by_address.get(member.address) == member.key:
+            del self.by_address[member.address]
+        if self.by_name.get(member.name) == member.key:
+            del self.by_name[member.name]
+
+
+def revoked_reason(fp: str) -> str:
+    """What a client whose certificate is revoked is told (error certificate_revoked)."""
+    return f"certificate sha256 {fp} is revoked; ask the overlay's operator for a new one"
 
 
 class ServerCore:
     """The signalling protocol, fed messages and a clock; produces actions."""
 
-    def __init__(self, anchors: Iterable[TrustAnchor], limits: Limits | None = None) -> None:
+    def __init__(
+        self,
+        anchors: Iterable[TrustAnchor],
+        limits: Limits | None = None,
+        *,
+        revoked: Iterable[str] = (),
+    ) -> None:
         self.limits = limits or Limits()
+        self.revoked = frozenset(revoked)  # certificate fingerprints refused (pki.fingerprint)
         self.overlays: dict[str, Overlay] = {}
         for anchor in anchors:
             if anchor.name in self.overlays:
@@ -329,10 +364,27 @@ class ServerCore:
         else:
             self._on_member_message(conn, msg)
 
+    def set_revoked(self, revoked: Iterable[str]) -> list[str]:
+        """A new revocation list: every connection whose certificate it names (members, and
+        those still proving their key) is told why and closed, a member's leave announced.
+        Returns the names of the nodes dropped."""
+        self.revoked = frozenset(revoked)
+        dropped = []
+        for conn in list(self.conns.values()):
+            if conn.state is ConnState.CLOSED or conn.fingerprint not in self.revoked:
+                continue
+            assert conn.identity is not None  # a fingerprint comes with the identity
+            self.count("closed_revoked")
+            self._send(conn, sig.Error("certificate_revoked", revoked_reason(conn.fingerprint)))
+            self._close(conn, CLOSE_POLICY, "certificate revoked")
+            dropped.append(conn.identity.name)
+        return dropped
+
     def stats(self) -> dict[str, object]:
         return {
             "connections": len(self.conns),
             "preauth": self.preauth,
+            "revoked": len(self.revoked),
             "overlays": {name: len(o.members) for name, o in self.overlays.items()},
             "counters": dict(self.counters),
         }
@@ -352,7 +404,15 @@ class ServerCore:
             self._send(conn, sig.Error("certificate_refused", why[: sig.MAX_REASON]))
             self._close(conn, CLOSE_POLICY, "certificate refused")
             return
+        fp = fingerprint(identity.der)
+        if fp in self.revoked:
+            self.count("refused_revoked")
+            log.info("refused %s from %s: certificate revoked (%s)", identity.name, conn.peer, fp)
+            self._send(conn, sig.Error("certificate_revoked", revoked_reason(fp)))
+            self._close(conn, CLOSE_POLICY, "certificate revoked")
+            return
         conn.identity = identity
+        conn.fingerprint = fp
         conn.challenge = sig.PendingChallenge()
         conn.state = ConnState.CHALLENGED
         self._send(conn, conn.challenge.challenge)
@@ -380,6 +440,15 @@ class ServerCore:
             self._send(conn, sig.Error("auth_failed", "wrong answer to the challenge"))
             self._close(conn, CLOSE_POLICY, "auth failed")
             return
+        overlay = self.overlays[ident.overlay]
+        clash = _clash(overlay, ident)
+        if clash is not None:
+            code, why = clash
+            self.count(_CLASH_COUNTERS[code])
+            log.info("refused %s (%s) from %s: %s", ident.name, ident.address, conn.peer, why)
+            self._send(conn, sig.Error(code, why[: sig.MAX_REASON]))
+            self._close(conn, CLOSE_POLICY, code.replace("_", " "))
+            return
         if not self.admissions.allow(ident.public_key, now):
             # Each admission announces a join to every member (and its end a leave): one key
             # connecting in a loop must not make the server write to everyone in a loop.
@@ -387,10 +456,11 @@ class ServerCore:
             self._send(conn, sig.Error("rate_limited", "admitted too often: try again later"))
             self._close(conn, CLOSE_TRY_AGAIN, "admission rate limit")
             return
-        overlay = self.overlays[ident.overlay]
         member = sig.Member(ident.public_key, ident.name, str(ident.address))
         old = overlay.members.pop(ident.public_key, None)
         if old is not None:  # the node reconnected before we noticed its old connection die
+            if old.member is not None:
+                overlay.unindex(old.member)  # (a renewed certificate may name other ones)
             old.state = ConnState.CLOSED
             self._close(old, CLOSE_NORMAL, "replaced by a newer connection")
         others = tuple(c.member for c in overlay.members.values() if c.member is not None)
@@ -398,6 +468,7 @@ class ServerCore:
         conn.state = ConnState.MEMBER
         self._end_preauth(conn)
         overlay.members[ident.public_key] = conn
+        overlay.index(member)
         self.count("admitted")
         log.info(
             "admitted %s (%s) to overlay %s from %s; %d members",
@@ -441,6 +512,7 @@ class ServerCore:
         overlay = self.overlays[conn.identity.overlay]
         if overlay.members.get(conn.member.key) is conn:
             del overlay.members[conn.member.key]
+            overlay.unindex(conn.member)
             self._broadcast(overlay, sig.encode(sig.Leave(conn.member.key, conn.member.name)))
             log.info(
                 "%s left overlay %s (%s); %d members",
@@ -474,6 +546,30 @@ class ServerCore:
 
     def count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
+
+
+_CLASH_COUNTERS = {"address_in_use": "refused_address_in_use", "name_in_use": "refused_name_in_use"}
+
+
+def _clash(overlay: Overlay, ident: Identity) -> tuple[str, str] | None:
+    """(error code, reason) when another key holds the newcomer's address or name."""
+    key = overlay.by_address.get(str(ident.address))
+    if key is not None and key != ident.public_key:
+        holder = overlay.members[key].member
+        assert holder is not None
+        return "address_in_use", (
+            f"address {ident.address} is held by member {holder.name} (another key) in overlay "
+            f"{overlay.name}; the CA issued it twice: ask for a certificate with another address"
+        )
+    key = overlay.by_name.get(ident.name)
+    if key is not None and key != ident.public_key:
+        holder = overlay.members[key].member
+        assert holder is not None
+        return "name_in_use", (
+            f"name {ident.name} is held by another key (the member at {holder.address}) in "
+            f"overlay {overlay.name}; the CA issued it twice: ask for another name"
+        )
+    return None
 
 
 def _decrement(counts: dict[str, int], key: str) -> None:
@@ -537,8 +633,9 @@ class SignallingServer:
         limits: Limits | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        revoked: Iterable[str] = (),
     ) -> None:
-        self.core = ServerCore(anchors, limits)
+        self.core = ServerCore(anchors, limits, revoked=revoked)
         self.limits = self.core.limits
         self.clients: dict[int, _Client] = {}
         self.now = clock
@@ -576,6 +673,12 @@ class SignallingServer:
                 ", ".join(sorted(self.core.overlays)),
             )
             task_status.started(self.port)
+
+    def set_revoked(self, revoked: Iterable[str]) -> list[str]:
+        """`ServerCore.set_revoked`, its errors and closes sent now; the names dropped."""
+        dropped = self.core.set_revoked(revoked)
+        self._dispatch()
+        return dropped
 
     def _dispatch(self) -> None:
         for action in self.core.actions():

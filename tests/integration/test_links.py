@@ -42,7 +42,7 @@ def issue(name: str, address: str) -> pki.NodeBundle:
 
 
 ALPHA, BETA = issue("alpha", "10.77.0.1"), issue("beta", "10.77.0.2")
-ADDRS = {"alpha": ("192.0.2.1", 4600), "beta": ("192.0.2.2", 4600)}
+ADDRS = {"alpha": ("192.0.2.1", 4600), "beta": ("192.0.2.2", 4600), "mallory": ("192.0.2.3", 4600)}
 
 
 class Wire:
@@ -394,4 +394,63 @@ async def test_tightening_to_secure_sends_nothing_more_in_clear(
         current = alpha.rt(BETA).link.current
         assert current is not None and current.secure
         assert not any(b"after the reload" in d for d in wire.carried)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_revoked_peer_loses_its_link_at_once_and_is_refused_from_then_on(
+    autojump_clock: trio.testing.MockClock, datapath: str
+) -> None:
+    alpha, beta = pair(Wire(), datapath)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(alpha.links.serve)
+        await nursery.start(beta.links.serve)
+        await until(lambda: alpha.rt(BETA).established and beta.rt(ALPHA).established)
+        fp = pki.fingerprint(BETA.cert_der)
+        assert alpha.links.set_revoked(frozenset({fp})) == ["beta"]
+        rt = alpha.rt(BETA)
+        assert not rt.established and rt.port.session is None  # at once, not at the next tick
+        assert rt.refused == f"certificate revoked (sha256 {fp})"
+        await until(lambda: len(alpha.sessions) == 0)  # its task retired every session
+        # Beta does not know yet: its data is dropped, its handshakes (a rekey, a retry) are
+        # refused and counted, for as long as the list names it.
+        beta.send_frame(ALPHA, b"from a revoked peer")
+        await trio.sleep(3 * REKEY_AFTER_TIME)
+        assert not any(f.endswith(b"from a revoked peer") for f in alpha.writer.frames)
+        assert not alpha.rt(BETA).established
+        assert alpha.stats.drops.get("peer_revoked", 0) >= 3
+        [status] = alpha.links.status()
+        assert status["state"] != "established" and "certificate revoked" in status["refused"]
+        # A reload that no longer names it: the link comes back without waiting out a backoff.
+        alpha.links.set_revoked(frozenset())
+        await until(lambda: alpha.rt(BETA).established, timeout=10)
+        beta.send_frame(ALPHA, b"forgiven")
+        await received(alpha, b"forgiven")
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_whose_address_another_linked_key_holds_is_refused(
+    autojump_clock: trio.testing.MockClock, datapath: str
+) -> None:
+    """Mallory's certificate has beta's address (the CA issued it twice): while alpha's link to
+    beta is up, alpha refuses mallory's handshakes, counted, and says why in its status."""
+    mallory = issue("mallory", "10.77.0.2")
+    wire = Wire()
+    peers = [peer_setup(BETA, ADDRS["beta"]), peer_setup(mallory, ADDRS["mallory"])]
+    alpha = Node(wire, ALPHA, peers, datapath)
+    beta = Node(wire, BETA, [peer_setup(ALPHA, ADDRS["alpha"])], datapath)
+    intruder = Node(wire, mallory, [peer_setup(ALPHA, ADDRS["alpha"])], datapath)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(alpha.links.serve)
+        await nursery.start(beta.links.serve)
+        await until(lambda: alpha.rt(BETA).established)
+        await nursery.start(intruder.links.serve)
+        await until(lambda: alpha.stats.drops.get("peer_address_in_use", 0) >= 2)
+        refused = alpha.rt(mallory)
+        assert not refused.established and not intruder.rt(ALPHA).established
+        assert refused.refused == "address 10.77.0.2 is held by beta (another key, linked)"
+        by_name = {s["name"]: s for s in alpha.links.status()}
+        assert by_name["mallory"]["refused"] == refused.refused
+        assert by_name["beta"]["state"] == "established"  # the first holder keeps it
+        beta.send_frame(ALPHA, b"still beta's")
+        await received(alpha, b"still beta's")
         nursery.cancel_scope.cancel()

@@ -58,3 +58,18 @@ def test_the_table_says_which_data_path_runs_and_why_not_native() -> None:
         "node": {"datapath": "python", "datapath_why": "disabled by IPOP_TRIO_PURE_PYTHON=1"},
     }
     assert "datapath python (disabled by IPOP_TRIO_PURE_PYTHON=1)" in format_status(python, now=1.0)
+
+
+def test_refusals_are_shown_with_the_reason() -> None:
+    fp = "ab" * 32
+    refused = {**PEER, "state": "idle", "refused": f"certificate revoked (sha256 {fp})"}
+    sg = {
+        "url": "ws://192.0.2.1:8765/",
+        "state": "backoff",
+        "refused": "address_in_use",
+        "last_error": "refused: address_in_use: address 10.77.0.2 is held by member beta",
+    }
+    text = format_status({**STATUS, "peers": [refused], "signalling": sg}, now=1000.0)
+    assert "refused peers:\n  beta: certificate revoked (sha256 " + fp + ")" in text
+    assert "  refused by the server: refused: address_in_use: address 10.77.0.2 is held" in text
+    assert "refused" not in format_status(STATUS, now=1000.0)
