@@ -10,6 +10,8 @@
     ├── ICE service         ([signalling] only) candidates: host, STUN, TURN (control/ice.py)
     ├── signalling client   ([signalling] only) membership and con_req/resp → controller
     ├── controller          membership → links added / removed in the links nursery
+    ├── expiry watch        warns in the log from EXPIRY_WARNING before our certificate or a
+    │                       trusted CA expires: at start, then once a day (EXPIRY_CHECK)
     ├── metrics             ([metrics] only) HTTP GET /metrics: a `status` snapshot, rendered
     └── DNS server          ([dns] only) NAME.OVERLAY. from certified identities (net/names.py)
 
@@ -60,6 +62,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ipop_trio.node")
 
+DAY = 86400.0
+EXPIRY_WARNING = 30 * DAY  # warn this long before our certificate or a trusted CA expires
+EXPIRY_CHECK = DAY  # ... at start, on SIGHUP, and this often while running
+
 
 @dataclass(frozen=True, slots=True)
 class Setup:
@@ -83,7 +89,7 @@ def prepare(cfg: NodeConfig) -> Setup:
     """Load and cross-check the CA, our key and certificate, and the peers' keys."""
     now = time.time()
     try:
-        anchor = pki.load_trust_anchor(cfg.ca)
+        anchor = pki.load_trust_anchors(cfg.ca)
     except PkiError as exc:
         raise ConfigError("node.ca", str(exc)) from None
     try:
@@ -141,6 +147,51 @@ def prepare(cfg: NodeConfig) -> Setup:
     if cfg.dns is not None:
         dns_plan(cfg.dns, identity)
     return Setup(cfg, anchor, private_key, identity, tuple(peers), groups)
+
+
+def cert_status(der: bytes, not_before: float, not_after: float, now: float) -> dict[str, Any]:
+    """A certificate's validity, as `status` shows it (ours, a trusted CA's, a peer's)."""
+    return {
+        "fingerprint": pki.fingerprint(der),
+        "not_before": not_before,
+        "not_after": not_after,
+        "days_left": round((not_after - now) / DAY, 2),
+    }
+
+
+def expiry_warnings(setup: Setup, now: float) -> list[str]:
+    """What to warn of, EXPIRY_WARNING ahead: our certificate and each trusted CA expiring
+    (or expired), with the command that fixes it."""
+    ident, cfg = setup.identity, setup.config
+    out = []
+    left = ident.not_after - now
+    when = _day(ident.not_after)
+    groups = f" --groups {','.join(sorted(ident.groups))}" if ident.groups else ""
+    move = "" if cfg.cert.name == f"{ident.name}.crt" else f" (move its {ident.name}.crt there)"
+    renew = (
+        f"renew it for the same key: `ipop-trio ca sign --ca CA_DIR --name {ident.name} "
+        f"--address {ident.address}{groups} --key {cfg.key} --out {cfg.cert.parent}`"
+        f"{move}, then SIGHUP"
+    )
+    if left <= 0:
+        out.append(f"certificate {cfg.cert} expired at {when}: peers refuse it; {renew}")
+    elif left <= EXPIRY_WARNING:
+        out.append(f"certificate {cfg.cert} expires in {left / DAY:.0f} days ({when}); {renew}")
+    for ca in setup.anchor.cas:
+        ca_left = ca.not_after - now
+        name = f"overlay CA {ca.name!r} ({pki.fingerprint(ca.der)[:16]})"
+        rotate = "rotate it: trust a new CA beside it ([node] ca), re-issue, then drop it"
+        if ca_left <= 0:
+            out.append(f"{name} expired at {_day(ca.not_after)}; {rotate}")
+        elif ca_left <= EXPIRY_WARNING:
+            out.append(
+                f"{name} expires in {ca_left / DAY:.0f} days ({_day(ca.not_after)}); {rotate}"
+            )
+    return out
+
+
+def _day(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(timestamp))
 
 
 def dns_plan(dns: DnsConfig, identity: Identity) -> tuple[Endpoint, str]:
@@ -220,13 +271,21 @@ class Node:
         groups re-key the links whose mode changes; the others keep running. Changes to the
         TAP, the listen address or the peer list take effect at the next start."""
         self.setup = setup
+        if self.signalling is not None:
+            self.signalling.set_identity(setup.private_key, setup.identity.der)
         if self.controller is not None:
-            self.controller.reconfigure(setup.identity.der, setup.groups, setup.policy.value)
-        return self.links.reconfigure(_local_identity(setup), setup.policy, setup.groups)
+            self.controller.reconfigure(
+                setup.identity.der, setup.groups, setup.policy.value, anchor=setup.anchor
+            )
+        rekeyed = self.links.reconfigure(_local_identity(setup), setup.policy, setup.groups)
+        for line in expiry_warnings(setup, time.time()):
+            log.warning("%s", line)
+        return rekeyed
 
     def status(self, _req: dict[str, Any]) -> dict[str, Any]:
         ident = self.identity
         host, port = self.udp.local
+        now = time.time()
         return {
             "node": {
                 "name": ident.name,
@@ -246,6 +305,11 @@ class Node:
                 "gro": self.udp.gro,
                 "datapath": self.datapath,
                 "datapath_why": native.WHY,
+                "cert": cert_status(ident.der, ident.not_before, ident.not_after, now),
+                "ca": [
+                    cert_status(ca.der, ca.not_before, ca.not_after, now)
+                    for ca in self.setup.anchor.cas
+                ],
             },
             "peers": self.links.status(),
             "signalling": None
@@ -326,6 +390,7 @@ async def run_node(
                 await nursery.start(_run_signalling, node)
             if dns_socks is not None:
                 await nursery.start(_run_dns, node, dns_socks, domain)
+            nursery.start_soon(_watch_expiry, node)
             log.info(
                 "node %s up: %s on %s, listening on %s:%d, %d peers, %s data path%s",
                 ident.name,
@@ -368,6 +433,14 @@ def _metrics_where(cfg: NodeConfig, listeners: list[trio.SocketListener]) -> str
     assert cfg.metrics is not None
     host, port = cfg.metrics.listen.host, httpd.bound_port(listeners)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def _watch_expiry(node: Node) -> None:
+    """The control plane's daily look at certificate expiry (nothing per packet)."""
+    while True:
+        for line in expiry_warnings(node.setup, time.time()):
+            log.warning("%s", line)
+        await trio.sleep(EXPIRY_CHECK)
 
 
 async def _run_signalling(
