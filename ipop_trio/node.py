@@ -167,7 +167,8 @@ def expiry_warnings(setup: Setup, now: float) -> list[str]:
     left = ident.not_after - now
     when = _day(ident.not_after)
     groups = f" --groups {','.join(sorted(ident.groups))}" if ident.groups else ""
-    move = "" if cfg.cert.name == f"{ident.name}.crt" else f" (move its {ident.name}.crt there)"
+    written = cfg.cert.parent / f"{ident.name}.crt"
+    move = "" if written == cfg.cert else f", move {written} to {cfg.cert}"
     renew = (
         f"renew it for the same key: `ipop-trio ca sign --ca CA_DIR --name {ident.name} "
         f"--address {ident.address}{groups} --key {cfg.key} --out {cfg.cert.parent}`"
