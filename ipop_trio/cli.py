@@ -20,6 +20,9 @@ EPILOG = """\
 typical use:
   ipop-trio ca init --dir ca --name lab --network 10.77.0.0/24
   ipop-trio ca sign --ca ca --name alpha --address 10.77.0.1 --groups web --out alpha
+  ipop-trio ca sign --ca ca --name alpha --address 10.77.0.1 --groups web \
+      --key alpha/alpha.key --out alpha      # renew: same key, old alpha.crt kept as .old
+  ipop-trio ca show alpha/alpha.crt          # name, address, groups, validity, fingerprint
   ipop-trio signal --listen 0.0.0.0:8765 --ca ca/ca.crt
   ipop-trio run -c alpha/node.toml
   ipop-trio status           # the node of this network namespace
@@ -124,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         action="append",
         required=True,
-        help="an overlay CA certificate (repeat for several overlays)",
+        help="an overlay CA certificate or bundle (repeat for several overlays; two CAs of "
+        "one overlay, same name and network, are both trusted: a CA rotation)",
     )
     sg.add_argument(
         "--revoked",
@@ -212,13 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--days", type=int, default=3650, help="validity (default 3650)")
     sign = casub.add_parser(
         "sign",
-        help="issue a node certificate",
+        help="issue (or renew) a node certificate",
         description="Issue a node certificate: the node's X25519 link key, name, overlay address "
-        "and groups, signed by the CA. Writes OUT/NAME.key (0600, unless --public-key) and "
-        "OUT/NAME.crt. Refuses to overwrite, and (unless --replace) a name or address the CA "
+        "and groups, signed by the CA. Writes OUT/NAME.key (0600) and OUT/NAME.crt; never "
+        "overwrites a key. With --key (the node's existing key) or --public-key, no key is "
+        "written and the certificate is for that key: renewing is this one command, and an "
+        "OUT/NAME.crt for the same key is replaced, the old one kept as NAME.crt.old (one for "
+        "another key only with --force). Refuses (unless --replace) a name or address the CA "
         "already certified to another key: CA/issued.json records what it issued. Prints the "
-        "certificate's fingerprint (for revocation lists). Inspect with `openssl x509 -text "
-        "-in NAME.crt`.",
+        "certificate's fingerprint (for revocation lists). Inspect with `ipop-trio ca show "
+        "NAME.crt`.",
     )
     sign.add_argument("--ca", type=Path, required=True, help="CA directory (from `ca init`)")
     sign.add_argument("--name", required=True, help="node name")
@@ -226,8 +233,26 @@ def build_parser() -> argparse.ArgumentParser:
     sign.add_argument("--groups", default=None, help="comma-separated groups, e.g. web,db")
     sign.add_argument("--days", type=int, default=365, help="validity (default 365)")
     sign.add_argument("--out", type=Path, required=True, help="output directory")
+    given = sign.add_mutually_exclusive_group()
+    given.add_argument(
+        "--key",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="re-issue for this existing node key (NAME.key): only its public half is used",
+    )
+    given.add_argument(
+        "--public-key",
+        type=Path,
+        default=None,
+        metavar="KEY",
+        help="certify this X25519 public key: a file (PEM or DER public key, a `public_key = "
+        "...` line, base64, the node's key file or its certificate) or the base64 key itself",
+    )
     sign.add_argument(
-        "--public-key", type=Path, default=None, help="sign an existing X25519 key (PEM) instead"
+        "--force",
+        action="store_true",
+        help="with --key/--public-key: replace OUT/NAME.crt even when it is for another key",
     )
     sign.add_argument(
         "--replace",
@@ -235,6 +260,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="issue it even if the CA's record (CA/issued.json) has a live certificate of "
         "another key with this name or address (revoke that one to withdraw it)",
     )
+    show = casub.add_parser(
+        "show",
+        help="what a node or CA certificate says: name, address, groups, validity, fingerprint",
+        description="Print a certificate's fields (PEM or DER; every one in a PEM bundle): name, "
+        "overlay, address(es), groups, MAC, validity and days left, SHA-256 fingerprint of the "
+        "DER, issuer. With --ca, also whether that CA (or bundle) accepts it now. Exit 1 when a "
+        "certificate has expired or the CA refuses it.",
+    )
+    show.add_argument("file", type=Path, metavar="FILE", help="a certificate file")
+    show.add_argument("--ca", type=Path, default=None, help="verify against this CA certificate")
+    show.add_argument("--json", action="store_true", help="print JSON")
 
     sub.add_parser(
         "demo",
@@ -311,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
                 return cmd_ca_init(args)
             if args.ca_command == "sign":
                 return cmd_ca_sign(args)
+            if args.ca_command == "show":
+                return cmd_ca_show(args)
             parser.parse_args(["ca", "--help"])
         if args.command == "demo":
             from .lab.demo import run_demo
@@ -411,15 +449,7 @@ def cmd_signal(args: argparse.Namespace) -> int:
 
     listen = config.parse_endpoint("--listen", args.listen)
     metrics = None if args.metrics is None else config.parse_endpoint("--metrics", args.metrics)
-    anchors = []
-    for i, path in enumerate(args.ca):
-        try:
-            anchors.append(pki.load_trust_anchor(path))
-        except PkiError as exc:
-            raise ConfigError(f"--ca[{i}]", f"{path}: {exc}") from None
-    names = [a.name for a in anchors]
-    if len(set(names)) != len(names):
-        raise ConfigError("--ca", f"two CAs name the same overlay: {sorted(names)}")
+    anchors = signal_anchors(args.ca)
     ssl_context = None
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ConfigError("--tls-cert", "give both --tls-cert and --tls-key, or neither")
@@ -497,6 +527,30 @@ def _reload_revoked(server: Any, path: Path | None, log: logging.Logger) -> None
         len(old - new),
         ", ".join(dropped) or "no member",
     )
+
+
+def signal_anchors(paths: list[Path]) -> list[Any]:
+    """`signal --ca`'s files as one trust anchor per overlay: CAs naming one overlay are
+    trusted together (a rotation), and must agree on its network."""
+    from . import pki
+    from .errors import PkiError
+    from .proto.cert import TrustAnchor
+
+    by_overlay: dict[str, list[Any]] = {}
+    for i, path in enumerate(paths):
+        try:
+            anchor = pki.load_trust_anchor(path)
+        except PkiError as exc:
+            raise ConfigError(f"--ca[{i}]", str(exc)) from None
+        known = by_overlay.setdefault(anchor.name, [])
+        if known and known[0].network != anchor.network:
+            raise ConfigError(
+                f"--ca[{i}]",
+                f"{path}: overlay {anchor.name!r} with network {anchor.network}, but another "
+                f"--ca gives it {known[0].network}: one overlay's CAs must agree on its network",
+            )
+        known.append(anchor)
+    return [TrustAnchor.bundle(group) for group in by_overlay.values()]
 
 
 async def _signal_metrics_listeners(where: Any) -> list[Any]:
@@ -710,6 +764,7 @@ def cmd_ca_sign(args: argparse.Namespace) -> int:
     days = pki.DEFAULT_NODE_DAYS if days is None else days
     out = getattr(args, "out", None) or "."
     public_key_file = getattr(args, "public_key", None)
+    key_file = getattr(args, "key", None)
     signed = pki.sign_node_files(
         Path(args.ca),
         args.name,
@@ -719,11 +774,17 @@ def cmd_ca_sign(args: argparse.Namespace) -> int:
         Path(out),
         None if public_key_file is None else Path(public_key_file),
         replace=bool(getattr(args, "replace", False)),
+        key_file=None if key_file is None else Path(key_file),
+        force=bool(getattr(args, "force", False)),
     )
     identity = signed.identity
     if signed.key_path is not None:
         print(f"wrote node key         {signed.key_path} (mode 0600)")
     print(f"wrote node certificate {signed.cert_path}")
+    if signed.old_cert_path is not None:
+        print(
+            f"kept the old one as    {signed.old_cert_path} (send the node SIGHUP to use the new)"
+        )
     print(f"node       {identity.name} in overlay {identity.overlay}")
     print(f"address    {identity.address}/{identity.network.prefixlen}")
     print(f"mac        {format_mac(identity.mac)}")
@@ -737,6 +798,69 @@ def cmd_ca_sign(args: argparse.Namespace) -> int:
             "until it expires; add that fingerprint to the revoked lists to withdraw it now"
         )
     return 0
+
+
+def cmd_ca_show(args: argparse.Namespace) -> int:
+    """`ipop-trio ca show FILE [--ca CA] [--json]`."""
+    import time
+
+    from . import pki
+    from .errors import CertificateRefused
+
+    now = time.time()
+    anchor = None if args.ca is None else pki.load_trust_anchor(args.ca)
+    shown, ok = [], True
+    for der in pki.load_certificates_der(args.file):
+        info = pki.describe_certificate(der)
+        entry = info.as_json(now)
+        ok = ok and not entry["expired"]
+        if anchor is not None:
+            if info.kind == "ca":
+                trusted = any(ca.der == der for ca in anchor.cas)
+                entry["verified"] = trusted
+                entry["refused"] = None if trusted else "not one of the CAs given with --ca"
+            else:
+                try:
+                    anchor.verify_untrusted(der, now)
+                    entry["verified"], entry["refused"] = True, None
+                except CertificateRefused as exc:
+                    entry["verified"], entry["refused"] = False, str(exc)
+            ok = ok and bool(entry["verified"])
+        shown.append(entry)
+    if args.json:
+        print(json.dumps(shown[0] if len(shown) == 1 else shown, indent=2))
+    else:
+        print("\n\n".join("\n".join(format_certificate(e)) for e in shown))
+    return 0 if ok else 1
+
+
+def format_certificate(entry: dict[str, Any]) -> list[str]:
+    """`ca show`'s lines for one certificate (`CertificateInfo.as_json`)."""
+    days = float(entry["days_left"])
+    left = f"expired {-days:.0f} days ago" if entry["expired"] else f"{days:.0f} days left"
+    if entry["kind"] == "ca":
+        lines = [
+            f"overlay CA {entry['name']}",
+            f"network    {', '.join(entry['addresses']) or '(none)'}",
+        ]
+    else:
+        lines = [
+            f"node       {entry['name']} in overlay {entry['overlay']}",
+            f"address    {', '.join(entry['addresses']) or '(none)'}",
+            f"groups     {', '.join(entry['groups']) or '(none)'}",
+            f"mac        {entry['mac'] or '(not an X25519 key)'}",
+        ]
+    lines += [
+        f"valid      {_day(entry['not_before'])} to {_day(entry['not_after'])} ({left})",
+        f"sha256     {entry['fingerprint']}",
+        f"issuer     {entry['issuer']}",
+        f"serial     {entry['serial']}",
+    ]
+    if "verified" in entry:
+        lines.append("verified   yes" if entry["verified"] else f"REFUSED    {entry['refused']}")
+    if entry.get("public_key"):
+        lines.append(f'public_key = "{entry["public_key"]}"')
+    return lines
 
 
 def _day(timestamp: float) -> str:

@@ -8,7 +8,8 @@ are resolved against the config file's directory.
     [node]
     cert = "alpha.crt"          # node certificate (ipop-trio ca sign)
     key = "alpha.key"           # X25519 private key, PEM, mode 0600
-    ca = "ca.crt"               # overlay CA certificate
+    ca = "ca.crt"               # overlay CA certificate(s): one file (a PEM file may hold
+                                # several: a CA bundle) or a list, e.g. ["old.crt", "new.crt"]
     listen = "0.0.0.0:4600"     # underlay UDP address
     control = "/run/ipop-trio/alpha.sock"  # default: one per TAP and network namespace
     cipher = "aes-256-gcm"      # or "chacha20-poly1305"
@@ -184,7 +185,7 @@ class NodeConfig:
     name: str | None
     cert: Path
     key: Path
-    ca: Path
+    ca: tuple[Path, ...]  # the overlay CA certificates trusted (several: a CA rotation)
     listen: Endpoint
     control: Path | None  # None: default_control(tap.name), see control_path()
     cipher: Cipher
@@ -294,7 +295,7 @@ def parse(data: dict[str, Any], path: Path) -> NodeConfig:
     name = c(lambda: _optional_name(node), None)
     cert = c(lambda: _required_file(base, "node.cert", node.get("cert")), base)
     key = c(lambda: _required_file(base, "node.key", node.get("key")), base)
-    ca = c(lambda: _required_file(base, "node.ca", node.get("ca")), base)
+    ca: tuple[Path, ...] = c(lambda: _ca_files(base, node.get("ca")), (base,))
     listen = c(
         lambda: parse_endpoint("node.listen", node.get("listen", f"0.0.0.0:{DEFAULT_PORT}")),
         Endpoint("0.0.0.0", DEFAULT_PORT),
@@ -705,6 +706,21 @@ def _required_file(base: Path, field: str, value: object) -> Path:
     path = _file(base, field, value, required=True)
     assert path is not None
     return path
+
+
+def _ca_files(base: Path, value: object) -> tuple[Path, ...]:
+    """`node.ca`: one file, or a list of files (trusted at once while a CA is rotated)."""
+    if not isinstance(value, list):
+        return (_required_file(base, "node.ca", value),)
+    if not value:
+        raise ConfigError("node.ca", "an empty list: name at least one CA certificate")
+    c = _Collect()
+    files = [
+        c(functools.partial(_required_file, base, f"node.ca[{i}]", v), base)
+        for i, v in enumerate(value)
+    ]
+    c.raise_any()
+    return tuple(files)
 
 
 def _file(base: Path, field: str, value: object, *, required: bool) -> Path | None:

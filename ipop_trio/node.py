@@ -10,6 +10,8 @@
     ├── ICE service         ([signalling] only) candidates: host, STUN, TURN (control/ice.py)
     ├── signalling client   ([signalling] only) membership and con_req/resp → controller
     ├── controller          membership → links added / removed in the links nursery
+    ├── expiry watch        warns in the log from EXPIRY_WARNING before our certificate or a
+    │                       trusted CA expires: at start, then once a day (EXPIRY_CHECK)
     ├── metrics             ([metrics] only) HTTP GET /metrics: a `status` snapshot, rendered
     └── DNS server          ([dns] only) NAME.OVERLAY. from certified identities (net/names.py)
 
@@ -60,6 +62,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ipop_trio.node")
 
+DAY = 86400.0
+EXPIRY_WARNING = 30 * DAY  # warn this long before our certificate or a trusted CA expires
+EXPIRY_CHECK = DAY  # ... at start, on SIGHUP, and this often while running
+
 
 @dataclass(frozen=True, slots=True)
 class Setup:
@@ -84,7 +90,7 @@ def prepare(cfg: NodeConfig) -> Setup:
     """Load and cross-check the CA, our key and certificate, and the peers' keys."""
     now = time.time()
     try:
-        anchor = pki.load_trust_anchor(cfg.ca)
+        anchor = pki.load_trust_anchors(cfg.ca)
     except PkiError as exc:
         raise ConfigError("node.ca", str(exc)) from None
     try:
@@ -148,6 +154,52 @@ def prepare(cfg: NodeConfig) -> Setup:
         except PkiError as exc:
             raise ConfigError("node.revoked", str(exc)) from None
     return Setup(cfg, anchor, private_key, identity, tuple(peers), groups, revoked)
+
+
+def cert_status(der: bytes, not_before: float, not_after: float, now: float) -> dict[str, Any]:
+    """A certificate's validity, as `status` shows it (ours, a trusted CA's, a peer's)."""
+    return {
+        "fingerprint": pki.fingerprint(der),
+        "not_before": not_before,
+        "not_after": not_after,
+        "days_left": round((not_after - now) / DAY, 2),
+    }
+
+
+def expiry_warnings(setup: Setup, now: float) -> list[str]:
+    """What to warn of, EXPIRY_WARNING ahead: our certificate and each trusted CA expiring
+    (or expired), with the command that fixes it."""
+    ident, cfg = setup.identity, setup.config
+    out = []
+    left = ident.not_after - now
+    when = _day(ident.not_after)
+    groups = f" --groups {','.join(sorted(ident.groups))}" if ident.groups else ""
+    written = cfg.cert.parent / f"{ident.name}.crt"
+    move = "" if written == cfg.cert else f", move {written} to {cfg.cert}"
+    renew = (
+        f"renew it for the same key: `ipop-trio ca sign --ca CA_DIR --name {ident.name} "
+        f"--address {ident.address}{groups} --key {cfg.key} --out {cfg.cert.parent}`"
+        f"{move}, then SIGHUP"
+    )
+    if left <= 0:
+        out.append(f"certificate {cfg.cert} expired at {when}: peers refuse it; {renew}")
+    elif left <= EXPIRY_WARNING:
+        out.append(f"certificate {cfg.cert} expires in {left / DAY:.0f} days ({when}); {renew}")
+    for ca in setup.anchor.cas:
+        ca_left = ca.not_after - now
+        name = f"overlay CA {ca.name!r} ({pki.fingerprint(ca.der)[:16]})"
+        rotate = "rotate it: trust a new CA beside it ([node] ca), re-issue, then drop it"
+        if ca_left <= 0:
+            out.append(f"{name} expired at {_day(ca.not_after)}; {rotate}")
+        elif ca_left <= EXPIRY_WARNING:
+            out.append(
+                f"{name} expires in {ca_left / DAY:.0f} days ({_day(ca.not_after)}); {rotate}"
+            )
+    return out
+
+
+def _day(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(timestamp))
 
 
 def dns_plan(dns: DnsConfig, identity: Identity) -> tuple[Endpoint, str]:
@@ -229,15 +281,23 @@ class Node:
         TAP, the listen address or the peer list take effect at the next start. A new
         revocation list closes the links of the peers it names."""
         self.setup = setup
+        if self.signalling is not None:
+            self.signalling.set_identity(setup.private_key, setup.identity.der)
         if self.controller is not None:
-            self.controller.reconfigure(setup.identity.der, setup.groups, setup.policy.value)
+            self.controller.reconfigure(
+                setup.identity.der, setup.groups, setup.policy.value, anchor=setup.anchor
+            )
         for name in self.links.set_revoked(setup.revoked):
             log.warning("%s: link closed: its certificate is revoked", name)
-        return self.links.reconfigure(_local_identity(setup), setup.policy, setup.groups)
+        rekeyed = self.links.reconfigure(_local_identity(setup), setup.policy, setup.groups)
+        for line in expiry_warnings(setup, time.time()):
+            log.warning("%s", line)
+        return rekeyed
 
     def status(self, _req: dict[str, Any]) -> dict[str, Any]:
         ident = self.identity
         host, port = self.udp.local
+        now = time.time()
         return {
             "node": {
                 "name": ident.name,
@@ -258,6 +318,11 @@ class Node:
                 "datapath": self.datapath,
                 "datapath_why": native.WHY,
                 "revoked": len(self.setup.revoked),  # fingerprints in [node] revoked
+                "cert": cert_status(ident.der, ident.not_before, ident.not_after, now),
+                "ca": [
+                    cert_status(ca.der, ca.not_before, ca.not_after, now)
+                    for ca in self.setup.anchor.cas
+                ],
             },
             "peers": self.links.status(),
             "signalling": None
@@ -338,6 +403,7 @@ async def run_node(
                 await nursery.start(_run_signalling, node)
             if dns_socks is not None:
                 await nursery.start(_run_dns, node, dns_socks, domain)
+            nursery.start_soon(_watch_expiry, node)
             log.info(
                 "node %s up: %s on %s, listening on %s:%d, %d peers, %s data path%s",
                 ident.name,
@@ -380,6 +446,14 @@ def _metrics_where(cfg: NodeConfig, listeners: list[trio.SocketListener]) -> str
     assert cfg.metrics is not None
     host, port = cfg.metrics.listen.host, httpd.bound_port(listeners)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def _watch_expiry(node: Node) -> None:
+    """The control plane's daily look at certificate expiry (nothing per packet)."""
+    while True:
+        for line in expiry_warnings(node.setup, time.time()):
+            log.warning("%s", line)
+        await trio.sleep(EXPIRY_CHECK)
 
 
 async def _run_signalling(

@@ -25,6 +25,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import re
 import string
 import time
 from collections.abc import Callable, Iterable
@@ -34,7 +35,7 @@ from typing import TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.x509.oid import NameOID
@@ -47,6 +48,7 @@ from ipop_trio.proto.cert import (
     TrustAnchor,
     decode_key,
     encode_key,
+    format_mac,
     mac_for_key,
     usable_address,
     valid_name,
@@ -506,6 +508,241 @@ def load_public_key_bytes(data: bytes) -> bytes:
     return key.public_bytes(_RAW, serialization.PublicFormat.Raw)
 
 
+def load_certificates_der_bytes(data: bytes) -> list[bytes]:
+    """Every certificate in PEM `data` (a bundle holds several), or the one DER certificate,
+    as DER. `PkiError` when there is none."""
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            return [c.public_bytes(_DER) for c in x509.load_pem_x509_certificates(data)]
+        x509.load_der_x509_certificate(data)
+    except ValueError as exc:
+        raise PkiError(f"not a PEM or DER certificate: {exc}") from exc
+    return [bytes(data)]
+
+
+_PEM_LABEL = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----")
+# `public_key = "..."`, as `ca sign` and `ca show` print it (a line pasted into a file)
+_PUBLIC_KEY_LINE = re.compile(rb'^\s*public_key\s*=\s*"([A-Za-z0-9+/=]+)"\s*$', re.MULTILINE)
+
+
+def _key_kind(key: object) -> str:
+    if isinstance(key, X25519PrivateKey):
+        return "a node's X25519 private key"
+    if isinstance(key, X25519PublicKey):
+        return "an X25519 public key"
+    if isinstance(key, Ed25519PrivateKey):
+        return "an Ed25519 private key (an overlay CA's key, ca.key?)"
+    if isinstance(key, Ed25519PublicKey):
+        return "an Ed25519 public key (an overlay CA's?)"
+    return f"a {type(key).__name__.removeprefix('_')} key"
+
+
+def _certificate_kind(cert: x509.Certificate) -> str:
+    try:
+        ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        ca = False
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    name = f" ({cns[0].value!s})" if cns else ""
+    return f"a CA certificate{name}" if ca else f"a node certificate{name}"
+
+
+def what_is(data: bytes) -> str:
+    """What key or certificate material `data` holds, in words, for error messages that
+    say what a file is before they say what to give instead."""
+    if not data.strip():
+        return "an empty file"
+    labels = [m.group(1).decode() for m in _PEM_LABEL.finditer(data)]
+    try:
+        if labels:
+            label = labels[0]
+            if label == "CERTIFICATE":
+                many = f" (and {len(labels) - 1} more)" if len(labels) > 1 else ""
+                return _certificate_kind(x509.load_pem_x509_certificate(data)) + many
+            if label == "PUBLIC KEY":
+                return _key_kind(serialization.load_pem_public_key(data))
+            if label == "PRIVATE KEY":
+                return _key_kind(serialization.load_pem_private_key(data, password=None))
+            if label == "ENCRYPTED PRIVATE KEY":
+                return "an encrypted private key"
+            return f"a PEM {label}"
+    except (ValueError, TypeError):
+        return f"a PEM {labels[0]} that does not parse"
+    if _PUBLIC_KEY_LINE.search(data):
+        return "a public_key line"
+    for parse in (
+        lambda: _certificate_kind(x509.load_der_x509_certificate(data)),
+        lambda: _key_kind(serialization.load_der_private_key(data, password=None)),
+        lambda: _key_kind(serialization.load_der_public_key(data)),
+    ):
+        try:
+            return parse()
+        except (ValueError, TypeError):
+            continue
+    return "neither a key nor a certificate"
+
+
+_GIVE_PUBLIC = (
+    "give the node's public key (the `public_key = ...` line `ca sign` printed, base64, or "
+    "PEM), its key file, or its certificate"
+)
+
+
+def signing_public_key_bytes(data: bytes) -> bytes:
+    """The node's X25519 public key that `ca sign --public-key` certifies, raw 32 bytes, from
+    what an operator has at hand: a public key (PEM or DER SubjectPublicKeyInfo, base64 of the
+    raw key, a `public_key = "..."` line as `ca sign` prints it, or the 32 raw bytes), the
+    node's private key (only its public half is derived and used: the private key is never
+    written anywhere), or the node's current certificate (its key). A wrong file gets a
+    `PkiError` saying what it is."""
+    stripped = data.strip()
+    line = _PUBLIC_KEY_LINE.search(data)
+    if line is not None:
+        try:
+            return decode_key(line.group(1).decode("ascii"))
+        except ValueError as exc:
+            raise PkiError(f"its public_key line is not a base64 X25519 key: {exc}") from exc
+    label = _PEM_LABEL.match(stripped)
+    if label is not None and label.group(1) == b"PRIVATE KEY":
+        return _public_of_private(data)
+    if label is not None and label.group(1) == b"CERTIFICATE":
+        return _public_of_certificate(x509.load_pem_x509_certificate, data)
+    if label is None and len(data) == KEY_SIZE:
+        return bytes(data)  # the raw key
+    try:
+        return load_public_key_bytes(data)
+    except PkiError:
+        pass
+    if label is None:
+        for parse in (_public_of_private, _der_certificate_key):
+            try:
+                return parse(data)
+            except PkiError:
+                continue
+    raise PkiError(f"{what_is(data)}, not a node's X25519 public key: {_GIVE_PUBLIC}")
+
+
+def _public_of_private(data: bytes) -> bytes:
+    try:
+        return public_key_of(load_private_key_bytes(data))
+    except PkiError as exc:
+        raise PkiError(f"{what_is(data)}, not a node's X25519 key: {_GIVE_PUBLIC}") from exc
+
+
+def _der_certificate_key(data: bytes) -> bytes:
+    return _public_of_certificate(x509.load_der_x509_certificate, data)
+
+
+def _public_of_certificate(load: Callable[[bytes], x509.Certificate], data: bytes) -> bytes:
+    try:
+        cert = load(data)
+        key = cert.public_key()
+    except ValueError as exc:
+        raise PkiError(f"not a certificate: {exc}") from exc
+    if not isinstance(key, X25519PublicKey):
+        raise PkiError(f"{_certificate_kind(cert)}, not a node's: {_GIVE_PUBLIC}")
+    return key.public_bytes(_RAW, serialization.PublicFormat.Raw)
+
+
+def node_private_key_bytes(data: bytes) -> bytes:
+    """`load_private_key_bytes`, with an error that says what the file is instead (for
+    `ca sign --key`)."""
+    try:
+        return load_private_key_bytes(data)
+    except PkiError:
+        pass
+    what = what_is(data)
+    hint = "give the node's key file (NAME.key, from `ca sign`)"
+    if "certificate" in what or "public" in what:
+        hint += ", or give this file to --public-key"
+    raise PkiError(f"{what}, not a node's X25519 private key: {hint}")
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateInfo:
+    """What a certificate says, unverified (`ca show`): a node's or an overlay CA's."""
+
+    kind: str  # "node" or "ca"
+    name: str | None  # subject CN: the node's name, or the overlay's for a CA
+    overlay: str | None  # the overlay: the issuer's CN for a node, its own CN for a CA
+    addresses: tuple[str, ...]  # a node's SAN IPs; a CA's permitted networks
+    groups: tuple[str, ...]
+    public_key: str | None  # a node's X25519 key, base64 (`public_key = "..."`)
+    mac: str | None  # the TAP MAC peers compute from that key
+    not_before: float
+    not_after: float
+    fingerprint: str  # SHA-256 of the DER
+    issuer: str  # RFC 4514
+    serial: str  # hex
+
+    def days_left(self, now: float) -> float:
+        return (self.not_after - now) / _DAY
+
+    def as_json(self, now: float) -> dict[str, object]:
+        out: dict[str, object] = {f: getattr(self, f) for f in self.__slots__}  # type: ignore[attr-defined]
+        out["addresses"], out["groups"] = list(self.addresses), list(self.groups)
+        out["days_left"] = round(self.days_left(now), 2)
+        out["expired"] = now > self.not_after
+        return out
+
+
+def describe_certificate(der: bytes) -> CertificateInfo:
+    """A node or CA certificate's fields, unverified (`PkiError` if it is not X.509)."""
+    try:
+        cert = x509.load_der_x509_certificate(bytes(der))
+        key = cert.public_key()
+        try:
+            ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        except x509.ExtensionNotFound:
+            ca = False
+        addresses: list[str] = []
+        if ca:
+            try:
+                nc = cert.extensions.get_extension_for_class(x509.NameConstraints).value
+                subtrees = nc.permitted_subtrees or ()
+                addresses = [str(g.value) for g in subtrees if isinstance(g, x509.IPAddress)]
+            except x509.ExtensionNotFound:
+                pass
+        else:
+            try:
+                san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                addresses = [str(a) for a in san.get_values_for_type(x509.IPAddress)]
+            except x509.ExtensionNotFound:
+                pass
+        subject_cn = [
+            str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        ]
+        issuer_cn = [str(a.value) for a in cert.issuer.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        groups = sorted(
+            str(a.value)
+            for a in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+        )
+        not_before = cert.not_valid_before_utc.timestamp()
+        not_after = cert.not_valid_after_utc.timestamp()
+    except ValueError as exc:
+        raise PkiError(f"not a certificate: {exc}") from exc
+    raw = (
+        key.public_bytes(_RAW, serialization.PublicFormat.Raw)
+        if isinstance(key, X25519PublicKey)
+        else None
+    )
+    name = subject_cn[0] if subject_cn else None
+    return CertificateInfo(
+        kind="ca" if ca else "node",
+        name=name,
+        overlay=name if ca else (issuer_cn[0] if issuer_cn else None),
+        addresses=tuple(addresses),
+        groups=tuple(groups),
+        public_key=None if raw is None else encode_key(raw),
+        mac=None if raw is None else format_mac(mac_for_key(raw)),
+        not_before=not_before,
+        not_after=not_after,
+        fingerprint=fingerprint(der),
+        issuer=cert.issuer.rfc4514_string(),
+        serial=f"{cert.serial_number:x}",
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Files
 
@@ -530,9 +767,35 @@ def load_certificate_der(path: Path) -> bytes:
     return _parse(path, load_certificate_der_bytes, _read(path, "certificate"))
 
 
+def load_certificates_der(path: Path) -> list[bytes]:
+    """Every certificate in `path` (PEM, one or several; or DER), as DER."""
+    return _parse(path, load_certificates_der_bytes, _read(path, "certificate"))
+
+
 def load_trust_anchor(path: Path) -> TrustAnchor:
-    """The overlay CA certificate in `path` (PEM or DER)."""
-    return _parse(path, TrustAnchor, load_certificate_der(path))
+    """The overlay CA certificate in `path` (PEM or DER); a PEM file holding several CA
+    certificates of one overlay is a bundle (a CA rotation: all are trusted)."""
+    ders = load_certificates_der(path)
+    try:
+        return TrustAnchor(*ders)
+    except PkiError as exc:
+        raise PkiError(f"{path}: {exc}") from exc
+
+
+def load_trust_anchors(paths: Iterable[Path]) -> TrustAnchor:
+    """The CAs of every file in `paths` (each one CA or a bundle), trusted at once: they must
+    be of one overlay (same name, same network); a refusal names the file that differs."""
+    anchors: list[TrustAnchor] = []
+    for path in paths:
+        anchor = load_trust_anchor(path)
+        if anchors and (anchor.name, anchor.network) != (anchors[0].name, anchors[0].network):
+            raise PkiError(
+                f"{path}: CA of overlay {anchor.name!r} ({anchor.network}), but the first CA "
+                f"is of {anchors[0].name!r} ({anchors[0].network}); CAs trusted at once must "
+                "name the same overlay and network (a CA rotation keeps both)"
+            )
+        anchors.append(anchor)
+    return TrustAnchor.bundle(anchors)
 
 
 def load_private_key(path: Path) -> bytes:
@@ -686,7 +949,11 @@ class SignedNode:
     key_path: Path | None
     cert_path: Path
     identity: Identity
+    old_cert_path: Path | None = None  # where the certificate it replaced was kept
     replaced: tuple[IssuedRecord, ...] = ()  # live certificates of the same name or address
+
+
+OLD_SUFFIX = ".old"
 
 
 def sign_node_files(
@@ -698,42 +965,64 @@ def sign_node_files(
     out_dir: Path,
     public_key_file: Path | None = None,
     *,
+    key_file: Path | None = None,
+    force: bool = False,
     replace: bool = False,
 ) -> SignedNode:
     """`sign_node`, also returning the issued identity (for the `ca sign` report).
+
+    With `key_file` (the node's existing private key) or `public_key_file`, the certificate
+    is for that key and no key is written: re-issuing it (renewal, new groups) is this one
+    call. An existing <name>.crt for the same key is then replaced, the old one kept as
+    <name>.crt.old; one for another key (or not a certificate) is replaced only with `force`.
+    The new certificate appears at once (written aside, renamed into place), so a node reading
+    it on SIGHUP never sees half a file.
 
     The CA directory's issued.json records every certificate issued here; a name or
     address a live certificate for another key already holds is refused (`PkiError` naming
     that certificate) unless `replace`. The same key's earlier certificate (a renewal) is
     replaced without asking. Replaced records stay in the file, marked `replaced_by`."""
     ca_dir, out_dir = Path(ca_dir), Path(out_dir)
+    public_key = _signing_key(public_key_file, key_file)
+    if force and public_key is None:
+        raise PkiError(
+            "--force replaces a certificate for an existing key: give --key or --public-key"
+        )
     ca_key_pem = _read(ca_dir / CA_KEY_FILE, "CA key")
     ca_cert_pem = _read(ca_dir / CA_CERT_FILE, "CA certificate")
     records = load_issued(ca_dir)
-    public_key = None
-    if public_key_file is not None:
-        data = _read(Path(public_key_file), "public key")
-        try:
-            public_key = load_public_key_bytes(data)
-        except PkiError as exc:
-            raise PkiError(f"{public_key_file}: {exc}") from exc
     now = time.time()
     key_pem, cert_pem, identity = _issue(
         ca_key_pem, ca_cert_pem, name, address, groups, days, now, public_key
     )
     key_path = out_dir / f"{name}.key" if key_pem is not None else None
     cert_path = out_dir / f"{name}.crt"
-    for path in (key_path, cert_path):  # the files first: they are the likelier mistake
-        if path is not None and (path.exists() or path.is_symlink()):
-            raise PkiError(f"{path} already exists; refusing to overwrite it")
+    renewing = public_key is not None and (cert_path.exists() or cert_path.is_symlink())
+    # The files first: they are the likelier mistake.
+    if key_path is not None and (key_path.exists() or key_path.is_symlink()):
+        raise PkiError(
+            f"{key_path} already exists; refusing to overwrite it (to re-issue the certificate "
+            f"for this key, give --key {key_path})"
+        )
+    if not renewing and (cert_path.exists() or cert_path.is_symlink()):
+        raise PkiError(f"{cert_path} already exists; refusing to overwrite it")
+    if renewing:
+        assert public_key is not None
+        _check_renewal(cert_path, public_key, force)
     taken = _taken_by(records, identity, now)
     new_key = encode_key(identity.public_key)
     others = [records[i] for i in taken if records[i].public_key != new_key]
     if others and not replace:
         raise _duplicate(others[0], identity)
     _make_dir(out_dir)
-    key_item = None if key_path is None or key_pem is None else (key_path, key_pem, _PRIVATE_MODE)
-    _write_pair(key_item, (cert_path, cert_pem, _PUBLIC_MODE))
+    old = None
+    if renewing:
+        old = _renew(cert_path, cert_pem)
+    else:
+        key_item = (
+            None if key_path is None or key_pem is None else (key_path, key_pem, _PRIVATE_MODE)
+        )
+        _write_pair(key_item, (cert_path, cert_pem, _PUBLIC_MODE))
     issued = fingerprint(identity.der)
     replaced = tuple(records[i] for i in taken)
     for i in taken:
@@ -749,7 +1038,70 @@ def sign_node_files(
         )
     )
     _write_issued(ca_dir, records)
-    return SignedNode(key_path, cert_path, identity, replaced)
+    return SignedNode(key_path, cert_path, identity, old, replaced)
+
+
+def _signing_key(public_key_file: Path | None, key_file: Path | None) -> bytes | None:
+    """The raw public key `ca sign` certifies: from --key (a private key, of which only the
+    public half is kept) or --public-key (a file, or the base64 key itself); None: generate."""
+    if public_key_file is not None and key_file is not None:
+        raise PkiError("give --key (the node's private key) or --public-key, not both")
+    if key_file is not None:
+        data = _read(Path(key_file), "node key")
+        return public_key_of(_parse(Path(key_file), node_private_key_bytes, data))
+    if public_key_file is None:
+        return None
+    path = Path(public_key_file)
+    if not path.exists():
+        try:  # `--public-key KEY`: the base64 value itself, as `public_key =` lines hold it
+            return decode_key(str(public_key_file))
+        except ValueError:
+            pass
+    return _parse(path, signing_public_key_bytes, _read(path, "public key"))
+
+
+def _check_renewal(cert_path: Path, public_key: bytes, force: bool) -> None:
+    """Refuse (unless `force`) to replace `cert_path` when it is not a certificate for
+    `public_key`."""
+    old_path = cert_path.with_name(cert_path.name + OLD_SUFFIX)
+    old_pem = _read(cert_path, "certificate")
+    if not force:
+        try:
+            old_key = _public_of_certificate(
+                x509.load_der_x509_certificate, load_certificate_der_bytes(old_pem)
+            )
+        except PkiError as exc:
+            raise PkiError(
+                f"{cert_path} exists and is not a node certificate ({exc}); refusing to "
+                "overwrite it (--force replaces it, keeping it as "
+                f"{old_path.name})"
+            ) from exc
+        if old_key != public_key:
+            raise PkiError(
+                f"{cert_path} exists and certifies another key; refusing to overwrite it "
+                f"(a wrong --out? --force replaces it, keeping it as {old_path.name})"
+            )
+
+
+def _renew(cert_path: Path, cert_pem: bytes) -> Path:
+    """Replace `cert_path` with `cert_pem`, keeping the old one as <path>.old."""
+    old_path = cert_path.with_name(cert_path.name + OLD_SUFFIX)
+    old_pem = _read(cert_path, "certificate")
+    _replace(old_path, old_pem, _PUBLIC_MODE)
+    _replace(cert_path, cert_pem, _PUBLIC_MODE)
+    return old_path
+
+
+def _replace(path: Path, data: bytes, mode: int) -> None:
+    """Write `data` to `path` at once: a new file beside it, renamed over it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    _write_new(tmp, data, mode)
+    try:
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise PkiError(f"cannot replace {path}: {exc.strerror or exc}") from exc
 
 
 def sign_node(
@@ -763,7 +1115,8 @@ def sign_node(
 ) -> tuple[Path | None, Path]:
     """Issue a node certificate with the CA in `ca_dir`; write <name>.key (0600, only when the
     key is generated here, i.e. no `public_key_file`) and <name>.crt (0644) in `out_dir`.
-    Never overwrites; refuses a name or address already certified to another key (see
+    Never overwrites a key; a certificate only to renew it for the same key; refuses a name or
+    address already certified to another key (see
     `sign_node_files`). Returns (key path or None, certificate path)."""
     signed = sign_node_files(ca_dir, name, address, groups, days, out_dir, public_key_file)
     return signed.key_path, signed.cert_path

@@ -24,6 +24,18 @@ def _ago(ts: float | None, now: float) -> str:
     return f"{d / 60:.0f}m ago"
 
 
+def _left(not_after: float, now: float) -> str:
+    """A certificate's time left: "364d", "5h", "expired"."""
+    left = not_after - now
+    if left <= 0:
+        return "expired"
+    return f"{left / 86400:.0f}d" if left >= 86400 else f"{left / 3600:.0f}h"
+
+
+def _day(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(timestamp))
+
+
 def _path(peer: dict[str, Any]) -> str:
     """The ICE path type (host / srflx / prflx / relay); "direct" for a configured peer."""
     path = peer.get("path")
@@ -45,6 +57,14 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
         f"node {node.get('name')}  overlay {node.get('overlay')}  address {node.get('address')}  "
         f"tap {node.get('tap')} ({node.get('mac')})  listen {node.get('listen')}",
     ]
+    cert = node.get("cert")
+    if cert:
+        cas = node.get("ca") or []
+        trust = ", ".join(f"{c['fingerprint'][:16]} ({_left(c['not_after'], now)})" for c in cas)
+        lines.append(
+            f"certificate {cert['fingerprint'][:16]} expires {_day(cert['not_after'])} "
+            f"({_left(cert['not_after'], now)})  CA{'s' if len(cas) > 1 else ''} {trust}"
+        )
     if node.get("datapath"):
         off = f" ({node['datapath_why']})" if node.get("datapath_why") else ""
         lines.append(f"datapath {node['datapath']}{off}  cipher {node.get('cipher')}")
@@ -74,7 +94,7 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
         lines.append(f"dns {dns.get('domain')} on {dns.get('listen')}")
     header = (
         "PEER", "ADDRESS", "STATE", "MODE", "LEARNED", "ENDPOINT", "PATH", "RTT", "TX", "RX",
-        "DROPS", "HANDSHAKE",
+        "DROPS", "HANDSHAKE", "CERT",
     )  # fmt: skip
     rows = [header]
     for p in status.get("peers", []):
@@ -92,6 +112,7 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
                 _bytes(int(p.get("rx_bytes", 0))),
                 str(p.get("drops", 0)),
                 _ago(p.get("last_handshake"), now),
+                "-" if not p.get("cert") else _left(p["cert"]["not_after"], now),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]

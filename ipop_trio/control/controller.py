@@ -192,9 +192,18 @@ class Controller:
         self.answered: dict[bytes, str] = {}
         self.answer_budget: dict[bytes, tuple[float, float]] = {}
 
-    def reconfigure(self, cert_der: bytes, groups: frozenset[str], policy: str) -> None:
+    def reconfigure(
+        self,
+        cert_der: bytes,
+        groups: frozenset[str],
+        policy: str,
+        *,
+        anchor: TrustAnchor | None = None,
+    ) -> None:
         """A re-read certificate, groups and policy (SIGHUP): the next con_req/con_resp
-        carry them."""
+        carry them; a re-read CA (bundle) checks the next ones received."""
+        if anchor is not None:
+            self.anchor = anchor
         self.cert_der = cert_der
         self.groups = tuple(sorted(groups))
         self.policy = policy

@@ -316,9 +316,10 @@ class LinkManager:
     def reconfigure(
         self, local: LocalIdentity, policy: SecurityPolicy, groups: frozenset[str]
     ) -> int:
-        """New certificate / policy / groups (SIGHUP): every link uses them from its next
-        handshake; links whose mode changes are re-keyed now, the others keep their
-        sessions. Returns how many links were re-keyed."""
+        """New certificate / CAs / policy / groups (SIGHUP): every link uses them from its
+        next handshake; links whose mode changes, or whose certificate is new, are re-keyed
+        now, the others keep their sessions; a peer whose certificate the CAs trusted now
+        refuse loses its sessions now. Returns how many links were re-keyed."""
         if local.public_key != self.local.public_key:
             self.guard = CookieGuard(
                 local.public_key, handshake.mac1_key(local.public_key), queue_size=HANDSHAKE_QUEUE
@@ -331,6 +332,10 @@ class LinkManager:
             now = self._now(link)
             new_cert = link.local.cert_der != local.cert_der
             link.reconfigure(local=local, ext=ext)
+            if not link.recheck_peer(now):
+                rt.port.session = None
+                rt.wake()  # its task retires the sessions and backs off (PeerRefused)
+                continue
             session, peer = link.current, link.peer
             if session is None or peer is None:
                 continue
@@ -928,6 +933,13 @@ class LinkManager:
                     "name": rt.name,
                     "address": None if peer is None else str(peer.address),
                     "groups": None if peer is None else sorted(peer.groups),
+                    # the peer's certificate as last verified (a handshake, or the config)
+                    "cert": None
+                    if peer is None
+                    else {
+                        "not_after": peer.not_after,
+                        "fingerprint": fingerprint(peer.der),
+                    },
                     "state": state,
                     "link_state": link.state.value,
                     "handshaking": link.handshaking,  # an initiation of ours is in flight

@@ -56,7 +56,7 @@ class OverlayNode:
     address: str  # overlay address (from the certificate)
     port: int  # underlay UDP port
     tap: str
-    ca: CA  # issued this node's certificate; the node also trusts it
+    ca: CA  # issued this node's certificate; the node also trusts it (unless `trust`)
     groups: tuple[str, ...]
     key_pem: bytes
     cert_pem: bytes
@@ -72,6 +72,9 @@ class OverlayNode:
     metrics: str | None = None  # [metrics] listen ("ADDR:PORT"); None: no metrics endpoint
     extra_config: str = ""  # TOML appended to the config: sections without a parameter here
     revoked: str | None = None  # [node] revoked: a file in the node's directory (the test's)
+    # The CAs the node trusts, written as one bundle file ([node] ca); None: its issuer only.
+    # With `trust` set, peers are configured by public key (their issuers may differ).
+    trust: tuple[CA, ...] | None = None
     proc: subprocess.Popen[Any] | None = None
 
     @property
@@ -112,6 +115,14 @@ class SignalServer:
         return self.dir / "signal.log"
 
 
+def _write_at_once(path: Path, data: bytes) -> None:
+    """Replace `path` by renaming a new file over it: a node reading it on SIGHUP never sees
+    half of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def _toml_str(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid TOML basic string
 
@@ -148,12 +159,13 @@ class Overlay:
         self.ca = self.new_ca(name, network)
         self.signal: SignalServer | None = None
 
-    def new_ca(self, name: str, network: str | None = None) -> CA:
-        """A fresh CA (the overlay's own, or a foreign one for refusal tests)."""
+    def new_ca(self, name: str, network: str | None = None, *, days: int | None = None) -> CA:
+        """A fresh CA (the overlay's own, a foreign one for refusal tests, or the next one of
+        a CA rotation), valid for `days` (default: the overlay's)."""
         from ipop_trio import pki
 
         net = network or str(self.network)
-        key_pem, cert_pem = pki.new_ca(name, net, self.days, time.time())
+        key_pem, cert_pem = pki.new_ca(name, net, days or self.days, time.time())
         return CA(name, net, key_pem, cert_pem)
 
     def _next_address(self) -> str:
@@ -229,25 +241,50 @@ class Overlay:
         self.nodes[name] = node
         return node
 
-    def reissue(self, node: OverlayNode, groups: Iterable[str]) -> None:
-        """A new certificate for the node's same key, with other groups, written where the
-        node reads it: a SIGHUP (or restart) makes the node use it."""
+    def reissue(
+        self,
+        node: OverlayNode,
+        groups: Iterable[str] | None = None,
+        *,
+        ca: CA | None = None,
+        days: int | None = None,
+    ) -> None:
+        """A new certificate for the node's same key (other groups, another issuer `ca`, a
+        validity of `days`; unchanged when not given), written where the node reads it: a
+        SIGHUP (or restart) makes the node use it."""
         from ipop_trio import pki
 
         public = pki.public_key_of(pki.load_private_key_bytes(node.key_pem))
-        node.groups = tuple(groups)
-        _, node.cert_pem = pki.issue_node(
+        if groups is not None:
+            node.groups = tuple(groups)
+        if ca is not None:
+            node.ca = ca
+        _, cert_pem = pki.issue_node(
             node.ca.key_pem,
             node.ca.cert_pem,
             node.name,
             node.address,
             node.groups,
-            self.days,
+            self.days if days is None else days,
             time.time(),
             public_key=public,
         )
+        node.cert_pem = cert_pem
         if node.dir.exists():
-            (node.dir / "node.crt").write_bytes(node.cert_pem)
+            _write_at_once(node.dir / "node.crt", node.cert_pem)
+
+    def set_trust(self, node: OverlayNode, *cas: CA) -> None:
+        """The CAs `node` trusts, as one bundle file where it reads [node] ca: a SIGHUP (or
+        restart) makes the node use them. Set it before `start` to configure peers by key."""
+        if not cas:
+            raise LabError("a node trusts at least one CA")
+        node.trust = tuple(cas)
+        if node.dir.exists():
+            _write_at_once(node.dir / "ca.crt", self._trust_pem(node))
+
+    @staticmethod
+    def _trust_pem(node: OverlayNode) -> bytes:
+        return b"".join(ca.cert_pem for ca in node.trust or (node.ca,))
 
     def public_key(self, node: OverlayNode) -> str:
         """The node's raw X25519 public key, base64 (as in a config's ``public_key``)."""
@@ -271,7 +308,7 @@ class Overlay:
         key.write_bytes(node.key_pem)
         key.chmod(0o600)
         (node.dir / "node.crt").write_bytes(node.cert_pem)
-        (node.dir / "ca.crt").write_bytes(node.ca.cert_pem)
+        (node.dir / "ca.crt").write_bytes(self._trust_pem(node))
         lines = [
             "[node]",
             f"name = {_toml_str(node.name)}",
@@ -313,7 +350,7 @@ class Overlay:
         for peer_name in names:
             peer = self.nodes[peer_name]
             lines += ["", "[[peer]]", f"name = {_toml_str(peer.name)}"]
-            if peer.ca is node.ca:
+            if peer.ca is node.ca and node.trust is None:
                 cert = f"peer-{peer.name}.crt"
                 (node.dir / cert).write_bytes(peer.cert_pem)
                 lines.append(f"cert = {_toml_str(cert)}")

@@ -25,6 +25,7 @@ import hashlib
 import ipaddress
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TypeGuard
 
@@ -141,11 +142,11 @@ def _timestamp(moment: datetime.datetime) -> float:
 _ED25519_SIGNATURE_PREFIX = b"\x03\x41\x00"
 
 
-class TrustAnchor:
-    """The overlay CA: verifies node certificates.
+class CaCertificate:
+    """One overlay CA certificate, parsed and checked (operator input: `PkiError`).
 
-    `TrustAnchor(ca_der)` raises `PkiError` when `ca_der` is not a usable overlay CA
-    certificate (it is operator input, not network input)."""
+    Ed25519, self-signed, BasicConstraints CA=true, one CN (the overlay's name) and exactly
+    one permitted IP subtree (the overlay's network)."""
 
     name: str
     network: IPNetwork
@@ -190,9 +191,8 @@ class TrustAnchor:
         except InvalidSignature as exc:
             raise PkiError("CA certificate self-signature is invalid") from exc
 
-        self._cert = cert
-        self._public = public
-        self._subject = cert.subject
+        self.public = public
+        self.subject = cert.subject
         self.name = name
         self.network = networks[0]
         self.der = bytes(ca_der)
@@ -200,7 +200,76 @@ class TrustAnchor:
         self.not_after = _timestamp(cert.not_valid_after_utc)
 
     def __repr__(self) -> str:
-        return f"TrustAnchor(name={self.name!r}, network={self.network})"
+        return f"CaCertificate(name={self.name!r}, network={self.network})"
+
+    def signed(self, cert: x509.Certificate) -> bool:
+        """True when this CA issued and signed `cert` (an Ed25519-signed certificate)."""
+        if cert.issuer != self.subject:
+            return False
+        try:
+            self.public.verify(cert.signature, cert.tbs_certificate_bytes)
+        except InvalidSignature:
+            return False
+        return True
+
+
+class TrustAnchor:
+    """The overlay's CA, or CAs: verifies node certificates.
+
+    `TrustAnchor(ca_der, *more_ders)` raises `PkiError` when one of them is not a usable
+    overlay CA certificate (operator input, not network input). Several CA certificates are
+    a bundle, trusted at once while a CA is rotated: a node certificate issued by any of
+    them is accepted. They must all name the same overlay with the same network, since that
+    pair is the overlay's identity (the handshake binds the name, every address lies in the
+    network); a bundle that mixes overlays is refused. `name` and `network` are theirs;
+    `der`, `not_before` and `not_after` are those of the first CA (a bundle's others are in
+    `cas`)."""
+
+    name: str
+    network: IPNetwork
+    cas: tuple[CaCertificate, ...]
+
+    def __init__(self, ca_der: bytes, *more_ders: bytes) -> None:
+        cas: list[CaCertificate] = []
+        for der in (ca_der, *more_ders):
+            ca = CaCertificate(der)
+            if all(ca.der != known.der for known in cas):  # the same CA twice is once
+                cas.append(ca)
+        first = cas[0]
+        for ca in cas[1:]:
+            if (ca.name, ca.network) != (first.name, first.network):
+                raise PkiError(
+                    f"CA bundle mixes overlays: {first.name!r} ({first.network}) and "
+                    f"{ca.name!r} ({ca.network}); the CAs trusted at once must name the same "
+                    "overlay and network (a CA rotation keeps both)"
+                )
+        self.cas = tuple(cas)
+        self.name = first.name
+        self.network = first.network
+
+    @classmethod
+    def bundle(cls, anchors: Sequence[TrustAnchor]) -> TrustAnchor:
+        """One anchor trusting every CA of `anchors` (`PkiError` if they mix overlays)."""
+        ders = [ca.der for anchor in anchors for ca in anchor.cas]
+        if not ders:
+            raise PkiError("no CA certificate")
+        return cls(*ders)
+
+    @property
+    def der(self) -> bytes:
+        return self.cas[0].der
+
+    @property
+    def not_before(self) -> float:
+        return self.cas[0].not_before
+
+    @property
+    def not_after(self) -> float:
+        return self.cas[0].not_after
+
+    def __repr__(self) -> str:
+        more = f", cas={len(self.cas)}" if len(self.cas) > 1 else ""
+        return f"TrustAnchor(name={self.name!r}, network={self.network}{more})"
 
     def verify_untrusted(self, cert_der: bytes, now: float) -> Identity:
         """Verify a certificate received from the network.
@@ -231,8 +300,9 @@ class TrustAnchor:
         except Exception as exc:
             raise CertificateRefused(f"malformed certificate: {exc}") from exc
 
-        # Chain: issued by our CA, signature valid (Ed25519 over the TBS bytes).
-        if cert.issuer != self._subject:
+        # Chain: issued by one of our CAs, signature valid (Ed25519 over the TBS bytes).
+        issued = [ca for ca in self.cas if cert.issuer == ca.subject]
+        if not issued:
             raise CertificateRefused(
                 f"not issued by overlay CA {self.name!r} (issuer {cert.issuer.rfc4514_string()})"
             )
@@ -243,21 +313,24 @@ class TrustAnchor:
         # accepted certificate malleable (found by the single-bit-flip property test).
         if der[-67:-64] != _ED25519_SIGNATURE_PREFIX:
             raise CertificateRefused("malformed certificate: signature is not a plain BIT STRING")
-        try:
-            self._public.verify(cert.signature, cert.tbs_certificate_bytes)
-        except InvalidSignature as exc:
+        # The CAs of one overlay share their subject (CN = the overlay's name): the signature
+        # tells which one issued it (one Ed25519 check per CA of a bundle: a handful).
+        signers = [ca for ca in issued if ca.signed(cert)]
+        if not signers:
+            which = "any trusted CA of overlay" if len(self.cas) > 1 else "overlay CA"
             raise CertificateRefused(
-                f"bad signature: not signed by overlay CA {self.name!r}"
-            ) from exc
+                f"bad signature: not signed by {which} {self.name!r} (by another CA of that "
+                "name: one not trusted here, or rotated out?)"
+            )
 
-        # Time: the certificate and the CA itself must both be valid now.
+        # Time: the certificate and the CA that signed it must both be valid now.
         not_before = _timestamp(cert.not_valid_before_utc)
         not_after = _timestamp(cert.not_valid_after_utc)
         if now < not_before:
             raise CertificateRefused(f"certificate not yet valid (from {_iso(not_before)})")
         if now > not_after:
             raise CertificateRefused(f"certificate expired (at {_iso(not_after)})")
-        if not self.not_before <= now <= self.not_after:
+        if not any(ca.not_before <= now <= ca.not_after for ca in signers):
             raise CertificateRefused(f"overlay CA {self.name!r} is not valid now")
 
         # A node certificate, never a CA.

@@ -349,6 +349,21 @@ class Link:
         pending handshake and every session now, with a PeerRefused event."""
         self._refuse(reason)
 
+    def recheck_peer(self, now: float) -> bool:
+        """Verify the peer's certificate again, under `local.anchor` as it is now (a re-read
+        CA bundle, SIGHUP). A peer it no longer accepts is refused at once (PeerRefused: its
+        sessions are dropped), not when they expire. True when the peer is still accepted
+        (or none is known yet)."""
+        peer = self.peer
+        if peer is None:
+            return True
+        try:
+            self.local.anchor.verify_untrusted(peer.der, now + self.wall_offset)
+        except CertificateRefused as exc:
+            self._refuse(f"peer certificate refused: {exc}")
+            return False
+        return True
+
     def rekey(self, now: float) -> None:
         """Start a fresh handshake now even while established (the link's mode or our
         certificate changed). The current sessions carry traffic until it completes; a

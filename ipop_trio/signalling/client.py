@@ -205,6 +205,11 @@ class SignallingClient:
         self.refused: str | None = None  # the code of a refusal another try cannot fix
         self._outbox: trio.MemorySendChannel[str] | None = None
 
+    def set_identity(self, static_private: bytes, cert_der: bytes) -> None:
+        """A renewed certificate (SIGHUP): presented from the next admission on; the
+        current one stays (the server checked the certificate when it admitted us)."""
+        self._private, self._cert = static_private, cert_der
+
     def send(self, msg: sig.Message) -> bool:
         """Queue `msg` for the server. Never waits: False when not connected or full."""
         if self._outbox is None:

@@ -262,8 +262,9 @@ class ServerCore:
         self.revoked = frozenset(revoked)  # certificate fingerprints refused (pki.fingerprint)
         self.overlays: dict[str, Overlay] = {}
         for anchor in anchors:
-            if anchor.name in self.overlays:
-                raise ValueError(f"two CAs name the same overlay {anchor.name!r}")
+            known = self.overlays.get(anchor.name)
+            if known is not None:  # two CAs of one overlay, trusted at once: a CA rotation
+                anchor = TrustAnchor.bundle([known.anchor, anchor])  # PkiError: networks differ
             self.overlays[anchor.name] = Overlay(anchor.name, anchor)
         if not self.overlays:
             raise ValueError("the server needs at least one overlay CA")

@@ -230,6 +230,38 @@ async def test_a_certificate_from_another_ca_is_refused(lab_ca: pki.CaBundle) ->
         assert server.core.stats()["overlays"] == {"lab": 0}
 
 
+async def test_two_cas_of_one_overlay_admit_both_during_a_rotation(
+    lab_ca: pki.CaBundle, nodes: list[NodeId]
+) -> None:
+    """`signal --ca old --ca new`: nodes on either CA join ONE overlay and reach each other;
+    a third CA of the same name is still refused."""
+    new_ca = pki.new_ca_bundle("lab", "10.77.0.0/24", now=NOW)
+    renewed = NodeId(pki.issue_node_bundle(new_ca, "renewed", "10.77.0.70", now=NOW))
+    impostor = pki.new_ca_bundle("lab", "10.77.0.0/24", now=NOW)
+    mallory = NodeId(pki.issue_node_bundle(impostor, "mallory", "10.77.0.66", now=NOW))
+    async with (
+        running(lab_ca, new_ca) as (server, url),
+        open_connection(url) as wa,
+        open_connection(url) as wb,
+        open_connection(url) as wm,
+    ):
+        old = nodes[0]
+        await admit(wa, old)
+        welcome = await admit(wb, renewed)
+        assert welcome.overlay == "lab"
+        assert welcome.members == (sig.Member(old.key, "n0", "10.77.0.2"),)
+        assert await receive(wa) == sig.Join(sig.Member(renewed.key, "renewed", "10.77.0.70"))
+        req = con_req(renewed, old)
+        await wb.send_message(sig.encode(req))
+        assert await receive(wa) == req
+        assert server.core.stats()["overlays"] == {"lab": 2}
+
+        await wm.send_message(sig.encode(sig.Hello(mallory.bundle.cert_der)))
+        err = await receive(wm)
+        assert isinstance(err, sig.Error) and err.code == "certificate_refused", err
+        assert "not signed by any trusted CA of overlay 'lab'" in err.reason
+
+
 @pytest.mark.parametrize("wrong", ["random proof", "someone else's key"])
 async def test_a_wrong_challenge_answer_is_refused(
     lab_ca: pki.CaBundle, nodes: list[NodeId], wrong: str

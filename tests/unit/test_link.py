@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ipop_trio.errors import BadPacket, LocalProtocolError, RemoteProtocolError
 from ipop_trio.proto import handshake as hs
+from ipop_trio.proto.cert import TrustAnchor
 from ipop_trio.proto.handshake import (
     MAC_SIZE,
     consume_initiation_untrusted,
@@ -46,7 +48,7 @@ from ipop_trio.proto.session import (
 )
 from ipop_trio.proto.wire import DATA_HEADER
 
-from ._lab_identities import NOW, Node, alice, bob, carol
+from ._lab_identities import NOW, Node, alice, bob, ca, carol, node
 
 INIT, RESP = 0xA1, 0xA2
 
@@ -678,3 +680,41 @@ def test_timers_on_a_monotonic_clock_with_the_wall_offset_for_certificates() -> 
     (resp,) = b.link.datagrams_to_send()
     a.link.receive_response_untrusted(resp, mono)  # certificate checked at wall time
     assert a.link.current is not None and a.link.current.created == mono
+
+
+# --- CA rotation --------------------------------------------------------------------------
+
+
+def _on(authority: Any, name: str, address: str, anchor: Any, private: bytes) -> Node:
+    """A node issued by `authority` for the key `private`, trusting `anchor`."""
+    bundle = node(name, address, authority=authority, private_key=private).bundle
+    return Node(bundle, hs.LocalIdentity(private, bundle.cert_der, anchor))
+
+
+def test_a_ca_bundle_interoperates_and_dropping_the_old_ca_refuses_its_nodes() -> None:
+    old, new = ca(tag="old"), ca(tag="new")  # one overlay ("lab"), two CA keys
+    both = TrustAnchor.bundle([old.anchor, new.anchor])
+    a_key, b_key = (X25519PrivateKey.generate().private_bytes_raw() for _ in range(2))
+    a = _on(new, "alice", "10.77.0.2", both, a_key)  # already on the new CA
+    b = _on(old, "bob", "10.77.0.3", both, b_key)  # still on the old one
+    wire = _pair(a=a, b=b)
+    wire.a.link.connect(wire.now)
+    wire.flush()
+    wire.run(NOW + 1)
+    assert wire.a.link.state is LinkState.ESTABLISHED and wire.b.link.state is LinkState.ESTABLISHED
+    assert wire.a.link.recheck_peer(wire.now)  # still trusted: nothing changes
+    assert wire.a.link.current is not None and not wire.a.of(PeerRefused)
+
+    # alice drops the old CA (SIGHUP): bob's certificate is refused at once, not at expiry
+    new_only = hs.LocalIdentity(a_key, a.bundle.cert_der, new.anchor)
+    wire.a.link.reconfigure(local=new_only)
+    assert not wire.a.link.recheck_peer(wire.now)
+    wire.a.pump()
+    (refused,) = wire.a.of(PeerRefused)
+    assert "not signed by overlay CA 'lab'" in refused.reason
+    assert wire.a.link.current is None and wire.a.link.sessions == ()
+    # and bob's next handshake is refused too
+    with pytest.raises(BadPacket, match="not signed"):
+        wire.b.link.rekey(wire.now)
+        (init,) = wire.b.link.datagrams_to_send()
+        consume_initiation_untrusted(new_only, init, Cipher.AES_256_GCM, wire.now)
