@@ -133,3 +133,12 @@ def test_rules_must_be_arrays_of_tables(tmp_path: Path) -> None:
     assert "[[firewall.inbound]]" in found["firewall.inbound"]
     found = errors(tmp_path, "[firewall]\nconntrack_max = 0\n")
     assert "firewall.conntrack_max" in found
+
+
+def test_the_readme_example_parses(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Firewall") :]
+    start = section.index("```toml") + len("```toml")
+    fw = load(tmp_path, section[start : section.index("```", start)]).firewall
+    assert fw is not None and len(fw.inbound) == 4 and len(fw.outbound) == 1
+    assert fw.inbound[1].action is Action.DENY
