@@ -318,7 +318,7 @@ def inbound(data: bytes) -> None:
             assert rx.recv_highest != before or stage.pending, "a TAP write from nothing opened"
             assert w[VNET + 6 : VNET + 12] == _PEER_MAC, "a TAP write not from the peer's MAC"
     out = []
-    stage.flush_pending(out)
+    stage.flush_pending(out, 1.0)
 
 
 # --- signalling server core -----------------------------------------------------------------

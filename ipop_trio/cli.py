@@ -428,12 +428,14 @@ def _reload(node: Any, path: Path, log: logging.Logger) -> None:
         log.error("SIGHUP: keeping the running configuration: %s", problems)
         return
     rekeyed = node.reload(new)
+    fw = new.config.firewall
     log.info(
-        "SIGHUP: reloaded %s (policy %s, groups %s, %d revoked); %d link(s) re-keyed",
+        "SIGHUP: reloaded %s (policy %s, groups %s, %d revoked, firewall %s); %d link(s) re-keyed",
         path,
         new.policy.value,
         ", ".join(sorted(new.groups)) or "none",
         len(new.revoked),
+        "off" if fw is None else f"{len(fw.inbound)} in / {len(fw.outbound)} out rules",
         rekeyed,
     )
 

@@ -45,6 +45,14 @@ are resolved against the config file's directory.
     listen = "10.77.0.1:53"     # default: this node's overlay address, port 53
     domain = "lab.internal"     # default: the overlay's name (the CA's)
 
+    [firewall]                  # optional: no rules, everything passes (proto/firewall.py)
+    conntrack_max = 65536       # state-table entries
+    [[firewall.inbound]]        # and [[firewall.outbound]]: any rule denies what none allows
+    proto = "tcp"               # tcp, udp, icmp, any
+    port = "8000-8100"          # 22, "22", "8000-8100", "any" (tcp and udp only)
+    groups = ["web"]            # and/or host = "beta" ("any"), cidr = "10.77.0.0/24"
+    action = "allow"            # or "deny"; the first rule that matches decides
+
 Servers are literal IP addresses: resolving names would make startup depend on DNS.
 """
 
@@ -64,6 +72,15 @@ from typing import Any, TypeVar
 from .errors import ConfigError, ConfigErrors, LocalProtocolError
 from .logs import LOG_FORMATS
 from .proto.cert import decode_key
+from .proto.firewall import (
+    CONNTRACK_MAX,
+    MAX_CONNTRACK_MAX,
+    MAX_RULES,
+    PROTOCOLS,
+    Action,
+    FirewallRules,
+    Rule,
+)
 from .proto.names import check_domain
 from .proto.policy import SecurityPolicy
 from .proto.session import Cipher
@@ -82,7 +99,7 @@ T = TypeVar("T")
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,63}$")
 _IFNAME = re.compile(r"^[A-Za-z0-9._-]{1,15}$")
 _KNOWN = {
-    "": {"node", "tap", "peer", "signalling", "ice", "metrics", "dns"},
+    "": {"node", "tap", "peer", "signalling", "ice", "metrics", "dns", "firewall"},
     "node": {
         "name",
         "cert",
@@ -104,6 +121,8 @@ _KNOWN = {
     "ice.turn": {"url", "username", "password"},
     "metrics": {"listen"},
     "dns": {"listen", "domain"},
+    "firewall": {"inbound", "outbound", "conntrack_max"},
+    "firewall.rule": {"proto", "port", "host", "groups", "cidr", "action"},
 }
 DEFAULT_MAX_LINKS = 32
 MAX_ADVERTISE = 8
@@ -200,6 +219,7 @@ class NodeConfig:
     metrics: MetricsConfig | None = None  # None: no metrics endpoint (opt-in)
     dns: DnsConfig | None = None  # with a [dns] section
     revoked: Path | None = None  # [node] revoked: the revocation list (read by node.prepare)
+    firewall: FirewallRules | None = None  # None: no rules, everything passes
 
     def control_path(self, netns: Path | None = None) -> Path:
         """The control socket: as configured, else the default for the TAP in `netns`
@@ -331,6 +351,7 @@ def parse(data: dict[str, Any], path: Path) -> NodeConfig:
     ice = c(lambda: _ice(_table(data, "ice", required=False)), IceConfig())
     metrics = c(lambda: _metrics(data), None)
     dns = c(lambda: _dns(data), None)
+    firewall = c(lambda: _firewall(data), None)
     c.raise_any()
 
     return NodeConfig(
@@ -353,6 +374,7 @@ def parse(data: dict[str, Any], path: Path) -> NodeConfig:
         metrics=metrics,
         dns=dns,
         revoked=revoked,
+        firewall=firewall,
     )
 
 
@@ -370,7 +392,7 @@ def _control(base: Path, node: dict[str, Any]) -> Path | None:
     return (base / control_raw) if not Path(control_raw).is_absolute() else Path(control_raw)
 
 
-E = TypeVar("E", Cipher, SecurityPolicy)
+E = TypeVar("E", Cipher, SecurityPolicy, Action)
 
 
 def _choice(field: str, node: dict[str, Any], kind: type[E], default: E) -> E:
@@ -537,6 +559,126 @@ def _dns(data: dict[str, Any]) -> DnsConfig | None:
         domain = c(lambda: _domain("dns.domain", table["domain"]), None)
     c.raise_any()
     return DnsConfig(listen=listen, domain=domain)
+
+
+def _firewall(data: dict[str, Any]) -> FirewallRules | None:
+    """[firewall]: absent, or with no rule in either direction, everything passes."""
+    if "firewall" not in data:
+        return None
+    table = _table(data, "firewall", required=False)
+    c = _Collect()
+    c(lambda: _unknown("firewall", table), None)
+    conntrack_max = c(
+        lambda: _int(
+            "firewall.conntrack_max",
+            table.get("conntrack_max", CONNTRACK_MAX),
+            1,
+            MAX_CONNTRACK_MAX,
+        ),
+        CONNTRACK_MAX,
+    )
+    no_rules: tuple[Rule, ...] = ()
+    inbound = c(lambda: _rules("firewall.inbound", table.get("inbound", [])), no_rules)
+    outbound = c(lambda: _rules("firewall.outbound", table.get("outbound", [])), no_rules)
+    c.raise_any()
+    rules = FirewallRules(inbound=inbound, outbound=outbound, conntrack_max=conntrack_max)
+    return None if rules.empty else rules
+
+
+def _rules(where: str, raw: object) -> tuple[Rule, ...]:
+    if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
+        raise ConfigError(where, f"must be an array of tables: write [[{where}]] sections")
+    if len(raw) > MAX_RULES:
+        raise ConfigError(where, f"{len(raw)} rules: at most {MAX_RULES} per direction")
+    c = _Collect()
+    found = [c(functools.partial(_rule, f"{where}[{i}]", r), None) for i, r in enumerate(raw)]
+    c.raise_any()
+    return tuple(r for r in found if r is not None)
+
+
+def _rule(where: str, table: dict[str, Any]) -> Rule:
+    c = _Collect()
+    c(lambda: _unknown("firewall.rule", table, where), None)
+    proto: int | None = c(lambda: _rule_proto(f"{where}.proto", table.get("proto")), None)
+    ports = None
+    if "port" in table:
+        ports = c(lambda: _port_range(f"{where}.port", table["port"]), None)
+        if ports is not None and proto not in (PROTOCOLS["tcp"], PROTOCOLS["udp"]):
+            c.errors.append(ConfigError(f"{where}.port", 'needs proto "tcp" or "udp"'))
+    host = None
+    if "host" in table:
+        host = c(lambda: _rule_host(f"{where}.host", table["host"]), None)
+    groups: frozenset[str] = frozenset()
+    if "groups" in table:
+        groups = c(lambda: _rule_groups(f"{where}.groups", table["groups"]), frozenset())
+    cidr = None
+    if "cidr" in table:
+        cidr = c(lambda: _cidr(f"{where}.cidr", table["cidr"]), None)
+    action = c(lambda: _choice(f"{where}.action", table, Action, Action.ALLOW), Action.ALLOW)
+    if not {"host", "groups", "cidr"} & set(table):
+        c.errors.append(
+            ConfigError(
+                where, 'names no peer: give host, groups or cidr (host = "any": every peer)'
+            )
+        )
+    c.raise_any()
+    return Rule(proto=proto, ports=ports, host=host, groups=groups, cidr=cidr, action=action)
+
+
+def _rule_proto(where: str, value: object) -> int | None:
+    choices = ", ".join(sorted(PROTOCOLS))
+    if value is None:
+        raise ConfigError(where, f"missing (one of: {choices})")
+    if not isinstance(value, str) or value.lower() not in PROTOCOLS:
+        raise ConfigError(where, f"{value!r} is not one of: {choices}")
+    return PROTOCOLS[value.lower()]
+
+
+def _port_range(where: str, value: object) -> tuple[int, int] | None:
+    """22, "22", "8000-8100" or "any" (None)."""
+    example = 'a port (22), a range ("8000-8100") or "any"'
+    if isinstance(value, str) and value.strip().lower() == "any":
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        lo = hi = value
+    elif isinstance(value, str) and (m := re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", value)):
+        lo = int(m.group(1))
+        hi = int(m.group(2) or m.group(1))
+    else:
+        raise ConfigError(where, f"{value!r} is not {example}")
+    if not 1 <= lo <= 65535 or not 1 <= hi <= 65535:
+        raise ConfigError(where, f"{value!r}: ports are 1..65535")
+    if lo > hi:
+        raise ConfigError(where, f"{value!r}: the range runs backwards (write {hi}-{lo})")
+    return (lo, hi)
+
+
+def _rule_host(where: str, value: object) -> str | None:
+    if value == "any":
+        return None
+    return _name(where, value)
+
+
+def _rule_groups(where: str, value: object) -> frozenset[str]:
+    if not isinstance(value, list) or not value or not all(isinstance(g, str) for g in value):
+        raise ConfigError(where, 'must be a non-empty list of group names, e.g. ["web"]')
+    return frozenset(_name(f"{where}[{i}]", g) for i, g in enumerate(value))
+
+
+def _cidr(where: str, value: object) -> ipaddress.IPv4Network:
+    if not isinstance(value, str):
+        raise ConfigError(where, 'must be a string like "10.77.0.0/24"')
+    try:
+        net = ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError:
+        raise ConfigError(
+            where, f"{value!r} is not an address or network like 10.77.0.0/24"
+        ) from None
+    if not isinstance(net, ipaddress.IPv4Network):
+        raise ConfigError(where, f"{value}: overlay addresses are IPv4")
+    if str(net) != value.strip() and "/" in value:
+        raise ConfigError(where, f"{value!r} has host bits set (the network is {net})")
+    return net
 
 
 def _domain(field: str, value: object) -> str:

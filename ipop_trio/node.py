@@ -226,6 +226,7 @@ class Node:
         self.stats = Stats()
         self.started_wall = time.time()
         self.switch = Switch(setup.identity.mac, self.stats)
+        self.switch.configure_firewall(setup.config.firewall)
         # The per-datagram loops: the native core's when it was built (and not disabled by
         # IPOP_TRIO_PURE_PYTHON=1), else the Python reference (datapath/native.py).
         self.datapath = "native" if native.AVAILABLE else "python"
@@ -277,12 +278,14 @@ class Node:
 
     def reload(self, setup: Setup) -> int:
         """Apply a re-read configuration (SIGHUP): a new certificate, security policy or
-        groups re-key the links whose mode changes; the others keep running. Changes to the
-        TAP, the listen address or the peer list take effect at the next start. A new
-        revocation list closes the links of the peers it names."""
+        groups re-key the links whose mode changes; the others keep running; new firewall
+        rules apply from the next frame (no link is touched). Changes to the TAP, the
+        listen address or the peer list take effect at the next start. A new revocation
+        list closes the links of the peers it names."""
         self.setup = setup
         if self.signalling is not None:
             self.signalling.set_identity(setup.private_key, setup.identity.der)
+        self.switch.configure_firewall(setup.config.firewall)
         if self.controller is not None:
             self.controller.reconfigure(
                 setup.identity.der, setup.groups, setup.policy.value, anchor=setup.anchor
@@ -330,6 +333,9 @@ class Node:
             else {**self.signalling.status(), **self.controller.status()},
             "ice": self.ice.status() if self.controller is not None else None,
             "dns": self.dns,
+            "firewall": None
+            if (fw := self.switch.firewall) is None
+            else fw.status(time.monotonic()),
             "stats": self.stats.snapshot(),
         }
 

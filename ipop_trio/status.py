@@ -142,7 +142,39 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
     if refused:  # a revoked certificate, an address another key holds, a name mismatch, ...
         lines.append("refused peers:")
         lines += refused
+    lines += _firewall(status.get("firewall"))
     drops = status.get("stats", {}).get("drops", {})
     if drops:
         lines.append("drops: " + ", ".join(f"{k}={v}" for k, v in sorted(drops.items())))
     return "\n".join(lines)
+
+
+def _firewall(fw: dict[str, Any] | None) -> list[str]:
+    """The firewall's rules with the packets each decided, and what each default refused."""
+    if not fw:
+        return []
+    ct = fw.get("conntrack", {})
+    lines = [
+        f"firewall: conntrack {ct.get('entries')}/{ct.get('max')} flows"
+        f" (created {ct.get('created')}, evicted {ct.get('evicted')}, expired {ct.get('expired')})"
+    ]
+    for direction in ("inbound", "outbound"):
+        d = fw.get(direction) or {}
+        rules = d.get("rules", [])
+        refused = d.get("refused", {})
+        if not rules:
+            lines.append(f"  {direction}: no rules, everything passes (flows tracked)")
+            continue
+        other = "".join(
+            f", {refused[k]} {k.replace('_', '-')}"
+            for k in ("non_ipv4", "malformed")
+            if refused.get(k)
+        )
+        lines.append(
+            f"  {direction}: {len(rules)} rules, default deny: {refused.get('default', 0)} refused"
+            + other
+        )
+        for i, r in enumerate(rules):
+            what = "refused" if r.get("action") == "deny" else "flows opened"
+            lines.append(f"    {direction}[{i}] {r.get('rule')}: {r.get('hits', 0)} {what}")
+    return lines

@@ -473,9 +473,12 @@ class LinkManager:
 
     def _runtime(self, setup: PeerSetup, learned: Learned, *, initiate: bool) -> PeerRuntime:
         ip4 = None
-        if setup.identity is not None and setup.identity.address.version == 4:
-            ip4 = setup.identity.address.packed
-        port = PeerPort(setup.config.name, mac_for_key(setup.public_key), ip4)
+        groups: frozenset[str] = frozenset()
+        if setup.identity is not None:
+            groups = setup.identity.groups
+            if setup.identity.address.version == 4:
+                ip4 = setup.identity.address.packed
+        port = PeerPort(setup.config.name, mac_for_key(setup.public_key), ip4, groups)
         self.switch.add(port)
         rt = PeerRuntime(
             setup,
@@ -711,12 +714,16 @@ class LinkManager:
                 )
                 rt.failures = 0
                 rt.refused = None
+                # The groups the firewall's rules see: those of the certificate this key
+                # just proved (a renewed certificate may carry others than the config's).
+                self.switch.set_groups(port, ev.peer.groups)
                 # A restarted peer numbers its super-frames from 0 again: forget the ids
                 # we saw, or every piece would look late and be rebuilt one by one.
                 flushed: list[bytes] = []
                 self.sessions.reset_reassembly(port, flushed)
                 # what the peer sent is the switch's to check, as every inbound write is
-                flushed = [w for w in flushed if self.switch.accept_inbound(port, w)]
+                now = self.clock()
+                flushed = [w for w in flushed if self.switch.accept_inbound(port, w, now)]
                 if flushed:
                     self.writer.submit(flushed)
                 if ev.peer.address.version == 4 and port.ip4 != ev.peer.address.packed:

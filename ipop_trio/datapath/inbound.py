@@ -161,7 +161,7 @@ class Inbound:
             if data:
                 port.last_data = now
             if writes:
-                nbytes += self._accept(port, writes, out)
+                nbytes += self._accept(port, writes, out, now)
             if reassembler.pending:
                 self.pending.add(port)
             reassemble_ns += now_ns() - t1
@@ -189,12 +189,12 @@ class Inbound:
             self.stats.drop(f"unhandled_{kind.value}" if kind is not None else "empty_datagram")
         return None
 
-    def _accept(self, port: PeerPort, writes: list[bytes], out: list[bytes]) -> int:
+    def _accept(self, port: PeerPort, writes: list[bytes], out: list[bytes], now: float) -> int:
         """Move the TAP writes the switch accepts from `writes` to `out`; return their bytes."""
         accept = self.switch.accept_inbound
         nbytes = 0
         for w in writes:
-            if accept(port, w):
+            if accept(port, w, now):
                 port.rx_packets += 1
                 port.rx_bytes += len(w) - VNET
                 nbytes += len(w)
@@ -204,7 +204,7 @@ class Inbound:
         writes.clear()
         return nbytes
 
-    def flush_pending(self, out: list[bytes]) -> None:
+    def flush_pending(self, out: list[bytes], now: float) -> None:
         """Write out super-frames still missing pieces, as the individual segments that did
         arrive (called when the socket has been quiet for PENDING_FLUSH). A peer removed
         meanwhile (no longer in the switch) writes nothing more."""
@@ -213,7 +213,7 @@ class Inbound:
             if not self.switch.has(port):
                 continue
             port.reassembler.flush(writes)
-            self._accept(port, writes, out)
+            self._accept(port, writes, out, now)
         self.pending.clear()
 
 
@@ -316,7 +316,7 @@ class NativeInbound(Inbound):
                 port.last_data = now
         nbytes = 0
         if got.writes:
-            nbytes = self._take(got.writes, ports, out)
+            nbytes = self._take(got.writes, ports, out, now)
         self._pending = got.pending
         relayed: list[tuple[object, Addr, bytes]] | None = None
         for off, n in got.others:
@@ -332,7 +332,11 @@ class NativeInbound(Inbound):
                 self.process([payload for _, _, payload in run], peer, now, out, via=relay)
 
     def _take(
-        self, writes: list[tuple[int, int, int]], ports: list[PeerPort | None], out: list[bytes]
+        self,
+        writes: list[tuple[int, int, int]],
+        ports: list[PeerPort | None],
+        out: list[bytes],
+        now: float,
     ) -> int:
         """The TAP writes the switch accepts, copied out of the reused buffer into `out`."""
         view = memoryview(self._buf)
@@ -340,11 +344,11 @@ class NativeInbound(Inbound):
         for off, n, slot in writes:
             port = ports[slot]
             if port is not None:  # the switch's checks and accounting, as Inbound's
-                nbytes += self._accept(port, [bytes(view[off : off + n])], out)
+                nbytes += self._accept(port, [bytes(view[off : off + n])], out, now)
         view.release()
         return nbytes
 
-    def flush_pending(self, out: list[bytes]) -> None:
+    def flush_pending(self, out: list[bytes], now: float) -> None:
         """As Inbound.flush_pending: a peer removed meanwhile writes nothing more."""
         spans = self.table.flush_pending(self._buf)
         self._pending = False
@@ -353,4 +357,4 @@ class NativeInbound(Inbound):
         for _off, _n, peer in spans:
             port = ports_by_id.get(peer)
             ports.append(port if port is not None and has(port) else None)
-        self._take([(off, n, i) for i, (off, n, _peer) in enumerate(spans)], ports, out)
+        self._take([(off, n, i) for i, (off, n, _peer) in enumerate(spans)], ports, out, now)

@@ -2,6 +2,8 @@
 
 Per batch (never per packet: no await, no logging, no allocation beyond the frame bytes):
   1. switch: split the TAP batch by destination peer; ARP for known peers answered locally;
+     with a firewall, each peer's frames are checked against its compiled rules (one check
+     per TAP read: a TSO super-frame is one flow's, checked once), refused ones counted;
   2. encode + seal: each TAP read becomes inner payloads (proto/offload.py: a frame, a frame
      whose checksum the peer's kernel finishes, or the segment-sized pieces of a TSO
      super-frame), each sealed into its own datagram: header + ciphertext, kept as a
@@ -42,11 +44,30 @@ class Outbound:
     def process(self, frames: list[bytes], now: float) -> list[bytes]:
         """Route and send one TAP batch; return frames to write back to our own TAP."""
         t0 = now_ns()
-        per_peer, local = self.switch.route_outbound(frames)
+        switch = self.switch
+        per_peer, local = switch.route_outbound(frames)
+        if switch.firewall is not None:  # once per batch; None: no rules, no per-frame call
+            per_peer = self._filter(per_peer, now)
         self.stats["switch"].record(len(frames), 0, t0)
         for port, batch in per_peer.items():
             self.send(port, batch, now)
         return local
+
+    def _filter(
+        self, per_peer: dict[PeerPort, list[bytes]], now: float
+    ) -> dict[PeerPort, list[bytes]]:
+        """Each peer's frames its firewall rules let out (proto/firewall.py)."""
+        out: dict[PeerPort, list[bytes]] = {}
+        refused = 0
+        for port, batch in per_peer.items():
+            flt = port.filter
+            kept = batch if flt is None else flt.outbound_batch(batch, now)
+            refused += len(batch) - len(kept)
+            if kept:
+                out[port] = kept
+        if refused:
+            self.stats.drop("firewall_outbound", refused)
+        return out
 
     def send(self, port: PeerPort, frames: list[bytes], now: float) -> None:
         session = port.session

@@ -67,7 +67,7 @@ async def udp_receiver(udp: UdpSocket, inbound: Inbound, writer: TapWriter, stat
                 await udp.wait_readable()
             if quiet.cancelled_caught:
                 out: list[bytes] = []
-                inbound.flush_pending(out)
+                inbound.flush_pending(out, time.monotonic())
                 if out:
                     writer.submit(out)
                 continue

@@ -11,6 +11,10 @@ MAC is derived from its certificate key, so the switch knows every peer's MAC wi
 Inbound, a frame is accepted only if its source MAC is the sending peer's own and it is
 addressed to us (our MAC, broadcast or multicast).
 
+With a firewall (`[firewall]` rules, proto/firewall.py) each port holds its peer's compiled
+filter: `accept_inbound` asks it last, and datapath/outbound.py asks it once per routed frame
+(a TSO super-frame is one frame). Without one the ports hold None and no call is made.
+
 Frames here are TAP reads and writes: a 10-byte virtio_net_hdr (`VNET`) then the Ethernet
 frame. The TAP always has IFF_VNET_HDR; whether the kernel hands us offloaded super-frames
 is a separate switch (TUNSETOFFLOAD), so there is one code path.
@@ -23,6 +27,7 @@ import struct
 from collections import deque
 from collections.abc import Callable
 
+from ..proto.firewall import Firewall, FirewallRules, PeerFilter
 from ..proto.offload import Reassembler
 from ..proto.probe import ETH_P_PROBE
 from ..stats import Stats
@@ -49,7 +54,9 @@ class PeerPort:
         "_paths",
         "_relay",
         "drops",
+        "filter",
         "frame_id",
+        "groups",
         "id",
         "ip4",
         "last_data",
@@ -69,11 +76,16 @@ class PeerPort:
         "wake",
     )
 
-    def __init__(self, name: str, mac: bytes, ip4: bytes | None) -> None:
+    def __init__(
+        self, name: str, mac: bytes, ip4: bytes | None, groups: frozenset[str] = frozenset()
+    ) -> None:
         self.id = next(_PORT_IDS)  # the native session table's name for this peer
         self.name = name
         self.mac = mac
         self.ip4 = ip4  # 4 bytes once the peer's certificate is known
+        self.groups = groups  # certified, as far as known (the firewall's rules use them)
+        # The firewall's rules as they apply to this peer; None: no firewall (no call made).
+        self.filter: PeerFilter | None = None
         # Told when the peer's paths change (the native data path keeps its own copy).
         self.on_path_change: Callable[[PeerPort], None] | None = None
         # The path to the peer is (endpoint, relay): relay None sends from our socket to
@@ -146,6 +158,7 @@ class Switch:
         self.stats = stats
         self.by_mac: dict[bytes, PeerPort] = {}
         self.by_ip4: dict[bytes, PeerPort] = {}
+        self.firewall: Firewall | None = None  # None: no rules, no per-frame work at all
         # A probe frame from an authenticated peer (proto/probe.py): the prober's.
         self.on_probe: Callable[[PeerPort, bytes], None] = self._unhandled_probe
 
@@ -156,6 +169,33 @@ class Switch:
         self.by_mac[port.mac] = port
         if port.ip4 is not None:
             self.by_ip4[port.ip4] = port
+        self._compile(port)
+
+    def configure_firewall(self, rules: FirewallRules | None) -> None:
+        """The firewall's rules (at start and on SIGHUP): every port's filter is compiled
+        again; the state table survives a reload (its entries are checked against the new
+        rules when next used). No rules: no firewall, and no per-frame work."""
+        if rules is None or rules.empty:
+            self.firewall = None
+        elif self.firewall is None:
+            self.firewall = Firewall(rules)
+        else:
+            self.firewall.load(rules)
+        for port in self.by_mac.values():
+            self._compile(port)
+
+    def set_groups(self, port: PeerPort, groups: frozenset[str]) -> None:
+        """The peer's certified groups, from the certificate its handshake just proved."""
+        if groups == port.groups:
+            return
+        port.groups = groups
+        if self.firewall is not None:
+            self.firewall.changed()
+            self._compile(port)
+
+    def _compile(self, port: PeerPort) -> None:
+        fw = self.firewall
+        port.filter = None if fw is None else fw.peer(port.id, port.name, port.groups)
 
     def remove(self, port: PeerPort) -> None:
         """Forget a peer (its link was torn down): frames to it become unknown unicast."""
@@ -222,8 +262,9 @@ class Switch:
         arp = _ARP.pack(ARP_REPLY_HDR, port.mac, tpa, sha, spa)
         return ZERO_VNET + sha + port.mac + ETH_P_ARP + arp
 
-    def accept_inbound(self, port: PeerPort, frame: bytes) -> bool:
-        """May a TAP write built from `port`'s datagrams go to our TAP?"""
+    def accept_inbound(self, port: PeerPort, frame: bytes, now: float) -> bool:
+        """May a TAP write built from `port`'s datagrams go to our TAP? (`now`: the
+        firewall's clock, monotonic seconds.)"""
         if len(frame) < VNET + 14 or frame[VNET + 6 : VNET + 12] != port.mac:
             self.stats.drop("spoofed_source")
             return False
@@ -252,5 +293,9 @@ class Switch:
             # IPv6 and other protocols carry source addresses this switch does not check
             # (overlay addresses are IPv4): refuse rather than let a peer spoof them.
             self.stats.drop("unchecked_ethertype")
+            return False
+        flt = port.filter
+        if flt is not None and not flt.inbound(frame, now):
+            self.stats.drop("firewall_inbound")
             return False
         return True

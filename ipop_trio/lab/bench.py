@@ -18,10 +18,13 @@ less the direct ping's, the cost of one trip through a user-space process on thi
 the floor under the overlay's RTT overhead (an overlay ping makes four such trips).
 
 A scenario is a row: secure or plain links, impairment and multi-stream runs are `Scenario`
-values, not new code paths. A scenario the node cannot run yet (plain: selective security) is
-reported as skipped with the reason, never measured as something else. The primitives
-(iperf3, ping, /proc accounting) are `ipop_trio.lab.measure`'s, shared with the demo, profiling
-and the lab tests. This module never runs anything outside the lab's namespaces.
+values, not new code paths. The `firewall` rows are secure links whose nodes have ten
+firewall rules each (alpha outbound, beta inbound; proto/firewall.py), the iperf3 flow
+allowed by the last of them: the firewall's cost is their difference from the secure rows.
+A scenario the node cannot run yet (plain: selective security) is reported as skipped with
+the reason, never measured as something else. The primitives (iperf3, ping, /proc
+accounting) are `ipop_trio.lab.measure`'s, shared with the demo, profiling and the lab
+tests. This module never runs anything outside the lab's namespaces.
 """
 
 from __future__ import annotations
@@ -100,14 +103,44 @@ PAIR_NETWORKS = {
     ("plain", "native"): PLAIN_NETWORK,
     ("secure", "python"): "10.79.0.0/24",
     ("plain", "python"): "10.80.0.0/24",
+    ("firewall", "native"): "10.81.0.0/24",
+    ("firewall", "python"): "10.82.0.0/24",
 }
+# The firewall rows' rules: ten that all apply to the peer (so none is compiled away), the
+# first nine not matching iperf3's TCP flow to port 5201 (the ninth allows the RTT pings),
+# the tenth allowing it. Written for alpha's outbound and beta's inbound direction.
+FIREWALL_GROUP = "bench"
+_FIREWALL_RULES = (
+    ("tcp", "22", "groups", FIREWALL_GROUP, "allow"),
+    ("udp", "53", "host", "any", "allow"),
+    ("tcp", "8081", "host", "any", "deny"),
+    ("tcp", '"8000-8100"', "groups", FIREWALL_GROUP, "allow"),
+    ("tcp", "443", "cidr", "10.99.0.0/16", "allow"),
+    ("udp", '"5000-5100"', "host", "any", "allow"),
+    ("tcp", "5432", "groups", FIREWALL_GROUP, "allow"),
+    ("udp", "161", "host", "any", "deny"),
+    ("icmp", None, "host", "any", "allow"),
+    ("tcp", "5201", "groups", FIREWALL_GROUP, "allow"),
+)
+
+
+def firewall_rules(direction: str) -> str:
+    """The firewall rows' ten rules as `[[firewall.DIRECTION]]` TOML."""
+    out = []
+    for proto, port, key, value, action in _FIREWALL_RULES:
+        out += [f"[[firewall.{direction}]]", f'proto = "{proto}"']
+        if port is not None:
+            out.append(f"port = {port}")
+        out.append(f'{key} = ["{value}"]' if key == "groups" else f'{key} = "{value}"')
+        out += [f'action = "{action}"', ""]
+    return "\n".join(out)
 
 
 @dataclass(frozen=True, slots=True)
 class Scenario:
     """One row of the bench."""
 
-    name: str  # "direct" | "secure" | "plain"
+    name: str  # "direct" | "secure" | "plain" | "firewall" (secure, with ten rules)
     overlay: bool  # measure over the overlay (TAP) addresses, else the underlay
     streams: int = 1  # iperf3 -P
     impair: Impairment | None = None  # a lossy/delayed underlay (the wire), else plain veth
@@ -144,6 +177,7 @@ SCENARIOS = (
     *_both("secure", streams=4),
     *_both("plain"),
     *_both("plain", streams=4),
+    *_both("firewall"),
     Scenario("direct", overlay=False, impair=KERNEL_LOSS),
     *_both("secure", impair=KERNEL_LOSS),
     Scenario("direct", overlay=False, impair=LOSSY),
@@ -224,7 +258,8 @@ def _build(lab: Lab, impair: Impairment | None, say: Print, pairs: set[tuple[str
     built: dict[tuple[str, str], tuple[OverlayNode, OverlayNode]] = {}
     for mode, datapath in sorted(pairs, key=list(PAIR_NETWORKS).index):
         network = PAIR_NETWORKS[(mode, datapath)]
-        tag = ("" if mode == "secure" else "-p") + ("" if datapath == "native" else "-py")
+        tag = {"secure": "", "plain": "-p", "firewall": "-fw"}[mode]
+        tag += "" if datapath == "native" else "-py"
         kw: dict[str, Any] = {"datapath": datapath}
         if network is not None:
             kw["ca"] = overlay.new_ca(f"bench{tag}", network)
@@ -236,6 +271,9 @@ def _build(lab: Lab, impair: Impairment | None, say: Print, pairs: set[tuple[str
                 extra["address"] = str(next(hosts))
             if mode == "plain":
                 extra.update(groups=PLAIN_GROUPS[i], security="groups")
+            elif mode == "firewall":
+                direction = "outbound" if name == "alpha" else "inbound"
+                extra.update(groups=(FIREWALL_GROUP,), extra_config=firewall_rules(direction))
             other = ("beta" if name == "alpha" else "alpha") + tag
             ends.append(overlay.add_node(name + tag, host, peers=(other,), **extra))
         built[(mode, datapath)] = (ends[0], ends[1])
@@ -350,7 +388,7 @@ class _Row:
                 node: {k: n for k, n in reasons.items() if n}
                 for node, reasons in self.drops.items()
             }
-            if entry.get("mode") not in (None, sc.name):
+            if entry.get("mode") not in (None, _link_mode(sc)):
                 say(f"note: {sc.name} row ran over a link in mode {entry.get('mode')!r}")
         if path.wire is not None:
             row["wire"] = self.wire
@@ -361,6 +399,11 @@ class _Row:
             if path.wire.proc is not None:
                 row["wire_cpu_util"] = round(self.wire_cpu / self.elapsed, 2)
         return row
+
+
+def _link_mode(sc: Scenario) -> str:
+    """The link mode a scenario's row must run over."""
+    return "secure" if sc.name == "firewall" else sc.name
 
 
 def measure(
@@ -480,6 +523,7 @@ def ratios(rows: Sequence[dict[str, Any]], datapath: str = "native") -> dict[str
     Python relay) is reported beside it."""
     direct, secure = _find(rows, "direct", "veth"), _find(rows, "secure", "veth", datapath)
     plain = _find(rows, "plain", "veth", datapath)
+    walled = _find(rows, "firewall", "veth", datapath)
     overhead = None
     if direct and secure and direct["rtt_p50_ms"] is not None and secure["rtt_p50_ms"] is not None:
         overhead = round(secure["rtt_p50_ms"] - direct["rtt_p50_ms"], 3)
@@ -491,6 +535,8 @@ def ratios(rows: Sequence[dict[str, Any]], datapath: str = "native") -> dict[str
     return {
         "secure_over_direct": _ratio(secure, direct),
         "secure_over_plain": _ratio(secure, plain),
+        "firewall_over_secure": _ratio(walled, secure),
+        "cpu_s_per_gb_firewall": None if walled is None else walled.get("cpu_s_per_gb"),
         "secure_over_direct_lossy": lossy if lossy is not None else wired,
         "secure_over_direct_labwire": wired,
         "rtt_p50_overhead_ms": overhead,
@@ -520,10 +566,12 @@ _TEXT = {"scenario", "datapath", "netem"}  # left-aligned columns
 _RATIO_LINES = (
     ("secure_over_direct", "secure / direct, 1 stream", "{:.3f}×"),
     ("secure_over_plain", "secure / plain, 1 stream", "{:.3f}×"),
+    ("firewall_over_secure", "firewall (10 rules) / secure, 1 stream", "{:.3f}×"),
     ("secure_over_direct_lossy", "secure / direct under loss, 1 stream", "{:.3f}×"),
     ("secure_over_direct_labwire", "  the same through labwire (+5 ms)", "{:.3f}×"),
     ("rtt_p50_overhead_ms", "RTT p50 overhead, secure - direct", "{:+.3f} ms"),
     ("cpu_s_per_gb_secure", "secure tunnel CPU, 1 stream", "{:.2f} CPU-s/GB"),
+    ("cpu_s_per_gb_firewall", "  the same with the firewall's 10 rules", "{:.2f} CPU-s/GB"),
     ("cpu_s_per_gb_max", "  tunnel CPU, worst row (loss rows too)", "{:.2f} CPU-s/GB"),
     ("rss_mb_max", "node peak RSS, worst row", "{:.1f} MB"),
 )

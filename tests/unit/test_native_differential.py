@@ -451,7 +451,7 @@ PATH = 1  # the path token of ADDR without a relay
 class OpenSwitch(Switch):
     """Accepts every TAP write, so the writes themselves are compared."""
 
-    def accept_inbound(self, port: PeerPort, frame: bytes) -> bool:
+    def accept_inbound(self, port: PeerPort, frame: bytes, now: float) -> bool:
         return True
 
 
@@ -525,16 +525,16 @@ class Side:
             self.port.last_received = 1.0 if opened else self.port.last_received
         out: list[bytes] = []
         writes = [bytes(self.out[off : off + n]) for off, n, _slot in got.writes]
-        self.inbound._accept(self.port, writes, out)
+        self.inbound._accept(self.port, writes, out, 1.0)
         return out
 
     def flush(self, use_native: bool) -> list[bytes]:
         out: list[bytes] = []
         if use_native:
             writes = [bytes(self.out[o : o + n]) for o, n, _ in self.table.flush_pending(self.out)]
-            self.inbound._accept(self.port, writes, out)
+            self.inbound._accept(self.port, writes, out, 1.0)
         else:
-            self.inbound.flush_pending(out)
+            self.inbound.flush_pending(out, 1.0)
         return out
 
     def reset(self, use_native: bool) -> list[bytes]:
@@ -544,7 +544,7 @@ class Side:
         else:
             writes = []
             self.port.reassembler.reset(writes)
-        self.inbound._accept(self.port, writes, out)
+        self.inbound._accept(self.port, writes, out, 1.0)
         return out
 
     def counters(self, use_native: bool) -> dict:

@@ -71,11 +71,11 @@ def test_unknown_unicast_and_runts_are_counted_drops() -> None:
 
 def test_inbound_checks_source_mac_destination_and_source_ip() -> None:
     sw, b, _c, stats = make()
-    assert sw.accept_inbound(b, ipv4_frame(OWN, B_MAC, B_IP, OWN_IP))
-    assert sw.accept_inbound(b, ipv4_frame(b"\xff" * 6, B_MAC, B_IP, OWN_IP))
-    assert not sw.accept_inbound(b, ipv4_frame(OWN, C_MAC, B_IP, OWN_IP))  # claims C's MAC
-    assert not sw.accept_inbound(b, ipv4_frame(OWN, B_MAC, C_IP, OWN_IP))  # claims C's IP
-    assert not sw.accept_inbound(b, ipv4_frame(C_MAC, B_MAC, B_IP, C_IP))  # not for us
+    assert sw.accept_inbound(b, ipv4_frame(OWN, B_MAC, B_IP, OWN_IP), 0.0)
+    assert sw.accept_inbound(b, ipv4_frame(b"\xff" * 6, B_MAC, B_IP, OWN_IP), 0.0)
+    assert not sw.accept_inbound(b, ipv4_frame(OWN, C_MAC, B_IP, OWN_IP), 0.0)  # claims C's MAC
+    assert not sw.accept_inbound(b, ipv4_frame(OWN, B_MAC, C_IP, OWN_IP), 0.0)  # claims C's IP
+    assert not sw.accept_inbound(b, ipv4_frame(C_MAC, B_MAC, B_IP, C_IP), 0.0)  # not for us
     assert stats.drops == {"spoofed_source": 1, "spoofed_ip": 1, "not_for_us": 1}
 
 
@@ -95,8 +95,8 @@ def arp_reply_from(sender_mac: bytes, sender_ip: bytes) -> bytes:
 
 def test_a_peer_may_only_speak_arp_for_itself_and_ipv6_is_refused() -> None:
     sw, b, _c, stats = make()
-    assert sw.accept_inbound(b, arp_reply_from(B_MAC, B_IP))
-    assert not sw.accept_inbound(b, arp_reply_from(B_MAC, C_IP))  # claims C's address
+    assert sw.accept_inbound(b, arp_reply_from(B_MAC, B_IP), 0.0)
+    assert not sw.accept_inbound(b, arp_reply_from(B_MAC, C_IP), 0.0)  # claims C's address
     ipv6 = ZERO_VNET + OWN + B_MAC + b"\x86\xdd" + bytes(40)
-    assert not sw.accept_inbound(b, ipv6)
+    assert not sw.accept_inbound(b, ipv6, 0.0)
     assert stats.drops == {"spoofed_arp": 1, "unchecked_ethertype": 1}
