@@ -492,6 +492,7 @@ def cmd_signal(args: argparse.Namespace) -> int:
                 print(f"ipop-trio signal: listening on {listen.host}:{server.port}", flush=True)
                 async for signum in signals:
                     if signum == signal.SIGHUP:
+                        _reload_anchors(server, args.ca, log)
                         _reload_revoked(server, args.revoked, log)
                         continue
                     log.info("%s: shutting down", signal.Signals(signum).name)
@@ -503,6 +504,21 @@ def cmd_signal(args: argparse.Namespace) -> int:
     except* OSError as group:  # the address is taken or not ours: the operator's to fix
         raise ConfigError("--listen", str(_first_leaf(group))) from None
     return 0
+
+
+def _reload_anchors(server: Any, paths: list[Path], log: logging.Logger) -> None:
+    """`signal`'s SIGHUP: re-read the --ca files (a CA added or removed in a rotation) and
+    drop the members the CAs trusted now refuse; a broken file keeps the CAs in force."""
+    try:
+        anchors = signal_anchors(paths)
+    except IpopError as exc:  # a file unreadable or mixing networks
+        log.error("SIGHUP: keeping the CAs in force: %s", exc)
+        return
+    dropped = server.set_anchors(anchors)
+    overlays = ", ".join(
+        f"{a.name} ({len(a.cas)} CA{'s' if len(a.cas) > 1 else ''})" for a in anchors
+    )
+    log.info("SIGHUP: CAs re-read: %s; dropped %s", overlays, ", ".join(dropped) or "no member")
 
 
 def _reload_revoked(server: Any, path: Path | None, log: logging.Logger) -> None:

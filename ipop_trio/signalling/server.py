@@ -243,6 +243,16 @@ class Overlay:
             del self.by_name[member.name]
 
 
+def _by_overlay(anchors: Iterable[TrustAnchor]) -> dict[str, TrustAnchor]:
+    """One anchor per overlay: two CAs naming one overlay are trusted together (a CA
+    rotation); PkiError when they disagree on its network."""
+    out: dict[str, TrustAnchor] = {}
+    for anchor in anchors:
+        known = out.get(anchor.name)
+        out[anchor.name] = anchor if known is None else TrustAnchor.bundle([known, anchor])
+    return out
+
+
 def revoked_reason(fp: str) -> str:
     """What a client whose certificate is revoked is told (error certificate_revoked)."""
     return f"certificate sha256 {fp} is revoked; ask the overlay's operator for a new one"
@@ -260,12 +270,9 @@ class ServerCore:
     ) -> None:
         self.limits = limits or Limits()
         self.revoked = frozenset(revoked)  # certificate fingerprints refused (pki.fingerprint)
-        self.overlays: dict[str, Overlay] = {}
-        for anchor in anchors:
-            known = self.overlays.get(anchor.name)
-            if known is not None:  # two CAs of one overlay, trusted at once: a CA rotation
-                anchor = TrustAnchor.bundle([known.anchor, anchor])  # PkiError: networks differ
-            self.overlays[anchor.name] = Overlay(anchor.name, anchor)
+        self.overlays: dict[str, Overlay] = {
+            name: Overlay(name, anchor) for name, anchor in _by_overlay(anchors).items()
+        }
         if not self.overlays:
             raise ValueError("the server needs at least one overlay CA")
         self.conns: dict[int, Conn] = {}
@@ -379,6 +386,36 @@ class ServerCore:
             self._send(conn, sig.Error("certificate_revoked", revoked_reason(conn.fingerprint)))
             self._close(conn, CLOSE_POLICY, "certificate revoked")
             dropped.append(conn.identity.name)
+        return dropped
+
+    def set_anchors(self, anchors: Iterable[TrustAnchor], now: float) -> list[str]:
+        """New overlay CAs (SIGHUP, the end of a CA rotation): every connection whose
+        certificate they no longer accept (its CA removed, or its overlay no longer served)
+        is told why and closed, a member's leave announced. Returns the names dropped."""
+        new = _by_overlay(anchors)
+        if not new:
+            raise ValueError("the server needs at least one overlay CA")
+        for name, anchor in new.items():
+            if name in self.overlays:
+                self.overlays[name].anchor = anchor
+            else:
+                self.overlays[name] = Overlay(name, anchor)
+        dropped = []
+        for conn in list(self.conns.values()):
+            if conn.state is ConnState.CLOSED or conn.identity is None:
+                continue
+            trusted = new.get(conn.identity.overlay)
+            try:
+                if trusted is None:
+                    raise CertificateRefused(f"overlay {conn.identity.overlay} is not served here")
+                trusted.verify_untrusted(conn.identity.der, now)
+            except CertificateRefused as exc:
+                self.count("closed_ca_removed")
+                self._send(conn, sig.Error("certificate_refused", str(exc)[: sig.MAX_REASON]))
+                self._close(conn, CLOSE_POLICY, "certificate no longer trusted")
+                dropped.append(conn.identity.name)
+        for name in [n for n in self.overlays if n not in new]:
+            del self.overlays[name]  # its members were all closed (and left) above
         return dropped
 
     def stats(self) -> dict[str, object]:
@@ -674,6 +711,12 @@ class SignallingServer:
                 ", ".join(sorted(self.core.overlays)),
             )
             task_status.started(self.port)
+
+    def set_anchors(self, anchors: Iterable[TrustAnchor]) -> list[str]:
+        """`ServerCore.set_anchors`, its errors and closes sent now; the names dropped."""
+        dropped = self.core.set_anchors(anchors, self.now())
+        self._dispatch()
+        return dropped
 
     def set_revoked(self, revoked: Iterable[str]) -> list[str]:
         """`ServerCore.set_revoked`, its errors and closes sent now; the names dropped."""

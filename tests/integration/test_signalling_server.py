@@ -19,6 +19,7 @@ from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 
 from ipop_trio import pki
 from ipop_trio.proto import signalling as sig
+from ipop_trio.proto.cert import TrustAnchor
 from ipop_trio.signalling.client import open_connection
 from ipop_trio.signalling.server import Limits, SignallingServer
 
@@ -260,6 +261,41 @@ async def test_two_cas_of_one_overlay_admit_both_during_a_rotation(
         err = await receive(wm)
         assert isinstance(err, sig.Error) and err.code == "certificate_refused", err
         assert "not signed by any trusted CA of overlay 'lab'" in err.reason
+
+
+async def test_removing_the_old_ca_on_reload_drops_its_members_only(
+    lab_ca: pki.CaBundle, other_ca: pki.CaBundle, nodes: list[NodeId]
+) -> None:
+    """The end of a rotation without a restart (SIGHUP re-reads --ca): a member on the CA
+    just removed is told why and dropped, its leave announced; one on the new CA stays, and
+    an overlay no longer served loses its members."""
+    new_ca = pki.new_ca_bundle("lab", "10.77.0.0/24", now=NOW)
+    renewed = NodeId(pki.issue_node_bundle(new_ca, "renewed", "10.77.0.70", now=NOW))
+    elsewhere = NodeId(pki.issue_node_bundle(other_ca, "far", "10.88.0.9", now=NOW))
+    async with (
+        running(lab_ca, new_ca, other_ca) as (server, url),
+        open_connection(url) as wa,
+        open_connection(url) as wb,
+        open_connection(url) as wc,
+    ):
+        old = nodes[0]
+        await admit(wa, old)
+        await admit(wb, renewed)
+        assert await receive(wa) == sig.Join(sig.Member(renewed.key, "renewed", "10.77.0.70"))
+        await admit(wc, elsewhere)
+        dropped = server.set_anchors([TrustAnchor.bundle([new_ca.anchor])])
+        assert sorted(dropped) == ["far", "n0"]
+        for ws in (wa, wc):
+            err = await receive(ws)
+            assert isinstance(err, sig.Error) and err.code == "certificate_refused", err
+        assert "not signed by" in err.reason or "not served here" in err.reason
+        assert await receive(wb) == sig.Leave(old.key, "n0")
+        assert server.core.stats()["overlays"] == {"lab": 1}
+        # The old CA's nodes are refused from now on; the new CA's still get in.
+        async with open_connection(url) as again:
+            await again.send_message(sig.encode(sig.Hello(old.bundle.cert_der)))
+            err = await receive(again)
+            assert isinstance(err, sig.Error) and err.code == "certificate_refused", err
 
 
 @pytest.mark.parametrize("wrong", ["random proof", "someone else's key"])
