@@ -14,6 +14,7 @@ datagram, STUN binding request, handshake initiation, hello, ...).
 from __future__ import annotations
 
 import functools
+import ipaddress
 import random
 import struct
 from collections.abc import Callable, Iterator
@@ -31,6 +32,7 @@ from ipop_trio.net import httpd
 from ipop_trio.proto import cookie, handshake, names, stun, turn
 from ipop_trio.proto import signalling as sig
 from ipop_trio.proto.cert import CertificateRefused
+from ipop_trio.proto.firewall import Action, Firewall, FirewallRules, Rule
 from ipop_trio.proto.ice import Candidate, SrflxGatherer, host_candidate
 from ipop_trio.proto.link import Link
 from ipop_trio.proto.offload import OffloadError, Reassembler
@@ -324,6 +326,42 @@ def inbound(data: bytes) -> None:
 # --- signalling server core -----------------------------------------------------------------
 
 
+_FW_US, _FW_PEER = bytes.fromhex("020000000001"), bytes.fromhex("020000000002")
+
+
+def _firewall_rules() -> FirewallRules:
+    web = frozenset({"web"})
+    return FirewallRules(
+        inbound=(
+            Rule(proto=6, ports=(22, 22), groups=web),
+            Rule(proto=6, ports=(80, 90), action=Action.DENY),
+            Rule(proto=1, cidr=ipaddress.IPv4Network("10.77.0.0/25")),
+        ),
+        outbound=(Rule(proto=17), Rule(proto=6, host="beta")),
+        conntrack_max=8,  # small: eviction runs
+    )
+
+
+def firewall(data: bytes) -> None:
+    """Frames from a peer and from our TAP (the first byte of each chunk: direction and how
+    far the clock moves) through a peer's filter: a verdict for every one, never an
+    exception, and the state table within its bound."""
+    fw = Firewall(_firewall_rules())
+    peer = fw.peer(1, "beta", frozenset({"web"}))
+    now = 0.0
+    for chunk in _split(data):
+        if not chunk:
+            continue
+        now += chunk[0] >> 1
+        frame = bytes(VNET) + (_FW_US + _FW_PEER if chunk[0] & 1 else _FW_PEER + _FW_US)
+        frame += chunk[1:]
+        verdict = (peer.inbound if chunk[0] & 1 else peer.outbound)(frame, now)
+        assert verdict in (True, False)
+        assert len(fw.flows) <= fw.rules.conntrack_max
+    fw.sweep(now + 1e6)
+    assert not fw.flows and fw.status(now)
+
+
 def signalling_server(data: bytes) -> None:
     """Events decoded from the input: connect, message (bytes or text), a valid hello or
     auth (so admission is reachable), close, time out, time advance. Nothing raises; every
@@ -383,6 +421,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
         handshake_indices, http_request, ice_candidate, cert_verify, handshake_initiation,
         handshake_response, cookie_reply, cookie_admit, link_receive, turn_client,
         srflx_gatherer, session_open, reassembler, inbound, signalling_server, dns_answer,
+        firewall,
     )
 }  # fmt: skip
 
@@ -456,6 +495,27 @@ def _dns_queries() -> list[bytes]:
     return [q.to_wire() for q in queries]
 
 
+def _firewall_frames() -> list[bytes]:
+    """A TCP handshake to port 22, its reply, a UDP datagram out, an ICMP echo in (direction
+    byte first: odd inbound); the Ethernet addresses come from the target."""
+
+    def ipv4(src: int, dst: int, proto: int, l4: bytes) -> bytes:
+        head = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 0, 0, 64, proto, 0,
+                           bytes([10, 77, 0, src]), bytes([10, 77, 0, dst]))  # fmt: skip
+        return b"\x08\x00" + head + l4
+
+    syn = struct.pack("!HHIIBBHHH", 40000, 22, 0, 0, 0x50, 0x02, 65535, 0, 0)
+    synack = struct.pack("!HHIIBBHHH", 22, 40000, 0, 1, 0x50, 0x12, 65535, 0, 0)
+    udp = struct.pack("!HHHH", 5000, 53, 8, 0)
+    echo = struct.pack("!BBHHH", 8, 0, 0, 7, 1)
+    return [
+        b"\x03" + ipv4(2, 1, 6, syn),
+        b"\x02" + ipv4(1, 2, 6, synack),
+        b"\x04" + ipv4(1, 2, 17, udp),
+        b"\x05" + ipv4(2, 1, 1, echo),
+    ]
+
+
 def _seed_lists() -> dict[str, list[bytes]]:
     stun_seeds = [_binding_request(), _binding_response()]
     init, resp = _initiation()[0], _response()
@@ -482,6 +542,7 @@ def _seed_lists() -> dict[str, list[bytes]]:
         "inbound": [_join(_inbound_datagrams())],
         "signalling_server": [_server_script()],
         "dns_answer": _dns_queries(),
+        "firewall": [_join(_firewall_frames())],
     }
 
 
