@@ -78,6 +78,9 @@ import signal, subprocess, sys
 from ipop_trio.lab.netns import Lab, sigterm_raises
 
 prefix, stray_root_veth = sys.argv[1], sys.argv[2] == "1"
+# Ctrl-C as a terminal gives it, even when this test runs under a shell that started it in
+# the background (which leaves SIGINT ignored, and Python then keeps it ignored).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 with sigterm_raises():
     with Lab(prefix=prefix) as lab:
         a, b = lab.add_host("a"), lab.add_host("b")
