@@ -72,6 +72,7 @@ from typing import Any, TypeVar
 from .errors import ConfigError, ConfigErrors, LocalProtocolError
 from .logs import LOG_FORMATS
 from .proto.cert import decode_key
+from .proto.domain import check_domain
 from .proto.firewall import (
     CONNTRACK_MAX,
     MAX_CONNTRACK_MAX,
@@ -81,7 +82,6 @@ from .proto.firewall import (
     FirewallRules,
     Rule,
 )
-from .proto.names import check_domain
 from .proto.policy import SecurityPolicy
 from .proto.session import Cipher
 from .proto.stun import saslprep

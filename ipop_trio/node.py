@@ -45,19 +45,20 @@ from .datapath.outbound import NativeOutbound, Outbound
 from .datapath.sessions import SessionTable
 from .datapath.switch import Switch
 from .errors import CertificateRefused, ConfigError, PkiError
-from .metrics import node_page
 from .net import httpd, netlink
 from .net.control import ControlSocket, netns_inode, serve_control
-from .net.names import DnsSockets, serve_dns
 from .net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, Tap, TapWriter
 from .net.udp import UdpSocket
-from .proto import handshake, names
+from .proto import handshake
 from .proto.cert import Identity, TrustAnchor, format_mac
+from .proto.domain import PORT as DNS_PORT
+from .proto.domain import check_domain
 from .proto.policy import SecurityPolicy, effective_groups
 from .proto.signalling import ClientEvent
 from .stats import Stats
 
 if TYPE_CHECKING:
+    from .net.names import DnsSockets
     from .signalling.client import SignallingClient
 
 log = logging.getLogger("ipop_trio.node")
@@ -205,11 +206,11 @@ def _day(timestamp: float) -> str:
 def dns_plan(dns: DnsConfig, identity: Identity) -> tuple[Endpoint, str]:
     """Where [dns] answers (default: our overlay address, port 53) and for which domain
     (default: the overlay's name, which must then be a DNS name)."""
-    listen = dns.listen or Endpoint(str(identity.address), names.PORT)
+    listen = dns.listen or Endpoint(str(identity.address), DNS_PORT)
     if dns.domain is not None:
         return listen, dns.domain
     try:
-        return listen, names.check_domain(identity.overlay)
+        return listen, check_domain(identity.overlay)
     except ValueError as exc:
         raise ConfigError("dns.domain", f"the overlay's name: {exc}; set a domain") from None
 
@@ -381,6 +382,8 @@ async def run_node(
         iface = ipaddress.ip_interface(f"{ident.address}/{ident.network.prefixlen}")
         netlink.configure_tap(tap.name, mac=ident.mac, mtu=cfg.tap.mtu, address=iface)
         if cfg.dns is not None:  # after the TAP has our overlay address, the default one
+            from .net.names import DnsSockets  # dnspython only for a node with [dns]
+
             dns_at, domain = dns_plan(cfg.dns, ident)
             try:
                 dns_socks = DnsSockets(dns_at.host, dns_at.port)
@@ -392,6 +395,8 @@ async def run_node(
         send, receive = pipeline.make_outbound_channel()
         async with trio.open_nursery() as nursery:
             if metrics_listeners:
+                from .metrics import node_page  # prometheus_client only with [metrics]
+
                 pages = {"/metrics": node_page(lambda: node.status({}))}
                 await nursery.start(httpd.serve_http, metrics_listeners, pages)
                 log.info("metrics on http://%s/metrics", _metrics_where(cfg, metrics_listeners))
@@ -515,6 +520,8 @@ async def _run_dns(
     """The DNS server, answering from the identities the node holds verified now: its own
     and its peers' (from a certificate in the config, a link handshake or a con_req /
     con_resp), never from what signalling says of members it has no certificate of."""
+    from .net.names import serve_dns
+    from .proto import names
 
     def respond(data: bytes, tcp: bool) -> names.Reply:
         peers = (rt.link.peer or rt.setup.identity for rt in node.links.peers)

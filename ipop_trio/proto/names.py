@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-import re
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -63,13 +62,13 @@ import dns.rrset
 
 from ..errors import BadPacket
 from .cert import Identity, IPAddress
+from .domain import PORT, check_domain
 
 HEADER = struct.Struct("!HHHHHH")  # id, flags, qdcount, ancount, nscount, arcount
 _QR = 0x8000
 _OPCODE_SHIFT, _OPCODE_MASK = 11, 0xF
 _OPCODE_QUERY = 0
 
-PORT = 53
 # Membership changes (a member leaves, a certificate is re-issued): keep what resolvers cache
 # short. NXDOMAIN shorter still, so a member that just joined resolves almost at once.
 TTL = 30
@@ -77,7 +76,6 @@ NEGATIVE_TTL = 5
 UDP_MIN = 512  # RFC 1035 §4.2.1: a UDP reply without EDNS
 UDP_PAYLOAD = 1232  # the EDNS payload we offer and cap UDP replies at (DNS flag day 2020)
 TCP_MAX = 65535  # RFC 1035 §4.2.2: a TCP message's 2-byte length
-_LABEL = re.compile(r"[a-z0-9_-]{1,63}")
 _TRANSFERS = frozenset({dns.rdatatype.AXFR, dns.rdatatype.IXFR})
 
 
@@ -112,18 +110,6 @@ class QueryDropped(BadPacket):
 class Reply:
     wire: bytes
     outcome: Outcome
-
-
-def check_domain(text: str) -> str:
-    """`text` as the zone's domain (lower case, no final dot); ValueError when it is not a
-    DNS name of 1-63-character labels of letters, digits, "-" and "_"."""
-    labels = text.lower().removesuffix(".").split(".")
-    for label in labels:
-        if not _LABEL.fullmatch(label):
-            raise ValueError(f"{text!r} is not a domain name (labels of a-z 0-9 - _, dots between)")
-    if len(".".join(labels)) > 200:  # room for member names below it (a name is 255 bytes)
-        raise ValueError(f"a domain of over 200 characters leaves no room for names: {text!r}")
-    return ".".join(labels)
 
 
 @dataclass(frozen=True, slots=True)
