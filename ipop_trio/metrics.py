@@ -402,33 +402,27 @@ def signal_families(stats: Mapping[str, Any]) -> Iterator[Metric]:
         members.add_metric([str(overlay)], _num(n))
     yield members
     yield _counter("ipop_trio_signal_admissions", "Nodes admitted", counters.get("admitted"))
-    refusals = CounterMetricFamily(
+    yield _counter_by(
         "ipop_trio_signal_refusals",
         "Connections refused, by reason: full, source, preauth, preauth_source (connection "
         "limits), certificate, proof (admission), admit_rate (a key admitted too often), "
         "revoked (a certificate on --revoked), address_in_use, name_in_use (held by another "
         "key)",
-        labels=["reason"],
+        "reason",
+        {reason: counters.get(f"refused_{reason}") for reason in SIGNAL_REFUSALS},
     )
-    for reason in SIGNAL_REFUSALS:
-        refusals.add_metric([reason], _num(counters.get(f"refused_{reason}")))
-    yield refusals
-    closes = CounterMetricFamily(
+    yield _counter_by(
         "ipop_trio_signal_closes",
         "Clients disconnected for breaking a limit or the protocol, by reason",
-        labels=["reason"],
+        "reason",
+        {reason: counters.get(f"closed_{reason}") for reason in SIGNAL_CLOSES},
     )
-    for reason in SIGNAL_CLOSES:
-        closes.add_metric([reason], _num(counters.get(f"closed_{reason}")))
-    yield closes
-    relays = CounterMetricFamily(
+    yield _counter_by(
         "ipop_trio_signal_relays",
         "Messages relayed between members, by type",
-        labels=["type"],
+        "type",
+        {kind: counters.get(f"relayed_{kind}") for kind in SIGNAL_RELAYS},
     )
-    for kind in SIGNAL_RELAYS:
-        relays.add_metric([kind], _num(counters.get(f"relayed_{kind}")))
-    yield relays
     yield _counter(
         "ipop_trio_signal_relay_unknown_peer",
         "con_req/con_resp to a node that is not a member (answered unknown_peer)",

@@ -12,8 +12,8 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Iterable
+from contextlib import AbstractAsyncContextManager
 
 import pytest
 import trio
@@ -24,6 +24,9 @@ from ipop_trio.proto import signalling as sig
 from ipop_trio.signalling.client import ClientState, SignallingClient, open_connection
 from ipop_trio.signalling.server import CLOSE_POLICY, SignallingServer
 
+from .test_signalling_server import receive
+from .test_signalling_server import running as serve_lab
+
 NOW = time.time()
 CA = pki.new_ca_bundle("lab", "10.77.0.0/24", now=NOW)
 
@@ -32,18 +35,10 @@ def issue(name: str, address: str, public_key: bytes | None = None) -> pki.NodeB
     return pki.issue_node_bundle(CA, name, address, now=NOW, public_key=public_key)
 
 
-@asynccontextmanager
-async def running(revoked: Iterable[str] = ()) -> AsyncIterator[tuple[SignallingServer, str]]:
-    server = SignallingServer([CA.anchor], revoked=revoked)
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(server.serve, "127.0.0.1", 0)
-        yield server, f"ws://127.0.0.1:{port}/"
-        nursery.cancel_scope.cancel()
-
-
-async def receive(ws: WebSocketConnection, timeout: float = 5.0) -> sig.Message:
-    with trio.fail_after(timeout):
-        return sig.decode_untrusted(await ws.get_message(), max_size=sig.MAX_SERVER_MESSAGE)
+def running(
+    revoked: Iterable[str] = (),
+) -> AbstractAsyncContextManager[tuple[SignallingServer, str]]:
+    return serve_lab(CA, revoked=revoked)
 
 
 async def try_admit(ws: WebSocketConnection, node: pki.NodeBundle) -> sig.Message:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -60,9 +60,9 @@ def nodes(lab_ca: pki.CaBundle) -> list[NodeId]:
 
 @asynccontextmanager
 async def running(
-    *anchors: pki.CaBundle, limits: Limits | None = None
+    *anchors: pki.CaBundle, limits: Limits | None = None, revoked: Iterable[str] = ()
 ) -> AsyncIterator[tuple[SignallingServer, str]]:
-    server = SignallingServer([a.anchor for a in anchors], limits)
+    server = SignallingServer([a.anchor for a in anchors], limits, revoked=revoked)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.serve, "127.0.0.1", 0)
         yield server, f"ws://127.0.0.1:{port}/"
