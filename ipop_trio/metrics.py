@@ -271,54 +271,51 @@ def _stats_families(stats: Mapping[str, Any]) -> Iterator[Metric]:
     )
     stages = stats.get("stages") or {}
     if stats.get("timers", True) and stages:
-        seconds = CounterMetricFamily(
-            "ipop_trio_stage_seconds",
-            "Time spent in each data-path stage (stats.py, timed per batch)",
-            labels=["stage"],
-        )
-        batches = CounterMetricFamily(
-            "ipop_trio_stage_batches", "Batches through each data-path stage", labels=["stage"]
-        )
-        items = CounterMetricFamily(
-            "ipop_trio_stage_items",
-            "Items (frames, datagrams) through each data-path stage",
-            labels=["stage"],
-        )
-        nbytes = CounterMetricFamily(
-            "ipop_trio_stage_bytes", "Bytes through each data-path stage", labels=["stage"]
-        )
-        for name, s in stages.items():
-            seconds.add_metric([name], _num(s.get("seconds")))
-            batches.add_metric([name], _num(s.get("batches")))
-            items.add_metric([name], _num(s.get("items")))
-            nbytes.add_metric([name], _num(s.get("bytes")))
-        yield from (seconds, batches, items, nbytes)
+        yield from _columns(
+            stages,
+            "stage",
+            (
+                (CounterMetricFamily, "ipop_trio_stage_seconds", "seconds",
+                 "Time spent in each data-path stage (stats.py, timed per batch)"),
+                (CounterMetricFamily, "ipop_trio_stage_batches", "batches",
+                 "Batches through each data-path stage"),
+                (CounterMetricFamily, "ipop_trio_stage_items", "items",
+                 "Items (frames, datagrams) through each data-path stage"),
+                (CounterMetricFamily, "ipop_trio_stage_bytes", "bytes",
+                 "Bytes through each data-path stage"),
+            ),
+        )  # fmt: skip
     channels = stats.get("channels") or {}
     if channels:
-        depth = GaugeMetricFamily(
-            "ipop_trio_channel_depth", "Batches queued between two stages now", labels=["channel"]
-        )
-        max_depth = GaugeMetricFamily(
-            "ipop_trio_channel_max_depth",
-            "Most batches ever queued between two stages",
-            labels=["channel"],
-        )
-        wait = CounterMetricFamily(
-            "ipop_trio_channel_wait_seconds",
-            "Time batches waited between two stages, summed",
-            labels=["channel"],
-        )
-        passed = CounterMetricFamily(
-            "ipop_trio_channel_batches",
-            "Batches that passed between two stages",
-            labels=["channel"],
-        )
-        for name, c in channels.items():
-            depth.add_metric([name], _num(c.get("depth")))
-            max_depth.add_metric([name], _num(c.get("max_depth")))
-            wait.add_metric([name], _num(c.get("wait_seconds")))
-            passed.add_metric([name], _num(c.get("batches")))
-        yield from (depth, max_depth, wait, passed)
+        yield from _columns(
+            channels,
+            "channel",
+            (
+                (GaugeMetricFamily, "ipop_trio_channel_depth", "depth",
+                 "Batches queued between two stages now"),
+                (GaugeMetricFamily, "ipop_trio_channel_max_depth", "max_depth",
+                 "Most batches ever queued between two stages"),
+                (CounterMetricFamily, "ipop_trio_channel_wait_seconds", "wait_seconds",
+                 "Time batches waited between two stages, summed"),
+                (CounterMetricFamily, "ipop_trio_channel_batches", "batches",
+                 "Batches that passed between two stages"),
+            ),
+        )  # fmt: skip
+
+
+Column = tuple[type[CounterMetricFamily] | type[GaugeMetricFamily], str, str, str]
+
+
+def _columns(
+    table: Mapping[str, Mapping[str, Any]], label: str, columns: Iterable[Column]
+) -> Iterator[Metric]:
+    """One family per column of a snapshot table ({row: {key: value}}), a series per row
+    labelled `label`: the stage timers and the channels."""
+    for kind, name, key, doc in columns:
+        family = kind(name, doc, labels=[label])
+        for row, values in table.items():
+            family.add_metric([row], _num(values.get(key)))
+        yield family
 
 
 def _signalling_families(sg: Mapping[str, Any] | None) -> Iterator[Metric]:

@@ -17,14 +17,14 @@ from contextlib import AbstractAsyncContextManager
 
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import WebSocketConnection
 
 from ipop_trio import pki
 from ipop_trio.proto import signalling as sig
 from ipop_trio.signalling.client import ClientState, SignallingClient, open_connection
 from ipop_trio.signalling.server import CLOSE_POLICY, SignallingServer
 
-from .test_signalling_server import receive
+from .test_signalling_server import closed_code, receive
 from .test_signalling_server import running as serve_lab
 
 NOW = time.time()
@@ -51,15 +51,6 @@ async def try_admit(ws: WebSocketConnection, node: pki.NodeBundle) -> sig.Messag
     answer = sig.answer_challenge(node.private_key, node.cert_der, msg)
     await ws.send_message(sig.encode(answer))
     return await receive(ws)
-
-
-async def closed_code(ws: WebSocketConnection, timeout: float = 5.0) -> int | None:
-    with trio.fail_after(timeout):
-        try:
-            while True:
-                await ws.get_message()
-        except ConnectionClosed as exc:
-            return None if exc.reason is None else exc.reason.code
 
 
 async def test_a_second_key_for_a_held_address_is_refused_naming_the_holder() -> None:

@@ -58,6 +58,11 @@ class Nodes:
             text=True,
         )
 
+    def run(self, host: Host, config: str) -> subprocess.CompletedProcess[str]:
+        """`ipop-trio run` of `config` to its end (for a node that must refuse to start)."""
+        argv = [IPOP, "run", "-c", str(self.etc / f"{config}.toml")]
+        return host.run(argv, capture_output=True, text=True, timeout=30)
+
     def status(self, host: Host, *args: str) -> subprocess.CompletedProcess[str]:
         return host.run([IPOP, "status", *args], capture_output=True, text=True, timeout=30)
 
@@ -124,12 +129,7 @@ def test_a_second_node_on_a_live_socket_or_a_taken_port_exits_2(nodes: Nodes) ->
     nodes.wait_ready(a, alpha, "alpha")
 
     # The same config again: its control socket is alpha's, served by a live node.
-    again = a.run(
-        [IPOP, "run", "-c", str(nodes.etc / "alpha.toml")],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    again = nodes.run(a, "alpha")
     assert again.returncode == 2, again
     assert again.stderr.splitlines() == [
         f"ipop-trio: config error: node.control: /run/ipop-trio/{TAP}@{a.ns}.sock is served by "
@@ -139,12 +139,7 @@ def test_a_second_node_on_a_live_socket_or_a_taken_port_exits_2(nodes: Nodes) ->
 
     # Another TAP (so its own socket), but the same default UDP port.
     nodes.config("beta-here", "beta", tap="ipop1")
-    port = a.run(
-        [IPOP, "run", "-c", str(nodes.etc / "beta-here.toml")],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    port = nodes.run(a, "beta-here")
     assert port.returncode == 2, port
     assert port.stderr.splitlines() == [
         "ipop-trio: config error: node.listen: cannot bind UDP 0.0.0.0:4600: Address already "
