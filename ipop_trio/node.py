@@ -406,7 +406,7 @@ async def run_node(
                 {"status": node.status, "stats": node.stats_reply, "ping": node.prober.ping},
             )
             await nursery.start(node.writer.serve)
-            nursery.start_soon(pipeline.tap_reader, tap, send, node.stats)
+            nursery.start_soon(pipeline.tap_reader, tap, send, node.outbound, node.writer)
             nursery.start_soon(pipeline.outbound_task, node.outbound, receive, node.writer)
             nursery.start_soon(pipeline.udp_receiver, udp, node.inbound, node.writer, node.stats)
             await nursery.start(node.links.serve)

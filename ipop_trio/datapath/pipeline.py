@@ -6,6 +6,12 @@
 One `await` per batch; every channel is bounded and drops (counted) when full, because the
 data path must never block on a slow stage — TCP above us recovers from a drop, it cannot
 recover from a stalled node.
+
+A small TAP batch (a ping, an ACK, a DNS query) with nothing queued ahead of it is routed and
+sent by the reader itself, as the TAP writer writes small batches inline: handing it to the
+outbound task costs a pass of Trio's scheduler (an epoll_wait and the task switch), measured
+at ~45 µs a batch on the lab's 2-core VM, twice per ping. Nothing can overtake: the outbound
+task's `process` never awaits, so with the channel empty no batch is half done.
 """
 
 from __future__ import annotations
@@ -22,12 +28,19 @@ from .outbound import Outbound
 
 TAP_BATCH = 64  # frames drained from the TAP per batch
 OUTBOUND_QUEUE = 16  # batches between TAP reader and outbound
+INLINE_FRAMES = 4  # TAP batches this small are sent by the reader when nothing is queued
 
 
 Batch = tuple[int, list[bytes]]  # (stamp when queued, TAP reads)
 
 
-async def tap_reader(tap: Tap, send: trio.MemorySendChannel[Batch], stats: Stats) -> None:
+async def tap_reader(
+    tap: Tap,
+    send: trio.MemorySendChannel[Batch],
+    outbound: Outbound,
+    writer: TapWriter,
+) -> None:
+    stats = outbound.stats
     stage = stats["tap_read"]
     channel = stats.channels["outbound"]
     async with send:
@@ -38,6 +51,11 @@ async def tap_reader(tap: Tap, send: trio.MemorySendChannel[Batch], stats: Stats
             if not frames:
                 continue
             stage.record(len(frames), sum(map(len, frames)), t0)
+            if len(frames) <= INLINE_FRAMES and channel.depth == 0:
+                local = outbound.process(frames, time.monotonic())
+                if local:
+                    writer.submit(local)
+                continue
             try:
                 send.send_nowait((channel.put(), frames))
             except trio.WouldBlock:
