@@ -12,9 +12,11 @@ IPOP_TRIO_PURE_PYTHON=1 is set.
 
 Contract (every `*_untrusted` call counts what the network sent, it never raises for it):
 
-* `Session(*, send_key, recv_key, local_index, remote_index, cipher, secure, created=0.0)`:
-  what a finished handshake leaves, as proto/session.py's `Session` takes it (cipher: a
-  `Cipher` or its value). Keys go in and never come back out. It has the Python Session's
+* `Session(*, local_index, remote_index, cipher, secure, created=0.0, chaining_key,
+  initiator)`: what a finished handshake leaves, as proto/session.py's `Session` takes it
+  (cipher: a `Cipher` or its value). Noise's Split() runs in the extension: the transport
+  keys are derived there and never exist as Python objects (`send_key` and `recv_key`
+  instead of the chaining key: fixed keys, for tests and tools). It has the Python Session's
   counters (`send_counter`, `recv_highest`, `tx_bytes`, `rx_bytes`, `rx_packets`, `refused`
   by `Refusal` name), timers (`should_rekey`, `expired`),
   `overhead()`, `seal(payload)` (keepalives) and `open_untrusted(datagram)` (raises

@@ -101,7 +101,7 @@ from ..errors import (
     RemoteProtocolError,
 )
 from .cert import Identity, TrustAnchor
-from .session import Cipher
+from .session import Cipher, hkdf2
 from .wire import Kind
 
 # --- Protocol constants -------------------------------------------------------------------
@@ -140,17 +140,6 @@ TIMESTAMP_KEY = "ts"
 
 
 # --- Noise: CipherState, SymmetricState (spec §5.1, §5.2) ---------------------------------
-
-
-def _hmac(key: bytes, data: bytes) -> bytes:
-    return hmac.digest(key, data, "sha256")
-
-
-def hkdf2(chaining_key: bytes, ikm: bytes) -> tuple[bytes, bytes]:
-    """Noise §4.3 HKDF with two outputs."""
-    temp = _hmac(chaining_key, ikm)
-    out1 = _hmac(temp, b"\x01")
-    return out1, _hmac(temp, out1 + b"\x02")
 
 
 _NONCE_AESGCM = struct.Struct(">4xQ")  # §12.3: big-endian counter
@@ -240,7 +229,9 @@ class SymmetricState:
         return out
 
     def split(self) -> tuple[bytes, bytes]:
-        """(initiator → responder key, responder → initiator key)."""
+        """(initiator → responder key, responder → initiator key). The node never calls
+        this: a session is made from the chaining key (`Keys.chaining_key`), so on the
+        native path the transport keys exist only inside the extension."""
         return hkdf2(self.ck, b"")
 
 
@@ -421,10 +412,12 @@ class ResponderState:
 
 @dataclass(frozen=True, slots=True)
 class Keys:
-    """The result of a handshake: session keys and who is at the other end."""
+    """The result of a handshake: the final chaining key (Noise's Split() derives the
+    transport keys from it, inside the session object), which end we were, and who is at
+    the other end."""
 
-    send_key: bytes = field(repr=False)
-    recv_key: bytes = field(repr=False)
+    chaining_key: bytes = field(repr=False)
+    initiator: bool
     local_index: int
     remote_index: int
     peer: Identity
@@ -611,10 +604,9 @@ def create_response(
         raise LocalProtocolError(f"response DH failed: {exc}") from exc
     body = RESPONSE.pack(Kind.HANDSHAKE_RESP, sender_index, state.peer_index, e_pub) + enc_payload
     message = body + _mac1(mac1_key(state.peer_static), body)
-    to_responder, to_initiator = sym.split()
     keys = Keys(
-        send_key=to_initiator,
-        recv_key=to_responder,
+        chaining_key=sym.ck,
+        initiator=False,
         local_index=sender_index,
         remote_index=state.peer_index,
         peer=state.peer,
@@ -660,10 +652,9 @@ def consume_response_untrusted(
         raise BadPacket("handshake response does not decrypt") from None
     cert_der, ext = decode_payload_untrusted(payload)
     peer = _verify_peer_untrusted(local.anchor, cert_der, state.peer_static, now_wall)
-    to_responder, to_initiator = sym.split()
     return Keys(
-        send_key=to_responder,
-        recv_key=to_initiator,
+        chaining_key=sym.ck,
+        initiator=True,
         local_index=state.sender_index,
         remote_index=peer_index,
         peer=peer,

@@ -542,8 +542,8 @@ class Link:
 
     def _make_session(self, keys: Keys, now: float) -> Session:
         return self._new_session(
-            send_key=keys.send_key,
-            recv_key=keys.recv_key,
+            chaining_key=keys.chaining_key,
+            initiator=keys.initiator,
             local_index=keys.local_index,
             remote_index=keys.remote_index,
             cipher=self.cipher,

@@ -28,6 +28,7 @@ order-check like secure links but, having no tag, anyone on the path can forge t
 from __future__ import annotations
 
 import enum
+import hmac
 import struct
 from collections.abc import Sequence
 
@@ -218,6 +219,14 @@ _HEADER_SIZE = DATA_HEADER_SIZE
 _EXHAUSTED = "session send counter exhausted (REJECT_AFTER_MESSAGES): rekey"
 
 
+def hkdf2(chaining_key: bytes, ikm: bytes) -> tuple[bytes, bytes]:
+    """Noise §4.3 HKDF with two outputs (HMAC-SHA256). `hkdf2(ck, b"")` is Split() (§5.2):
+    (initiator → responder key, responder → initiator key)."""
+    temp = hmac.digest(chaining_key, ikm, "sha256")
+    out1 = hmac.digest(temp, b"\x01", "sha256")
+    return out1, hmac.digest(temp, out1 + b"\x02", "sha256")
+
+
 class Session:
     """One direction pair of keys after a handshake.
 
@@ -258,17 +267,33 @@ class Session:
     def __init__(
         self,
         *,
-        send_key: bytes,
-        recv_key: bytes,
         local_index: int,
         remote_index: int,
         cipher: Cipher,
         secure: bool,
         created: float,
+        chaining_key: bytes | None = None,
+        initiator: bool | None = None,
+        send_key: bytes | None = None,
+        recv_key: bytes | None = None,
     ) -> None:
+        """Either form, as the native Session: `chaining_key` and `initiator` (a completed
+        handshake: Noise's Split() derives the transport keys here), or `send_key` and
+        `recv_key` (tests and tools with fixed keys)."""
         for index in (local_index, remote_index):
             if not 0 <= index < 2**32:
                 raise LocalProtocolError(f"session index {index} does not fit in a u32")
+        from_handshake = (chaining_key, initiator, send_key, recv_key)
+        if None not in from_handshake[:2] and from_handshake[2:] == (None, None):
+            assert chaining_key is not None  # (for mypy: checked just above)
+            if len(chaining_key) != KEY_SIZE:
+                raise LocalProtocolError(f"a chaining key must be {KEY_SIZE} bytes")
+            to_responder, to_initiator = hkdf2(chaining_key, b"")
+            send_key, recv_key = (
+                (to_responder, to_initiator) if initiator else (to_initiator, to_responder)
+            )
+        elif from_handshake[:2] != (None, None) or send_key is None or recv_key is None:
+            raise TypeError("Session takes chaining_key and initiator, or send_key and recv_key")
         aead_class = AESGCM if cipher is Cipher.AES_256_GCM else ChaCha20Poly1305
         if secure:
             if len(send_key) != KEY_SIZE or len(recv_key) != KEY_SIZE:

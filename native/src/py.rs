@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use pyo3::buffer::PyBuffer;
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyType};
@@ -120,18 +120,24 @@ pub struct Session {
 
 #[pymethods]
 impl Session {
+    /// Either form: `chaining_key` and `initiator` (a completed handshake: the transport
+    /// keys are derived here and never leave the crate), or `send_key` and `recv_key`
+    /// (tests and tools with fixed keys).
     #[new]
-    #[pyo3(signature = (*, send_key, recv_key, local_index, remote_index, cipher, secure, created = 0.0))]
+    #[pyo3(signature = (*, local_index, remote_index, cipher, secure, created = 0.0,
+        chaining_key = None, initiator = None, send_key = None, recv_key = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
-        send_key: &[u8],
-        recv_key: &[u8],
         local_index: i128,
         remote_index: i128,
         cipher: &Bound<'_, PyAny>,
         secure: bool,
         created: f64,
+        chaining_key: Option<&[u8]>,
+        initiator: Option<bool>,
+        send_key: Option<&[u8]>,
+        recv_key: Option<&[u8]>,
     ) -> PyResult<Self> {
         let index = |i: i128| {
             u32::try_from(i)
@@ -139,14 +145,29 @@ impl Session {
         };
         let (local_index, remote_index) = (index(local_index)?, index(remote_index)?);
         let cipher = cipher_of(cipher)?;
-        let core = SessionCore::new(
-            cipher,
-            send_key,
-            recv_key,
-            local_index,
-            remote_index,
-            secure,
-        )
+        let core = match (chaining_key, initiator, send_key, recv_key) {
+            (Some(ck), Some(initiator), None, None) => SessionCore::from_chaining_key(
+                cipher,
+                ck,
+                initiator,
+                local_index,
+                remote_index,
+                secure,
+            ),
+            (None, None, Some(send_key), Some(recv_key)) => SessionCore::new(
+                cipher,
+                send_key,
+                recv_key,
+                local_index,
+                remote_index,
+                secure,
+            ),
+            _ => {
+                return Err(PyTypeError::new_err(
+                    "Session takes chaining_key and initiator, or send_key and recv_key",
+                ))
+            }
+        }
         .map_err(|e| local(py, e))?;
         Ok(Session {
             core: Arc::new(Mutex::new(core)),

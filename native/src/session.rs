@@ -17,6 +17,8 @@
 //! why this crate moved off it; the speed is the same (native/measure.py, AES-256-GCM).
 
 use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
+use aws_lc_rs::hkdf;
+use zeroize::Zeroizing;
 
 use crate::replay::{ReplayWindow, WINDOW_SIZE};
 use crate::wire::{
@@ -24,6 +26,15 @@ use crate::wire::{
 };
 
 pub const KEY_SIZE: usize = 32;
+
+/// HKDF output length of Noise's Split(): two keys.
+struct TwoKeys;
+
+impl hkdf::KeyType for TwoKeys {
+    fn len(&self) -> usize {
+        2 * KEY_SIZE
+    }
+}
 
 /// Plain sessions: how far a counter may be from the window before it needs a second to
 /// continue it (proto/session.py's PLAIN_MAX_JUMP, where the reasoning is).
@@ -132,6 +143,46 @@ fn nonce(counter: u64) -> Nonce {
 }
 
 impl SessionCore {
+    /// The session of a completed Noise handshake, from its chaining key: Noise's `Split()`
+    /// (§5.2) derives the two transport keys, here, so they never exist outside this crate.
+    /// `HKDF(ck, "", 2)` of Noise §4.3 is RFC 5869 HKDF-SHA256 with salt = ck, empty IKM and
+    /// empty info, 64 bytes long: T(1) carries initiator → responder, T(2) the way back. The
+    /// 64 bytes live in a `Zeroizing` buffer (wiped when it goes out of scope) only until
+    /// the AEAD keys are built; aws-lc-rs wipes its PRK on drop. Plain sessions derive the
+    /// keys as well (the chaining key is checked the same way) and do not use them.
+    pub fn from_chaining_key(
+        cipher: Cipher,
+        chaining_key: &[u8],
+        initiator: bool,
+        local_index: u32,
+        remote_index: u32,
+        secure: bool,
+    ) -> Result<SessionCore, LocalError> {
+        if chaining_key.len() != KEY_SIZE {
+            return Err(LocalError::KeySize);
+        }
+        let mut okm = Zeroizing::new([0u8; 2 * KEY_SIZE]);
+        hkdf::Salt::new(hkdf::HKDF_SHA256, chaining_key)
+            .extract(&[])
+            .expand(&[], TwoKeys)
+            .and_then(|o| o.fill(&mut okm[..]))
+            .map_err(|_| LocalError::KeySize)?;
+        let (to_responder, to_initiator) = okm.split_at(KEY_SIZE);
+        let (send_key, recv_key) = if initiator {
+            (to_responder, to_initiator)
+        } else {
+            (to_initiator, to_responder)
+        };
+        SessionCore::new(
+            cipher,
+            send_key,
+            recv_key,
+            local_index,
+            remote_index,
+            secure,
+        )
+    }
+
     /// `send_key` / `recv_key` are borrowed only to build the AEAD's keys: no copy of them is
     /// kept outside those key objects (wiped on drop, see above). Plain sessions ignore them.
     pub fn new(
@@ -330,6 +381,37 @@ mod tests {
         let mut out = Vec::new();
         s.seal_parts(&mut out, &[payload]).unwrap();
         out
+    }
+
+    /// Noise §4.3 HKDF(ck, "", 2), written out with HMAC as the spec states it.
+    fn noise_split(ck: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        use aws_lc_rs::hmac;
+        let temp = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, ck), b"");
+        let key = hmac::Key::new(hmac::HMAC_SHA256, temp.as_ref());
+        let out1 = hmac::sign(&key, &[1]);
+        let out2 = hmac::sign(&key, &[out1.as_ref(), &[2]].concat());
+        (out1.as_ref().to_vec(), out2.as_ref().to_vec())
+    }
+
+    #[test]
+    fn chaining_key_split_is_noise_hkdf_and_the_two_ends_agree() {
+        let ck = [9u8; 32];
+        let (to_responder, to_initiator) = noise_split(&ck);
+        for cipher in [Cipher::Aes256Gcm, Cipher::ChaCha20Poly1305] {
+            let mut i = SessionCore::from_chaining_key(cipher, &ck, true, 1, 2, true).unwrap();
+            let mut r = SessionCore::from_chaining_key(cipher, &ck, false, 2, 1, true).unwrap();
+            let mut by_keys =
+                SessionCore::new(cipher, &to_responder, &to_initiator, 1, 2, true).unwrap();
+            let d = seal(&mut i, b"hello");
+            assert_eq!(d, seal(&mut by_keys, b"hello"));
+            let mut d2 = d.clone();
+            assert_eq!(r.open_in_place(&mut d2).unwrap(), 5);
+            let mut back = seal(&mut r, b"back");
+            assert_eq!(i.open_in_place(&mut back).unwrap(), 4);
+        }
+        assert!(
+            SessionCore::from_chaining_key(Cipher::Aes256Gcm, &ck[..31], true, 1, 2, true).is_err()
+        );
     }
 
     #[test]

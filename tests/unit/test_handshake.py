@@ -57,8 +57,8 @@ def _pair(
 
 def _session(keys: hs.Keys, cipher: Cipher) -> Session:
     return Session(
-        send_key=keys.send_key,
-        recv_key=keys.recv_key,
+        chaining_key=keys.chaining_key,
+        initiator=keys.initiator,
         local_index=keys.local_index,
         remote_index=keys.remote_index,
         cipher=cipher,
@@ -197,8 +197,11 @@ def test_pair_end_to_end(cipher: Cipher) -> None:
     assert rkeys.peer == rstate.peer
     assert (ikeys.local_index, ikeys.remote_index) == (11, 22)
     assert (rkeys.local_index, rkeys.remote_index) == (22, 11)
-    assert ikeys.send_key == rkeys.recv_key and ikeys.recv_key == rkeys.send_key
-    assert ikeys.send_key != ikeys.recv_key
+    assert ikeys.chaining_key == rkeys.chaining_key
+    assert ikeys.initiator and not rkeys.initiator
+    # Split() (Noise §5.2): two different keys, one each way
+    to_responder, to_initiator = hs.hkdf2(ikeys.chaining_key, b"")
+    assert to_responder != to_initiator
 
     initiator, responder = _session(ikeys, cipher), _session(rkeys, cipher)
     assert responder.open_untrusted(initiator.seal(b"to bob")) == b"to bob"
@@ -339,7 +342,7 @@ def test_forged_response_leaves_state_usable() -> None:
     forged[60] ^= 1
     with pytest.raises(BadPacket):
         consume_response_untrusted(istate, _remac(bytes(forged), a.public_key), NOW)
-    assert consume_response_untrusted(istate, resp, NOW).send_key == rkeys.recv_key
+    assert consume_response_untrusted(istate, resp, NOW).chaining_key == rkeys.chaining_key
 
 
 # Regions of each message: (name, start, end) with negative ends counted from the end.

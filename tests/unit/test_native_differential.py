@@ -208,6 +208,66 @@ def test_memoryview_and_bytearray_inputs() -> None:
     assert rx.open_untrusted(memoryview(bytearray(d))) == b"view"
 
 
+@_many
+@given(
+    cipher=st.sampled_from(list(Cipher)),
+    secure=st.booleans(),
+    chaining_key=st.binary(min_size=32, max_size=32),
+    payloads=st.lists(st.binary(max_size=1500), min_size=1, max_size=4),
+)
+def test_sessions_from_a_chaining_key_match_and_each_end_opens_the_other(
+    cipher: Cipher, secure: bool, chaining_key: bytes, payloads: list[bytes]
+) -> None:
+    """Noise's Split() in the extension gives the keys proto/session.py derives: the same
+    datagrams from the same chaining key, and the two ends (initiator, responder) agree."""
+    args = {"cipher": cipher, "secure": secure, "created": 0.0, "chaining_key": chaining_key}
+    ends = {
+        cls: (
+            cls(initiator=True, local_index=1, remote_index=2, **args),
+            cls(initiator=False, local_index=2, remote_index=1, **args),
+        )
+        for cls in (Session, native.Session)
+    }
+    (py_i, py_r), (nt_i, nt_r) = ends[Session], ends[native.Session]
+    for p in payloads:
+        d = py_i.seal(p)
+        assert nt_i.seal(p) == d
+        assert nt_r.open_untrusted(d) == p
+        back = nt_r.seal(p)
+        assert py_r.seal(p) == back
+        assert py_i.open_untrusted(back) == p
+    # Fixed keys from the same Split() seal the same datagrams.
+    to_responder, to_initiator = session.hkdf2(chaining_key, b"")
+    by_keys = native.Session(
+        send_key=to_responder,
+        recv_key=to_initiator,
+        local_index=1,
+        remote_index=2,
+        cipher=cipher,
+        secure=secure,
+        created=0.0,
+    )
+    for p in payloads:
+        by_keys.seal(p)
+    assert by_keys.seal(b"x") == nt_i.seal(b"x")
+
+
+def test_a_session_takes_exactly_one_form_of_keys() -> None:
+    base = {"local_index": 1, "remote_index": 2, "cipher": Cipher.AES_256_GCM, "created": 0.0}
+    for cls in (Session, native.Session):
+        with pytest.raises(LocalProtocolError):
+            cls(chaining_key=bytes(31), initiator=True, secure=True, **base)
+        for wrong in (
+            {},
+            {"chaining_key": bytes(32)},
+            {"send_key": bytes(32)},
+            {"chaining_key": bytes(32), "initiator": True, "send_key": bytes(32)},
+            {"initiator": True, "send_key": bytes(32), "recv_key": bytes(32)},
+        ):
+            with pytest.raises(TypeError):
+                cls(secure=True, **base, **wrong)
+
+
 def test_constructor_refusals_match() -> None:
     for cls in (Session, native.Session):
         with pytest.raises(LocalProtocolError):

@@ -4,8 +4,6 @@ and nothing is reordered either way."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import trio
 import trio.testing
 
