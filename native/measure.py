@@ -121,7 +121,7 @@ def measure(name: str, reads: list[bytes], cipher: Cipher, seconds: float) -> No
         table = native.SessionTable()
         table.insert(rx, 0)
         for buf, seg in zip(calls, segs, strict=True):
-            table.open_batch(buf, seg, 0, out)
+            table.open_batch(buf, seg, 0)
 
     py_rate, nt_rate = rate(py_in, seconds), rate(nt_in, seconds)
     show(name, "inbound", py_rate * frame_bits, nt_rate * frame_bits)

@@ -235,7 +235,6 @@ class NativeInbound(Inbound):
             raise ValueError("NativeInbound needs a session table with a native table")
         super().__init__(switch, stats, sessions, on_handshake=on_handshake, on_ice=on_ice)
         self.table = sessions.native
-        self._buf = bytearray()
         self._pending = False
 
     def reassembly_counters(self) -> dict[str, int]:
@@ -283,7 +282,7 @@ class NativeInbound(Inbound):
         t0 = now_ns()
         stats = self.stats
         sessions = self.sessions
-        got = self.table.open_batch(data, segment, sessions.paths.get((addr, via)), self._buf)
+        got = self.table.open_batch(data, segment, sessions.paths.get((addr, via)))
         t1 = now_ns()
         for name, n in got.drops:
             stats.drop(name, n)
@@ -333,28 +332,27 @@ class NativeInbound(Inbound):
 
     def _take(
         self,
-        writes: list[tuple[int, int, int]],
+        writes: list[tuple[bytes, int]],
         ports: list[PeerPort | None],
         out: list[bytes],
         now: float,
     ) -> int:
-        """The TAP writes the switch accepts, copied out of the reused buffer into `out`."""
-        view = memoryview(self._buf)
+        """The TAP writes (each its own bytes, with the slot of its port) the switch
+        accepts, into `out`."""
         nbytes = 0
-        for off, n, slot in writes:
+        for frame, slot in writes:
             port = ports[slot]
             if port is not None:  # the switch's checks and accounting, as Inbound's
-                nbytes += self._accept(port, [bytes(view[off : off + n])], out, now)
-        view.release()
+                nbytes += self._accept(port, [frame], out, now)
         return nbytes
 
     def flush_pending(self, out: list[bytes], now: float) -> None:
         """As Inbound.flush_pending: a peer removed meanwhile writes nothing more."""
-        spans = self.table.flush_pending(self._buf)
+        written = self.table.flush_pending()
         self._pending = False
         ports_by_id, has = self.sessions.ports, self.switch.has
         ports: list[PeerPort | None] = []
-        for _off, _n, peer in spans:
+        for _frame, peer in written:
             port = ports_by_id.get(peer)
             ports.append(port if port is not None and has(port) else None)
-        self._take([(off, n, i) for i, (off, n, _peer) in enumerate(spans)], ports, out, now)
+        self._take([(frame, i) for i, (frame, _peer) in enumerate(written)], ports, out, now)

@@ -35,22 +35,22 @@ Contract (every `*_untrusted` call counts what the network sent, it never raises
   failure would lose them).
 * `SessionTable()`: local index -> (session, peer), `peer` an int the caller chooses; each
   peer has one reassembler, shared by its sessions. `insert(session, peer)`,
-  `remove(local_index)`, `remove_peer(peer, out)`, `set_paths(peer, tokens)` (where a plain
+  `remove(local_index)`, `remove_peer(peer)`, `set_paths(peer, tokens)` (where a plain
   session's datagrams may come from: ints the caller assigns to distinct (address, relay)
   paths, its endpoint's and the ICE-valid ones), `pending(peer)`, `reassembly_counters(peer=None)`.
-* `SessionTable.open_batch(data, segment, path, out)` -> `InboundBatch`: one
+* `SessionTable.open_batch(data, segment, path)` -> `InboundBatch`: one
   receive call (`data` the filled part of the receive buffer, cut every `segment` bytes as
   recv_once cuts it, all from path token `path`). Per datagram, as Inbound.process: not data
   (STUN, ChannelData, handshake, other, runt, empty) -> `others` (offset, length) for
   Python's handlers, in order; unknown index -> "unknown_session"; plain session off its
   paths -> "plain_wrong_path"; refused by the session -> "bad_datagram"; opened -> pushed
-  into the peer's reassembler (refused -> "bad_inner_payload"). `out` (a caller-owned
-  bytearray) holds the TAP writes (virtio_net_hdr + frame each); `writes` are (offset,
-  length, slot), slot indexing `sessions`: (local_index, peer, opened, refused, bad_inner,
-  data, nbytes) per session touched. `drops`: (name, count) pairs, non-zero only;
-  `pending`: some peer holds an incomplete super-frame (flush it after PENDING_FLUSH with
-  `flush_pending(out)`, which returns (offset, length, peer) per write, as `reset_peer`
-  and `remove_peer` do).
+  into the peer's reassembler (refused -> "bad_inner_payload"). `writes` are (TAP write,
+  slot): each write (virtio_net_hdr + frame) its own bytes, copied once out of the table's
+  buffer, as the TAP writer thread needs; slot indexes `sessions`: (local_index, peer,
+  opened, refused, bad_inner, data, nbytes) per session touched. `drops`: (name, count)
+  pairs, non-zero only; `pending`: some peer holds an incomplete super-frame (flush it
+  after PENDING_FLUSH with `flush_pending()`, which returns (TAP write, peer) per write,
+  as `reset_peer(peer)` and `remove_peer(peer)` do).
 * `encode_outbound(read, frame_id, max_payload=1440)` and `Reassembler` (push_untrusted,
   flush, reset, pending, the four counters): proto/offload.py's, for tests and fuzzing.
 

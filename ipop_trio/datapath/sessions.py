@@ -91,7 +91,6 @@ class SessionTable(Generic[Owner]):
         self.native: Any = core.SessionTable() if native else None
         self.ports: dict[int, PeerPort] = {}  # port id -> port, for the native table's peers
         self.paths = PathTokens()
-        self._buf = bytearray()
         # What a handshake's keys become: sessions the table's inbound loop can open.
         self.make_session: Callable[..., Session] = core.Session if native else Session
 
@@ -136,21 +135,14 @@ class SessionTable(Generic[Owner]):
         if self.native is None:
             port.reassembler.reset(out)
         else:
-            self.take_writes(self.native.reset_peer(port.id, self._buf), out)
+            out.extend(frame for frame, _peer in self.native.reset_peer(port.id))
 
     def forget_port(self, port: PeerPort) -> None:
         """The peer was removed: its half-reassembled frames are never written now."""
         if self.native is not None and self.ports.pop(port.id, None) is not None:
-            self.native.remove_peer(port.id, self._buf)
+            self.native.remove_peer(port.id)
             self.paths.set(port.id, set())
             port.on_path_change = None
-
-    def take_writes(self, spans: list[tuple[int, int, int]], out: list[bytes]) -> None:
-        """Copy the native table's TAP writes ((offset, length, peer) in the table's
-        buffer) to `out` as bytes: the TAP writer thread must not see a reused buffer."""
-        view = memoryview(self._buf)
-        out.extend(bytes(view[o : o + n]) for o, n, _peer in spans)
-        view.release()
 
     def release_owner(self, owner: Owner) -> None:
         """Release every index `owner` holds (its peer was removed)."""

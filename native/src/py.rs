@@ -329,8 +329,9 @@ pub struct OutboundBatch {
 /// What `SessionTable.open_batch` did.
 #[pyclass(frozen, get_all, module = "ipop_trio._native")]
 pub struct InboundBatch {
-    /// (offset, length, slot) of each TAP write in `out`, in order; slot indexes `sessions`
-    writes: Vec<(usize, usize, usize)>,
+    /// (TAP write, slot) in order, each write its own bytes (the TAP writer thread keeps
+    /// them past the call); slot indexes `sessions`
+    writes: Vec<(Py<PyBytes>, usize)>,
     /// (local_index, peer, opened, refused, bad_inner, data, nbytes) per session touched
     sessions: Vec<(u32, u64, usize, usize, usize, bool, usize)>,
     /// (offset, length) in the input of each datagram that is not data, for Python's
@@ -352,11 +353,12 @@ pub struct SessionTable {
     writes: Writes,
 }
 
-fn writes_with_peers(w: &Writes, peers: &[u64]) -> Vec<(usize, usize, u64)> {
-    w.spans
-        .iter()
-        .zip(peers)
-        .map(|(&(s, n), &p)| (s, n, p))
+/// Each TAP write in `w` as its own bytes, with its tag (a slot or a peer), in order: one
+/// copy out of the reused buffer, the one the TAP writer thread needs anyway.
+fn frames_with<T: Copy>(py: Python<'_>, w: &Writes, tags: &[T]) -> Vec<(Py<PyBytes>, T)> {
+    (0..w.spans.len())
+        .zip(tags)
+        .map(|(i, &t)| (PyBytes::new(py, w.get(i)).unbind(), t))
         .collect()
 }
 
@@ -438,8 +440,8 @@ impl SessionTable {
     }
 
     /// Open one receive call's datagrams: `data` (any buffer: the receive buffer's filled
-    /// part) cut every `segment` bytes as recv_once does, all from the path `path`. TAP
-    /// writes go into `out` (a caller-owned bytearray, resized); returns an InboundBatch.
+    /// part) cut every `segment` bytes as recv_once does, all from the path `path`; returns
+    /// an InboundBatch, whose TAP writes are bytes.
     /// Never raises for what the network sent: every datagram is opened, counted as a drop
     /// or handed back in `others`.
     fn open_batch(
@@ -448,13 +450,11 @@ impl SessionTable {
         data: &Bound<'_, PyAny>,
         segment: usize,
         path: u64,
-        out: &Bound<'_, PyByteArray>,
     ) -> PyResult<InboundBatch> {
         let SessionTable { table, rx, writes } = self;
         copy_in(py, data, rx)?;
         writes.clear();
         let r = py.detach(|| table.open_batch(rx, segment, path, writes));
-        copy_out(py, out, &writes.buf)?;
         let d = r.drops;
         let drops = [
             ("unknown_session", d.unknown_session),
@@ -463,12 +463,7 @@ impl SessionTable {
             ("bad_inner_payload", d.bad_inner_payload),
         ];
         Ok(InboundBatch {
-            writes: writes
-                .spans
-                .iter()
-                .zip(&r.write_slots)
-                .map(|(&(s, n), &slot)| (s, n, slot))
-                .collect(),
+            writes: frames_with(py, writes, &r.write_slots),
             sessions: r
                 .sessions
                 .iter()
@@ -492,48 +487,30 @@ impl SessionTable {
     }
 
     /// Write out every super-frame still missing pieces (the socket was quiet for
-    /// PENDING_FLUSH): `out` holds the TAP writes; returns (offset, length, peer) each.
-    fn flush_pending(
-        &mut self,
-        py: Python<'_>,
-        out: &Bound<'_, PyByteArray>,
-    ) -> PyResult<Vec<(usize, usize, u64)>> {
+    /// PENDING_FLUSH): returns (TAP write, peer) each.
+    fn flush_pending(&mut self, py: Python<'_>) -> Vec<(Py<PyBytes>, u64)> {
         self.writes.clear();
         let peers = self.table.flush_pending(&mut self.writes);
-        copy_out(py, out, &self.writes.buf)?;
-        Ok(writes_with_peers(&self.writes, &peers))
+        frames_with(py, &self.writes, &peers)
     }
 
     /// The peer's session changed: flush its pending frame and forget its frame ids.
-    /// `out` holds the TAP writes; returns (offset, length, peer) each.
-    fn reset_peer(
-        &mut self,
-        py: Python<'_>,
-        peer: u64,
-        out: &Bound<'_, PyByteArray>,
-    ) -> PyResult<Vec<(usize, usize, u64)>> {
+    /// Returns (TAP write, peer) each.
+    fn reset_peer(&mut self, py: Python<'_>, peer: u64) -> Vec<(Py<PyBytes>, u64)> {
         self.writes.clear();
         if let Some(p) = self.table.peers.get_mut(&peer) {
             p.reassembler.reset(&mut self.writes);
         }
-        copy_out(py, out, &self.writes.buf)?;
-        Ok(writes_with_peers(
-            &self.writes,
-            &vec![peer; self.writes.spans.len()],
-        ))
+        frames_with(py, &self.writes, &vec![peer; self.writes.spans.len()])
     }
 
-    /// Forget a peer and its sessions; its pending frame is flushed into `out` first.
-    fn remove_peer(
-        &mut self,
-        py: Python<'_>,
-        peer: u64,
-        out: &Bound<'_, PyByteArray>,
-    ) -> PyResult<Vec<(usize, usize, u64)>> {
-        let written = self.reset_peer(py, peer, out)?;
+    /// Forget a peer and its sessions; returns its pending frame's TAP writes, flushed
+    /// first, as `reset_peer` does.
+    fn remove_peer(&mut self, py: Python<'_>, peer: u64) -> Vec<(Py<PyBytes>, u64)> {
+        let written = self.reset_peer(py, peer);
         self.table.peers.remove(&peer);
         self.table.sessions.retain(|_, e| e.peer != peer);
-        Ok(written)
+        written
     }
 }
 

@@ -566,7 +566,6 @@ class Side:
             if isinstance(s, native.Session):
                 self.table.insert(s, 0)
         self.table.set_paths(0, [PATH] if secure_path else [])
-        self.out = bytearray()
 
     def python(self, buf: bytes, seg: int) -> list[bytes]:
         out: list[bytes] = []
@@ -574,7 +573,7 @@ class Side:
         return out
 
     def native(self, buf: bytes, seg: int) -> list[bytes]:
-        got = self.table.open_batch(buf, seg, PATH, self.out)
+        got = self.table.open_batch(buf, seg, PATH)
         for name, n in got.drops:
             self.stats.drop(name, n)
         view = memoryview(buf)
@@ -584,14 +583,14 @@ class Side:
             self.port.drops += refused + bad_inner
             self.port.last_received = 1.0 if opened else self.port.last_received
         out: list[bytes] = []
-        writes = [bytes(self.out[off : off + n]) for off, n, _slot in got.writes]
+        writes = [frame for frame, _slot in got.writes]
         self.inbound._accept(self.port, writes, out, 1.0)
         return out
 
     def flush(self, use_native: bool) -> list[bytes]:
         out: list[bytes] = []
         if use_native:
-            writes = [bytes(self.out[o : o + n]) for o, n, _ in self.table.flush_pending(self.out)]
+            writes = [frame for frame, _peer in self.table.flush_pending()]
             self.inbound._accept(self.port, writes, out, 1.0)
         else:
             self.inbound.flush_pending(out, 1.0)
@@ -600,7 +599,7 @@ class Side:
     def reset(self, use_native: bool) -> list[bytes]:
         out: list[bytes] = []
         if use_native:
-            writes = [bytes(self.out[o : o + n]) for o, n, _ in self.table.reset_peer(0, self.out)]
+            writes = [frame for frame, _peer in self.table.reset_peer(0)]
         else:
             writes = []
             self.port.reassembler.reset(writes)
@@ -694,17 +693,16 @@ def test_inbound_results_name_sessions_and_others() -> None:
     payloads = offload.encode_outbound(read, 1)
     datagrams = [tx.seal(p) for p in payloads[:-1]]  # the last piece is still on its way
     buf = b"".join(datagrams) + b"\x00\x01junk"
-    out = bytearray()
-    got = table.open_batch(buf, len(datagrams[0]), PATH, out)
+    got = table.open_batch(buf, len(datagrams[0]), PATH)
     assert got.datagrams == len(datagrams) + 1
     assert got.others == [(len(buf) - 6, 6)]
     assert got.writes == [] and got.pending and table.pending(5) == len(payloads) - 1
     (index, peer, opened, refused, bad, data, nbytes) = got.sessions[0]
     assert (index, peer, opened, refused, bad, data) == (7, 5, len(datagrams), 0, 0, True)
     assert nbytes == sum(map(len, payloads[:-1]))
-    got = table.open_batch(tx.seal(payloads[-1]), 0, PATH, out)
-    assert [(o, n) for o, n, _slot in got.writes] == [(0, len(read))] and bytes(out) == read
+    got = table.open_batch(tx.seal(payloads[-1]), 0, PATH)
+    assert got.writes == [(read, 0)]
     assert not got.pending
     assert table.reassembly_counters(5)["frames_whole"] == 1
     assert len(table) == 1 and 7 in table
-    assert table.remove_peer(5, out) == [] and len(table) == 0
+    assert table.remove_peer(5) == [] and len(table) == 0
