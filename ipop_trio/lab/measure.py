@@ -56,6 +56,37 @@ def wait_listening(host: Host, port: int, timeout: float = LISTEN_TIMEOUT) -> No
         time.sleep(0.05)
 
 
+def wait_tcp_idle(host: Host, port: int, timeout: float = LISTEN_TIMEOUT) -> None:
+    """Poll until no TCP connection in `host` with local port `port` is still open on the
+    server's side (established, or closed by the peer but not yet by the server): the
+    server is done with its last client. TIME-WAIT and FIN-WAIT remains do not count."""
+    deadline = time.monotonic() + timeout
+    states = [w for s in _SERVER_OPEN_STATES for w in ("state", s)]
+    while True:
+        out = host.run(
+            ["ss", "-Htn", *states, f"sport = :{port}"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
+        if not out.strip():
+            return
+        if time.monotonic() >= deadline:
+            raise LabError(f"{host.name}:{port} still has connections after {timeout:.0f}s")
+        time.sleep(0.05)
+
+
+_SERVER_OPEN_STATES = ("established", "syn-recv", "close-wait", "last-ack")
+# iperf3's words when its server refused or dropped a test on the control connection before
+# any result (iperf3 3.x runs one test at a time): worth one more try, unlike anything else.
+_IPERF_REFUSED = ("server is busy", "control message")
+
+
+def iperf3_server_refused(exc: LabError) -> bool:
+    """Did an `iperf3` call fail on its control connection (server busy or reset)?"""
+    return any(words in str(exc) for words in _IPERF_REFUSED)
+
+
 def start_iperf3_server(
     host: Host, port: int = IPERF_PORT, *, one_off: bool = False
 ) -> subprocess.Popen[Any]:
