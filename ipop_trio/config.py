@@ -95,6 +95,21 @@ DEFAULT_MTU = 1400
 MAX_MTU = 1500 - 20 - 8 - DATA_OVERHEAD - (PIECE_META.size + 1) - 14
 assert MAX_MTU == 1408
 MIN_MTU = 576
+# What an underlay packet carries around one TAP MTU's worth of IP packet: the inner
+# Ethernet header and piece trailer, the data header and tag, a TURN ChannelData header (a
+# relayed path), UDP, and the underlay's IP header (IPv4 20, IPv6 40).
+CHANNEL_DATA_HEADER = 4
+TUNNEL_OVERHEAD = 14 + PIECE_META.size + 1 + DATA_OVERHEAD + CHANNEL_DATA_HEADER + 8
+
+
+def tap_mtu_for(underlay_mtu: int, *, ipv6: bool = False) -> int:
+    """The default TAP MTU on an underlay path of `underlay_mtu`: what fits in one underlay
+    packet (1500 -> 1404 over IPv4), at most DEFAULT_MTU, at least MIN_MTU (an underlay
+    narrower than MIN_MTU + 96, or + 116 over IPv6, cannot carry a whole overlay packet)."""
+    fits = underlay_mtu - (40 if ipv6 else 20) - TUNNEL_OVERHEAD
+    return max(MIN_MTU, min(DEFAULT_MTU, fits))
+
+
 T = TypeVar("T")
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,63}$")
 _IFNAME = re.compile(r"^[A-Za-z0-9._-]{1,15}$")
@@ -161,7 +176,7 @@ class PeerConfig:
 @dataclass(frozen=True, slots=True)
 class TapConfig:
     name: str = "ipop0"
-    mtu: int = DEFAULT_MTU
+    mtu: int | None = None  # None: from the underlay at start (tap_mtu_for)
     offload: bool = True  # ask the kernel for checksum offload and TSO super-frames
 
 
@@ -322,7 +337,7 @@ def parse(data: dict[str, Any], path: Path) -> NodeConfig:
     )
     tap = TapConfig(
         name=c(lambda: _ifname("tap.name", tap_t.get("name", "ipop0")), "ipop0"),
-        mtu=c(lambda: _int("tap.mtu", tap_t.get("mtu", DEFAULT_MTU), MIN_MTU, MAX_MTU), 0),
+        mtu=c(lambda: _optional_mtu(tap_t.get("mtu")), None),
         offload=c(lambda: _bool("tap.offload", tap_t.get("offload", True)), True),
     )
     control = c(lambda: _control(base, node), None)
@@ -834,6 +849,10 @@ def _ifname(field: str, value: object) -> str:
     if not isinstance(value, str) or not _IFNAME.match(value):
         raise ConfigError(field, "must be an interface name of 1-15 characters (A-Z a-z 0-9 . _ -)")
     return value
+
+
+def _optional_mtu(value: object) -> int | None:
+    return None if value is None else _int("tap.mtu", value, MIN_MTU, MAX_MTU)
 
 
 def _int(field: str, value: object, lo: int, hi: int) -> int:

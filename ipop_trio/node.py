@@ -30,11 +30,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import trio
 
 from . import pki
-from .config import DnsConfig, Endpoint, NodeConfig
+from .config import DEFAULT_MTU, DnsConfig, Endpoint, NodeConfig, tap_mtu_for
 from .control.controller import EVENT_QUEUE, Controller
 from .control.ice import IceService
 from .control.links import LinkManager, PeerRuntime, PeerSetup
@@ -226,6 +227,8 @@ class Node:
         self.control = control
         self.stats = Stats()
         self.started_wall = time.time()
+        self.mtu = setup.config.tap.mtu or DEFAULT_MTU  # the TAP's, once run_node chose it
+        self.mtu_why = "set in the config" if setup.config.tap.mtu else "the default"
         self.switch = Switch(setup.identity.mac, self.stats)
         self.switch.configure_firewall(setup.config.firewall)
         # The per-datagram loops: the native core's when it was built (and not disabled by
@@ -309,6 +312,8 @@ class Node:
                 "address": f"{ident.address}/{ident.network.prefixlen}",
                 "groups": sorted(ident.groups),
                 "tap": self.tap.name,
+                "mtu": self.mtu,
+                "mtu_why": self.mtu_why,
                 "mac": format_mac(ident.mac),
                 "listen": f"{host}:{port}",
                 "pid": os.getpid(),
@@ -342,6 +347,57 @@ class Node:
 
     def stats_reply(self, _req: dict[str, Any]) -> dict[str, Any]:
         return self.stats.snapshot()
+
+
+def _underlay_targets(cfg: NodeConfig) -> list[str]:
+    """The underlay addresses this node will send to that it knows at start: configured
+    peers, the signalling server (when its URL names an address), STUN and TURN servers."""
+    targets = [p.endpoint.host for p in cfg.peers if p.endpoint is not None]
+    if cfg.signalling is not None:
+        host = urlsplit(cfg.signalling.url).hostname
+        if host:
+            targets.append(host)
+    if cfg.ice is not None:
+        targets += [e.host for e in cfg.ice.stun] + [t.server.host for t in cfg.ice.turn]
+    return [t for t in dict.fromkeys(targets) if _is_ip(t)]
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+# Where the default route goes, when the node knows no address to send to (TEST-NET-1 and
+# the documentation prefix: never sent to, only looked up).
+_DEFAULT_ROUTE_PROBE = {4: "192.0.2.1", 6: "2001:db8::1"}
+
+
+def choose_tap_mtu(cfg: NodeConfig) -> tuple[int, str]:
+    """The TAP MTU and why: the configured one, else the largest whose datagrams fit the
+    underlay towards every address the node knows it will use (the default route's when it
+    knows none), at most DEFAULT_MTU (config.tap_mtu_for)."""
+    if cfg.tap.mtu is not None:
+        return cfg.tap.mtu, "set in the config"
+    targets = _underlay_targets(cfg)
+    if not targets:
+        family = ipaddress.ip_address(cfg.listen.host).version
+        targets = [_DEFAULT_ROUTE_PROBE[family]]
+    best: tuple[int, str] | None = None
+    for target in targets:
+        found = netlink.path_mtu(target)
+        if found is None:
+            continue
+        underlay, dev = found
+        mtu = tap_mtu_for(underlay, ipv6=ipaddress.ip_address(target).version == 6)
+        if best is None or mtu < best[0]:
+            where = "the default route" if target in _DEFAULT_ROUTE_PROBE.values() else target
+            best = (mtu, f"{dev} mtu {underlay} towards {where}, less the overlay's headers")
+    if best is None:
+        return DEFAULT_MTU, "the default: no route to measure the underlay by"
+    return best
 
 
 async def run_node(
@@ -380,7 +436,9 @@ async def run_node(
     try:
         ident = setup.identity
         iface = ipaddress.ip_interface(f"{ident.address}/{ident.network.prefixlen}")
-        netlink.configure_tap(tap.name, mac=ident.mac, mtu=cfg.tap.mtu, address=iface)
+        mtu, mtu_why = choose_tap_mtu(cfg)
+        log.info("%s: mtu %d (%s)", tap.name, mtu, mtu_why)
+        netlink.configure_tap(tap.name, mac=ident.mac, mtu=mtu, address=iface)
         if cfg.dns is not None:  # after the TAP has our overlay address, the default one
             from .net.names import DnsSockets  # dnspython only for a node with [dns]
 
@@ -392,6 +450,7 @@ async def run_node(
                 hint = " (a port below 1024 needs CAP_NET_BIND_SERVICE)" if low else ""
                 raise ConfigError("dns.listen", f"{exc}{hint}") from None
         node = Node(setup, tap, udp, control.path)
+        node.mtu, node.mtu_why = mtu, mtu_why
         send, receive = pipeline.make_outbound_channel()
         async with trio.open_nursery() as nursery:
             if metrics_listeners:

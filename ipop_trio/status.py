@@ -57,6 +57,8 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
         f"node {node.get('name')}  overlay {node.get('overlay')}  address {node.get('address')}  "
         f"tap {node.get('tap')} ({node.get('mac')})  listen {node.get('listen')}",
     ]
+    if node.get("mtu"):
+        lines.append(f"mtu {node['mtu']} ({node.get('mtu_why')})")
     cert = node.get("cert")
     if cert:
         cas = node.get("ca") or []

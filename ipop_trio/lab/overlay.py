@@ -141,7 +141,7 @@ class Overlay:
         name: str = "lab",
         network: str = DEFAULT_OVERLAY_NETWORK,
         cipher: str = "aes-256-gcm",
-        tap_mtu: int = 1400,
+        tap_mtu: int | None = 1400,  # None: the node's default (from the underlay)
         log_level: str = "info",
         log_format: str = "text",
         days: int = 2,
@@ -325,7 +325,7 @@ class Overlay:
             "",
             "[tap]",
             f"name = {_toml_str(node.tap)}",
-            f"mtu = {self.tap_mtu}",
+            *([] if self.tap_mtu is None else [f"mtu = {self.tap_mtu}"]),
             *([] if node.offload is None else [f"offload = {str(node.offload).lower()}"]),
         ]
         if node.signalling:

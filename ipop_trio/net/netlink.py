@@ -63,3 +63,35 @@ def host_addresses(
                 continue
             out.append((name, str(ip)))
     return out
+
+
+def path_mtu(destination: str) -> tuple[int, str] | None:
+    """The MTU of the local route towards `destination` (an IP address): the route's own
+    `mtu` metric when it has one, else its outgoing interface's MTU, whichever is smaller,
+    with the interface's name. None when there is no route (or the address is not one)."""
+    try:
+        ip = ipaddress.ip_address(destination)
+    except ValueError:
+        return None
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    try:
+        with IPRoute() as ipr:
+            routes = ipr.route("get", dst=str(ip), family=family)
+            if not routes:
+                return None
+            route = routes[0]
+            oif = route.get_attr("RTA_OIF")
+            if oif is None:
+                return None
+            links = ipr.get_links(oif)
+            if not links:
+                return None
+            mtu = int(links[0].get_attr("IFLA_MTU") or 0)
+            name = str(links[0].get_attr("IFLA_IFNAME") or f"if{oif}")
+            metrics = route.get_attr("RTA_METRICS")
+            route_mtu = int(metrics.get_attr("RTAX_MTU") or 0) if metrics is not None else 0
+    except (NetlinkError, OSError):
+        return None
+    if route_mtu and (not mtu or route_mtu < mtu):
+        mtu = route_mtu
+    return (mtu, name) if mtu > 0 else None

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from ipop_trio import cli, config
+from ipop_trio import cli, config, node
 from ipop_trio.errors import ConfigError, ConfigErrors
 
 
@@ -353,3 +353,42 @@ def test_a_host_name_endpoint_says_names_are_not_supported() -> None:
         config.parse_endpoint("peer[0].endpoint", "beta.example.net:4600")
     with pytest.raises(config.ConfigError, match='is not "ADDRESS:PORT"'):
         config.parse_endpoint("peer[0].endpoint", "beta")
+
+
+@pytest.mark.parametrize(
+    ("underlay", "ipv6", "mtu"),
+    [
+        (1500, False, 1400),
+        (1500, True, 1384),
+        (1400, False, 1304),
+        (1280, False, 1184),
+        (1280, True, 1164),
+        (9000, False, 1400),
+        (600, False, config.MIN_MTU),
+    ],
+)
+def test_the_tap_mtu_is_what_one_underlay_packet_carries(
+    underlay: int, ipv6: bool, mtu: int
+) -> None:
+    assert config.tap_mtu_for(underlay, ipv6=ipv6) == mtu
+    if config.MIN_MTU < mtu < config.DEFAULT_MTU:
+        # a full-size piece: the IP packet, its Ethernet header and trailer, the data header
+        # and tag, ChannelData, UDP and the underlay IP header make exactly one packet
+        piece = mtu + 14 + 18
+        assert piece + 32 + 4 + 8 + (40 if ipv6 else 20) == underlay
+
+
+def test_an_unset_mtu_is_chosen_from_the_underlay_and_a_set_one_wins(files: Path) -> None:
+    unset = config.load(write(files, GOOD.replace("mtu = 1380\n", "")))
+    assert unset.tap.mtu is None
+    assert node.choose_tap_mtu(config.load(write(files, GOOD))) == (1380, "set in the config")
+
+
+def test_the_mtu_is_measured_towards_the_addresses_the_config_names(files: Path) -> None:
+    text = GOOD + (
+        '[signalling]\nurl = "ws://198.51.100.9:8765/"\n[ice]\nstun = ["stun:203.0.113.5:3478"]\n'
+    )
+    cfg = config.load(write(files, text))
+    assert node._underlay_targets(cfg) == ["192.0.2.7", "198.51.100.9", "203.0.113.5"]
+    named = config.load(write(files, text.replace("198.51.100.9", "signal.example.net")))
+    assert node._underlay_targets(named) == ["192.0.2.7", "203.0.113.5"]  # names: not resolved
