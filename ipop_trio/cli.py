@@ -484,12 +484,13 @@ def cmd_signal(args: argparse.Namespace) -> int:
                     pages = {"/metrics": signal_page(server.core.stats)}
                     await nursery.start(serve_http, metrics_listeners, pages)
                     port = metrics_listeners[0].socket.getsockname()[1]
-                    where = f"[{metrics.host}]" if ":" in metrics.host else metrics.host
-                    print(f"ipop-trio signal: metrics on http://{where}:{port}/metrics", flush=True)
+                    where = config.endpoint_text(metrics.host, port)
+                    print(f"ipop-trio signal: metrics on http://{where}/metrics", flush=True)
                 await nursery.start(
                     partial(server.serve, listen.host, listen.port, ssl_context=ssl_context)
                 )
-                print(f"ipop-trio signal: listening on {listen.host}:{server.port}", flush=True)
+                bound = config.endpoint_text(listen.host, server.port or listen.port)
+                print(f"ipop-trio signal: listening on {bound}", flush=True)
                 async for signum in signals:
                     if signum == signal.SIGHUP:
                         _reload_anchors(server, args.ca, log)

@@ -102,6 +102,12 @@ CHANNEL_DATA_HEADER = 4
 TUNNEL_OVERHEAD = 14 + PIECE_META.size + 1 + DATA_OVERHEAD + CHANNEL_DATA_HEADER + 8
 
 
+def endpoint_text(host: str, port: int) -> str:
+    """An address and port as the config writes them: `[fd01::2]:4600` for IPv6 (RFC 3986
+    §3.2.2), `10.0.0.1:4600` for IPv4. Every endpoint the node prints goes through here."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def tap_mtu_for(underlay_mtu: int, *, ipv6: bool = False) -> int:
     """The default TAP MTU on an underlay path of `underlay_mtu`: what fits in one underlay
     packet (1500 -> 1404 over IPv4), at most DEFAULT_MTU, at least MIN_MTU (an underlay
@@ -158,7 +164,7 @@ class Endpoint:
     port: int
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return endpoint_text(self.host, self.port)
 
     @property
     def sockaddr(self) -> tuple[str, int]:

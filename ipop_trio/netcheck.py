@@ -26,7 +26,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import NodeConfig
+from .config import NodeConfig, endpoint_text
 from .errors import BadPacket
 from .proto import stun, turn
 
@@ -73,17 +73,17 @@ class Report:
         preserved = ", port preserved" if first[1] == self.local[1] else ""
         if destinations < 2:
             return (
-                f"behind a NAT ({first[0]}:{first[1]}{preserved}); "
+                f"behind a NAT ({_where(first)}{preserved}); "
                 "one STUN destination cannot tell its mapping: configure two"
             )
         return (
-            f"endpoint-independent mapping ({first[0]}:{first[1]} for every destination"
+            f"endpoint-independent mapping ({_where(first)} for every destination"
             f"{preserved}): direct paths work with most peers"
         )
 
     def as_json(self) -> dict[str, Any]:
         return {
-            "local": f"{self.local[0]}:{self.local[1]}",
+            "local": _where(self.local),
             "nat": self.nat,
             "ok": self.ok,
             "checks": [
@@ -93,14 +93,14 @@ class Report:
                     "ok": c.ok,
                     "rtt_ms": c.rtt_ms,
                     "detail": c.detail,
-                    "mapped": None if c.mapped is None else f"{c.mapped[0]}:{c.mapped[1]}",
+                    "mapped": None if c.mapped is None else _where(c.mapped),
                 }
                 for c in self.checks
             ],
         }
 
     def lines(self) -> list[str]:
-        out = [f"netcheck from {self.local[0]}:{self.local[1]} (a fresh UDP socket)"]
+        out = [f"netcheck from {_where(self.local)} (a fresh UDP socket)"]
         for c in self.checks:
             rtt = "" if c.rtt_ms is None else f"  {c.rtt_ms:.1f} ms"
             mark = "ok  " if c.ok else "FAIL"
@@ -110,7 +110,7 @@ class Report:
 
 
 def _where(addr: Addr) -> str:
-    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+    return endpoint_text(addr[0], addr[1])
 
 
 def netcheck(cfg: NodeConfig, *, timeout: float = 3.0) -> Report:

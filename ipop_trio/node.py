@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 import trio
 
 from . import pki
-from .config import DEFAULT_MTU, DnsConfig, Endpoint, NodeConfig, tap_mtu_for
+from .config import DEFAULT_MTU, DnsConfig, Endpoint, NodeConfig, endpoint_text, tap_mtu_for
 from .control.controller import EVENT_QUEUE, Controller
 from .control.ice import IceService
 from .control.links import LinkManager, PeerRuntime, PeerSetup
@@ -315,7 +315,7 @@ class Node:
                 "mtu": self.mtu,
                 "mtu_why": self.mtu_why,
                 "mac": format_mac(ident.mac),
-                "listen": f"{host}:{port}",
+                "listen": endpoint_text(host, port),
                 "pid": os.getpid(),
                 "control": str(self.control),
                 "netns": netns_inode(),
@@ -514,8 +514,7 @@ def _close_listeners(listeners: list[trio.SocketListener]) -> None:
 
 def _metrics_where(cfg: NodeConfig, listeners: list[trio.SocketListener]) -> str:
     assert cfg.metrics is not None
-    host, port = cfg.metrics.listen.host, httpd.bound_port(listeners)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return endpoint_text(cfg.metrics.listen.host, httpd.bound_port(listeners))
 
 
 async def _watch_expiry(node: Node) -> None:

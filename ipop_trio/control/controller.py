@@ -62,7 +62,7 @@ from typing import Any, Protocol
 
 import trio
 
-from ..config import SignallingConfig
+from ..config import SignallingConfig, endpoint_text
 from ..errors import BadPacket, CertificateRefused
 from ..proto import signalling as sig
 from ..proto.cert import Identity, TrustAnchor
@@ -463,7 +463,7 @@ class Controller:
             "members": len(self.members),
             "learned_links": len(self.links.learned()),
             "max_links": self.config.max_links,
-            "candidates": [f"{c.address}:{c.port}" for c in self.candidates()],
+            "candidates": [endpoint_text(c.address, c.port) for c in self.candidates()],
             "counters": dict(self.counters),
         }
 

@@ -42,7 +42,7 @@ from typing import Any
 
 import trio
 
-from ..config import IceConfig
+from ..config import IceConfig, endpoint_text
 from ..errors import BadPacket, LocalProtocolError
 from ..net import netlink
 from ..net.udp import UdpSocket
@@ -508,15 +508,15 @@ class IceService:
         return {
             "ready": self.ready,
             "candidates": self.offer_lines(),
-            "stun": [f"{s.host}:{s.port}" for s in self.config.stun],
+            "stun": [str(s) for s in self.config.stun],
             "turn": [
                 {
-                    "server": f"{r.server[0]}:{r.server[1]}",
+                    "server": endpoint_text(*r.server),
                     "state": r.state,
                     "lost": r.lost,
                     "relayed": None
                     if r.candidate is None
-                    else f"{r.candidate.address}:{r.candidate.port}",
+                    else endpoint_text(r.candidate.address, r.candidate.port),
                     "error": r.error,
                     "permissions": 0 if r.client is None else len(r.client.permitted),
                 }

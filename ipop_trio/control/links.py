@@ -53,7 +53,7 @@ from typing import Any, Protocol
 
 import trio
 
-from ..config import Endpoint, PeerConfig
+from ..config import Endpoint, PeerConfig, endpoint_text
 from ..datapath.outbound import Outbound
 from ..datapath.sessions import SessionEntry, SessionTable
 from ..datapath.switch import PeerPort, Switch
@@ -952,9 +952,7 @@ class LinkManager:
                     "handshaking": link.handshaking,  # an initiation of ours is in flight
                     "mode": None if session is None else ("secure" if session.secure else "plain"),
                     "mode_reason": None if rt.decision is None else rt.decision.reason,
-                    "endpoint": None
-                    if port.endpoint is None
-                    else f"{port.endpoint[0]}:{port.endpoint[1]}",
+                    "endpoint": None if port.endpoint is None else endpoint_text(*port.endpoint),
                     "learned": rt.learned.value,
                     "key": encode_key(rt.setup.public_key),
                     "tx_bytes": port.tx_bytes,
@@ -967,7 +965,9 @@ class LinkManager:
                     if link.last_handshake is None
                     else link.last_handshake + link.wall_offset,  # wall clock, for people
                     "refused": rt.refused,
-                    "via": None if port.relay is None else "relay {}:{}".format(*port.relay.server),  # type: ignore[attr-defined]
+                    "via": None
+                    if port.relay is None
+                    else "relay " + endpoint_text(*port.relay.server),  # type: ignore[attr-defined]
                     "path": None if rt.path is None else _path_status(rt.path),
                     "path_changes": rt.path_changes,
                     "ice": None
@@ -1000,9 +1000,10 @@ def _path_status(pair: CandidatePair) -> dict[str, Any]:
     local = pair.mapped or pair.local
     return {
         "type": pair.path_type.value,
-        "local": f"{pair.local.address}:{pair.local.port} ({pair.local.type.value})",
-        "local_seen_as": f"{local.address}:{local.port} ({local.type.value})",
-        "remote": f"{pair.remote.address}:{pair.remote.port} ({pair.remote.type.value})",
+        "local": f"{endpoint_text(pair.local.address, pair.local.port)} ({pair.local.type.value})",
+        "local_seen_as": f"{endpoint_text(local.address, local.port)} ({local.type.value})",
+        "remote": f"{endpoint_text(pair.remote.address, pair.remote.port)} "
+        f"({pair.remote.type.value})",
         "rtt_ms": None if pair.rtt is None else round(pair.rtt * 1000, 3),
         "nominated": pair.nominated,
     }

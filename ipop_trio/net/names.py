@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import trio
 
+from ..config import endpoint_text
 from ..proto.names import TCP_MAX, QueryDropped, Reply
 from ..stats import Stats
 
@@ -41,7 +42,7 @@ class DnsSockets:
         try:
             self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             for sock, kind in ((self.udp, "UDP"), (self.tcp, "TCP")):
-                where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+                where = endpoint_text(host, port)
                 try:
                     sock.bind((host, port))
                 except OSError as exc:

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 
 import trio
 
+from ..config import endpoint_text
+
 SOL_UDP = 17
 UDP_SEGMENT = 103
 UDP_GRO = 104
@@ -50,7 +52,7 @@ class UdpSocket:
             self.sock.bind((host, port))
         except OSError as exc:
             self.sock.close()
-            where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+            where = endpoint_text(host, port)
             raise OSError(exc.errno, f"cannot bind UDP {where}: {exc.strerror}") from None
         for opt, force in ((socket.SO_SNDBUF, SO_SNDBUFFORCE), (socket.SO_RCVBUF, SO_RCVBUFFORCE)):
             try:

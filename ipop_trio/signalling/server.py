@@ -78,6 +78,7 @@ from trio_websocket import (
     wrap_server_stream,
 )
 
+from ..config import endpoint_text
 from ..errors import BadPacket, CertificateRefused
 from ..pki import fingerprint
 from ..proto import signalling as sig
@@ -845,7 +846,7 @@ def _peer_of(stream: trio.abc.Stream) -> tuple[str, str]:
     if not isinstance(name, tuple):  # AF_UNIX
         return str(name), str(name)
     host, port = str(name[0]), int(name[1])
-    return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}"), host
+    return endpoint_text(host, port), host
 
 
 def _port_of(listener: trio.abc.Listener[trio.abc.Stream]) -> int:

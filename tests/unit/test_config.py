@@ -392,3 +392,11 @@ def test_the_mtu_is_measured_towards_the_addresses_the_config_names(files: Path)
     assert node._underlay_targets(cfg) == ["192.0.2.7", "198.51.100.9", "203.0.113.5"]
     named = config.load(write(files, text.replace("198.51.100.9", "signal.example.net")))
     assert node._underlay_targets(named) == ["192.0.2.7", "203.0.113.5"]  # names: not resolved
+
+
+def test_endpoints_print_as_the_config_writes_them() -> None:
+    assert config.endpoint_text("fd01::2", 4600) == "[fd01::2]:4600"
+    assert config.endpoint_text("::", 4600) == "[::]:4600"
+    assert config.endpoint_text("10.0.0.1", 4600) == "10.0.0.1:4600"
+    for text in ("[fd01::2]:4600", "10.0.0.1:4600"):
+        assert str(config.parse_endpoint("node.listen", text)) == text  # round trip
