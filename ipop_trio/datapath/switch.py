@@ -7,6 +7,10 @@ MAC is derived from its certificate key, so the switch knows every peer's MAC wi
     (the request never crosses the overlay);
   * other broadcast and multicast frames are flooded once to every linked peer (no peer
     re-floods: the mesh is full, so there are no loops);
+  * a frame of a protocol the overlay does not carry (IPv6: its kernel's router and
+    neighbour solicitations and MLD reports from the first second; anything but IPv4 and
+    ARP) is not sent at all, since every peer would refuse it: counted under its own name
+    (`ipv6_not_carried`, `ethertype_not_carried`), not as a drop;
   * anything else is a counted drop.
 Inbound, a frame is accepted only if its source MAC is the sending peer's own and it is
 addressed to us (our MAC, broadcast or multicast).
@@ -34,6 +38,7 @@ from ..stats import Stats
 
 ETH_P_ARP = b"\x08\x06"
 ETH_P_IP = b"\x08\x00"
+ETH_P_IPV6 = b"\x86\xdd"
 ARP_REQUEST_HDR = b"\x00\x01\x08\x00\x06\x04\x00\x01"  # Ethernet/IPv4, request
 ARP_REPLY_HDR = b"\x00\x01\x08\x00\x06\x04\x00\x02"
 VNET = 10  # virtio_net_hdr in front of every frame (proto/offload.py)
@@ -225,6 +230,14 @@ class Switch:
             if len(frame) < VNET + 14:
                 self.stats.drop("runt_frame")
                 continue
+            ethertype = frame[VNET + 12 : VNET + 14]
+            if ethertype != ETH_P_IP and ethertype != ETH_P_ARP:
+                # Every peer's accept_inbound refuses these: sending them would only make
+                # drops on healthy links. IPv6 gets its own name: it is the kernel's.
+                self.stats.count(
+                    "ipv6_not_carried" if ethertype == ETH_P_IPV6 else "ethertype_not_carried"
+                )
+                continue
             dst = frame[VNET : VNET + 6]
             port = by_mac.get(dst)
             if port is not None:
@@ -237,7 +250,7 @@ class Switch:
             if not frame[VNET] & 1:
                 self.stats.drop("unknown_unicast")
                 continue
-            if frame[VNET + 12 : VNET + 14] == ETH_P_ARP:
+            if ethertype == ETH_P_ARP:
                 reply = self._answer_arp(frame)
                 if reply is not None:
                     local.append(reply)
