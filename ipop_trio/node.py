@@ -451,6 +451,7 @@ async def run_node(
                 raise ConfigError("dns.listen", f"{exc}{hint}") from None
         node = Node(setup, tap, udp, control.path)
         node.mtu, node.mtu_why = mtu, mtu_why
+        node.outbound.tap_mtu = mtu
         send, receive = pipeline.make_outbound_channel()
         async with trio.open_nursery() as nursery:
             if metrics_listeners:

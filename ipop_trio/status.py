@@ -147,6 +147,14 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
     refused = [
         f"  {p.get('name')}: {p['refused']}" for p in status.get("peers", []) if p.get("refused")
     ]
+    narrow = [
+        f"  {p.get('name')}: {p['path_mtu']} ({p.get('path_mtu_why')})"
+        for p in status.get("peers", [])
+        if p.get("path_mtu")
+    ]
+    if narrow:  # larger packets to these peers are answered with ICMP 'fragmentation needed'
+        lines.append("narrower paths (largest IP packet):")
+        lines += narrow
     if refused:  # a revoked certificate, an address another key holds, a name mismatch, ...
         lines.append("refused peers:")
         lines += refused

@@ -970,6 +970,9 @@ class LinkManager:
                     else "relay " + endpoint_text(*port.relay.server),  # type: ignore[attr-defined]
                     "path": None if rt.path is None else _path_status(rt.path),
                     "path_changes": rt.path_changes,
+                    # set once a send proved the path narrower than the TAP's MTU
+                    "path_mtu": port.path_mtu,
+                    "path_mtu_why": port.path_mtu_why or None,
                     "ice": None
                     if rt.ice is None
                     else {

@@ -20,16 +20,25 @@ sealed and laid out back to back in one reused buffer, one GSO sendmsg per run.
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 from collections.abc import Callable
 from typing import Any
 
+from ..config import DEFAULT_MTU, tap_mtu_for
+from ..net import netlink
 from ..net.udp import UdpSocket
 from ..proto.offload import OffloadError, encode_outbound
+from ..proto.pmtu import MIN_PATH_MTU, split_too_big
 from ..stats import Stats, now_ns
 from .switch import VNET, PeerPort, Switch
 
 # (relay, peer, iov, sizes) -> datagrams dropped: the ICE service's send through a relay.
 SendRelayed = Callable[[Any, tuple[str, int], list[bytes], list[int]], int]
+log = logging.getLogger("ipop_trio.datapath")
+# How far a path's MTU steps down when a send was refused as too big and the route tells
+# nothing narrower (a PMTU the kernel has not cached, a tunnel further on).
+PATH_MTU_STEP = 64
 
 
 class Outbound:
@@ -40,9 +49,14 @@ class Outbound:
         self.udp = udp
         self.stats = stats
         self.send_relayed = send_relayed
+        self.tap_mtu = DEFAULT_MTU  # the TAP's, as the node chose it
+        # ICMP "fragmentation needed" for frames too big for their peer's path: they go
+        # back into our TAP with the batch's local writes (proto/pmtu.py).
+        self.replies: list[bytes] = []
 
     def process(self, frames: list[bytes], now: float) -> list[bytes]:
-        """Route and send one TAP batch; return frames to write back to our own TAP."""
+        """Route and send one TAP batch; return frames to write back to our own TAP (ARP
+        answers, and ICMP for frames too big for their peer's path)."""
         t0 = now_ns()
         switch = self.switch
         per_peer, local = switch.route_outbound(frames)
@@ -51,6 +65,9 @@ class Outbound:
         self.stats["switch"].record(len(frames), 0, t0)
         for port, batch in per_peer.items():
             self.send(port, batch, now)
+        if self.replies:
+            local += self.replies
+            self.replies = []
         return local
 
     def _filter(
@@ -76,10 +93,43 @@ class Outbound:
             port.staged.extend(frames)
             port.wake()
             return
+        if port.path_mtu is not None:
+            frames, refused = split_too_big(frames, port.path_mtu, self.replies)
+            if refused:
+                self.stats.drop("too_big_for_path", refused)
+            if not frames:
+                return
+        too_big = self.udp.too_big
         frame_bytes = self._seal_and_send(port, session, endpoint, frames)
+        if self.udp.too_big != too_big and port.relay is None:
+            self._narrower_path(port, endpoint)
         port.tx_packets += len(frames)
         port.tx_bytes += frame_bytes
         port.last_sent = now
+
+    def _narrower_path(self, port: PeerPort, endpoint: tuple[str, int]) -> None:
+        """A datagram to `port` was refused as too big (EMSGSIZE): from now on its frames
+        must fit what the route towards it takes (or a step less than before, when the
+        route says nothing narrower); said once in the log and in status."""
+        current = port.path_mtu or self.tap_mtu
+        found = netlink.path_mtu(endpoint[0])
+        ipv6 = ipaddress.ip_address(endpoint[0]).version == 6
+        if found is not None and tap_mtu_for(found[0], ipv6=ipv6) < current:
+            mtu = tap_mtu_for(found[0], ipv6=ipv6)
+            why = f"{found[1]} mtu {found[0]} towards {endpoint[0]}"
+        else:
+            mtu = max(MIN_PATH_MTU, current - PATH_MTU_STEP)
+            why = f"sends to {endpoint[0]} too big, the route says nothing narrower"
+        if mtu >= current:
+            return
+        port.path_mtu, port.path_mtu_why = mtu, why
+        log.warning(
+            "%s: the path takes at most %d-byte packets (%s, a send failed: message too "
+            "long); larger ones are answered with ICMP 'fragmentation needed'",
+            port.name,
+            mtu,
+            why,
+        )
 
     def _seal_and_send(
         self, port: PeerPort, session: Any, endpoint: tuple[str, int], frames: list[bytes]

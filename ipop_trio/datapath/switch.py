@@ -70,6 +70,8 @@ class PeerPort:
         "mac",
         "name",
         "on_path_change",
+        "path_mtu",
+        "path_mtu_why",
         "reassembler",
         "roam",
         "rx_bytes",
@@ -108,6 +110,10 @@ class PeerPort:
         self.last_sent = self.last_received = 0.0
         self.last_data = 0.0  # last time a data frame (not a keepalive) arrived
         self.wake = _nothing
+        # Largest IP packet the path to the peer takes, once a send proved it narrower than
+        # the TAP's MTU (datapath/outbound.py); None: the TAP's MTU fits.
+        self.path_mtu: int | None = None
+        self.path_mtu_why = ""
 
     # The paths a plain session accepts data on: (endpoint, relay) and the ICE-valid ones.
     @property

@@ -60,6 +60,9 @@ class UdpSocket:
             except OSError:
                 self.sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
         self.gso = True
+        # Datagrams the kernel refused as larger than the path takes (EMSGSIZE): the
+        # outbound stage watches it to learn a narrower path (proto/pmtu.py).
+        self.too_big = 0
         try:
             self.sock.setsockopt(SOL_UDP, UDP_GRO, 1)
             self.gro = True
@@ -179,6 +182,8 @@ class UdpSocket:
                     # family, broadcast): the peer's endpoint came from the network, so this
                     # is a counted loss of the run, never the data path's death.
                     dropped += count
+                    if exc.errno == errno.EMSGSIZE:
+                        self.too_big += count
         return dropped
 
     def _send_each(self, parts: list[bytes], addr: Address) -> int:
@@ -217,6 +222,8 @@ class UdpSocket:
                         dropped += self._send_cut(part, seg, addr)
                     else:
                         dropped += count
+                        if exc.errno == errno.EMSGSIZE:
+                            self.too_big += count
                 finally:
                     part.release()
         finally:

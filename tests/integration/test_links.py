@@ -71,6 +71,7 @@ class FakeUdp:
         self.wire = wire
         self.local = addr
         self.last_local: str | None = addr[0]
+        self.too_big = 0  # datagrams refused as too big for the path: never, on this wire
 
     def send_one(self, datagram: bytes, addr: Addr) -> bool:
         self.wire.carry(self.local, addr, [bytes(datagram)])
