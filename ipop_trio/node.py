@@ -220,15 +220,23 @@ class Node:
     """The running node: the parts run_node assembled, each given what it uses (nothing
     here is reached back into), and the control socket's answers."""
 
-    def __init__(self, setup: Setup, tap: Tap, udp: UdpSocket, control: Path) -> None:
+    def __init__(
+        self,
+        setup: Setup,
+        tap: Tap,
+        udp: UdpSocket,
+        control: Path,
+        mtu: tuple[int, str] = (DEFAULT_MTU, "the default"),
+    ) -> None:
+        """`mtu`: the TAP's MTU and why (choose_tap_mtu), for status and the outbound
+        stage's path checks."""
         self.setup = setup
         self.tap = tap
         self.udp = udp
         self.control = control
         self.stats = Stats()
         self.started_wall = time.time()
-        self.mtu = setup.config.tap.mtu or DEFAULT_MTU  # the TAP's, once run_node chose it
-        self.mtu_why = "set in the config" if setup.config.tap.mtu else "the default"
+        self.mtu, self.mtu_why = mtu
         self.switch = Switch(setup.identity.mac, self.stats)
         self.switch.configure_firewall(setup.config.firewall)
         # The per-datagram loops: the native core's when it was built (and not disabled by
@@ -247,7 +255,9 @@ class Node:
             else [e.sockaddr for e in setup.config.signalling.advertise],
         )
         outbound = NativeOutbound if native.AVAILABLE else Outbound
-        self.outbound = outbound(self.switch, udp, self.stats, send_relayed=self.ice.send_iov_via)
+        self.outbound = outbound(
+            self.switch, udp, self.stats, send_relayed=self.ice.send_iov_via, tap_mtu=self.mtu
+        )
         self.links = LinkManager(
             local=_local_identity(setup),
             cipher=setup.config.cipher,
@@ -449,9 +459,7 @@ async def run_node(
                 low = exc.errno == errno.EACCES and dns_at.port < 1024
                 hint = " (a port below 1024 needs CAP_NET_BIND_SERVICE)" if low else ""
                 raise ConfigError("dns.listen", f"{exc}{hint}") from None
-        node = Node(setup, tap, udp, control.path)
-        node.mtu, node.mtu_why = mtu, mtu_why
-        node.outbound.tap_mtu = mtu
+        node = Node(setup, tap, udp, control.path, (mtu, mtu_why))
         send, receive = pipeline.make_outbound_channel()
         async with trio.open_nursery() as nursery:
             if metrics_listeners:

@@ -43,13 +43,19 @@ PATH_MTU_STEP = 64
 
 class Outbound:
     def __init__(
-        self, switch: Switch, udp: UdpSocket, stats: Stats, *, send_relayed: SendRelayed
+        self,
+        switch: Switch,
+        udp: UdpSocket,
+        stats: Stats,
+        *,
+        send_relayed: SendRelayed,
+        tap_mtu: int = DEFAULT_MTU,
     ) -> None:
         self.switch = switch
         self.udp = udp
         self.stats = stats
         self.send_relayed = send_relayed
-        self.tap_mtu = DEFAULT_MTU  # the TAP's, as the node chose it
+        self.tap_mtu = tap_mtu  # the TAP's, as the node chose it
         # ICMP "fragmentation needed" for frames too big for their peer's path: they go
         # back into our TAP with the batch's local writes (proto/pmtu.py).
         self.replies: list[bytes] = []
@@ -114,8 +120,9 @@ class Outbound:
         current = port.path_mtu or self.tap_mtu
         found = netlink.path_mtu(endpoint[0])
         ipv6 = ipaddress.ip_address(endpoint[0]).version == 6
-        if found is not None and tap_mtu_for(found[0], ipv6=ipv6) < current:
-            mtu = tap_mtu_for(found[0], ipv6=ipv6)
+        fits = None if found is None else tap_mtu_for(found[0], ipv6=ipv6)
+        if found is not None and fits is not None and fits < current:
+            mtu = fits
             why = f"{found[1]} mtu {found[0]} towards {endpoint[0]}"
         else:
             mtu = max(MIN_PATH_MTU, current - PATH_MTU_STEP)
@@ -170,9 +177,15 @@ class NativeOutbound(Outbound):
     `Session`: the node makes every session with the native factory when this runs)."""
 
     def __init__(
-        self, switch: Switch, udp: UdpSocket, stats: Stats, *, send_relayed: SendRelayed
+        self,
+        switch: Switch,
+        udp: UdpSocket,
+        stats: Stats,
+        *,
+        send_relayed: SendRelayed,
+        tap_mtu: int = DEFAULT_MTU,
     ) -> None:
-        super().__init__(switch, udp, stats, send_relayed=send_relayed)
+        super().__init__(switch, udp, stats, send_relayed=send_relayed, tap_mtu=tap_mtu)
         self._buf = bytearray()
 
     def _seal_and_send(
