@@ -446,7 +446,6 @@ def cmd_signal(args: argparse.Namespace) -> int:
     import trio
 
     from . import config, pki
-    from .errors import PkiError
     from .signalling.server import SignallingServer, raise_fd_limit
 
     listen = config.parse_endpoint("--listen", args.listen)
@@ -461,12 +460,7 @@ def cmd_signal(args: argparse.Namespace) -> int:
             ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError("--tls-cert", f"cannot load the TLS certificate/key: {exc}") from None
-    revoked: frozenset[str] = frozenset()
-    if args.revoked is not None:
-        try:
-            revoked = pki.load_revoked(args.revoked)
-        except PkiError as exc:
-            raise ConfigError("--revoked", str(exc)) from None
+    revoked = pki.revoked_setting(args.revoked, "--revoked")
     logs.setup(args.log_level, args.log_format)
     limits = signal_limits(args)
     raise_fd_limit()

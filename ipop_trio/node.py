@@ -149,12 +149,7 @@ def prepare(cfg: NodeConfig) -> Setup:
     groups = effective_groups(identity.groups, cfg.groups)
     if cfg.dns is not None:
         dns_plan(cfg.dns, identity)
-    revoked: frozenset[str] = frozenset()
-    if cfg.revoked is not None:
-        try:
-            revoked = pki.load_revoked(cfg.revoked)
-        except PkiError as exc:
-            raise ConfigError("node.revoked", str(exc)) from None
+    revoked = pki.revoked_setting(cfg.revoked, "node.revoked")
     return Setup(cfg, anchor, private_key, identity, tuple(peers), groups, revoked)
 
 

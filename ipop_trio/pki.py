@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.x509.oid import NameOID
 
-from ipop_trio.errors import CertificateRefused, PkiError
+from ipop_trio.errors import CertificateRefused, ConfigError, PkiError
 from ipop_trio.proto.cert import (
     Identity,
     IPAddress,
@@ -146,6 +146,17 @@ def load_revoked(path: Path) -> frozenset[str]:
         return parse_revoked(text)
     except PkiError as exc:
         raise PkiError(f"{path}: {exc}") from exc
+
+
+def revoked_setting(path: Path | None, field: str) -> frozenset[str]:
+    """The revocation list a setting names (`[node] revoked`, `signal --revoked`), empty
+    without one; a list that cannot be read is a ConfigError on `field`."""
+    if path is None:
+        return frozenset()
+    try:
+        return load_revoked(path)
+    except PkiError as exc:
+        raise ConfigError(field, str(exc)) from None
 
 
 # ---------------------------------------------------------------------------------------------

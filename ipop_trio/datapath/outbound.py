@@ -59,6 +59,8 @@ class Outbound:
         # ICMP "fragmentation needed" for frames too big for their peer's path: they go
         # back into our TAP with the batch's local writes (proto/pmtu.py).
         self.replies: list[bytes] = []
+        # NativeOutbound's: the native seal's output, reused batch after batch.
+        self._buf = bytearray()
 
     def process(self, frames: list[bytes], now: float) -> list[bytes]:
         """Route and send one TAP batch; return frames to write back to our own TAP (ARP
@@ -175,18 +177,6 @@ class Outbound:
 class NativeOutbound(Outbound):
     """Outbound with encode + seal in the native core (the peer's session must be a native
     `Session`: the node makes every session with the native factory when this runs)."""
-
-    def __init__(
-        self,
-        switch: Switch,
-        udp: UdpSocket,
-        stats: Stats,
-        *,
-        send_relayed: SendRelayed,
-        tap_mtu: int = DEFAULT_MTU,
-    ) -> None:
-        super().__init__(switch, udp, stats, send_relayed=send_relayed, tap_mtu=tap_mtu)
-        self._buf = bytearray()
 
     def _seal_and_send(
         self, port: PeerPort, session: Any, endpoint: tuple[str, int], frames: list[bytes]
