@@ -70,12 +70,6 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
     if node.get("datapath"):
         off = f" ({node['datapath_why']})" if node.get("datapath_why") else ""
         lines.append(f"datapath {node['datapath']}{off}  cipher {node.get('cipher')}")
-    not_carried = status.get("stats", {}).get("counters", {}).get("ipv6_not_carried")
-    if not_carried:  # the kernel's IPv6 chatter on our TAP, kept off the overlay
-        lines.append(
-            f"ipv6 not carried: the overlay is IPv4; {not_carried} IPv6 frame(s) from "
-            f"{node.get('tap')} not sent"
-        )
     sg = status.get("signalling")
     if sg:
         lines.append(

@@ -7,13 +7,17 @@ MAC is derived from its certificate key, so the switch knows every peer's MAC wi
     (the request never crosses the overlay);
   * other broadcast and multicast frames are flooded once to every linked peer (no peer
     re-floods: the mesh is full, so there are no loops);
-  * a frame of a protocol the overlay does not carry (IPv6: its kernel's router and
-    neighbour solicitations and MLD reports from the first second; anything but IPv4 and
-    ARP) is not sent at all, since every peer would refuse it: counted under its own name
-    (`ipv6_not_carried`, `ethertype_not_carried`), not as a drop;
+  * IPv6 is carried as IPv4 is (proto/ndp.py): a neighbour solicitation for a peer's
+    address (its certified one, or its link-local one derived from its MAC) is answered
+    locally; the kernel's router solicitations, MLD reports, DAD probes and unsolicited
+    advertisements stay on the node, each counted under its own name (not as a drop);
+    other IPv6 multicast is flooded;
+  * a frame of another protocol (anything but IPv4, IPv6 and ARP) is not sent at all, since
+    every peer would refuse it: counted as `ethertype_not_carried`, not as a drop;
   * anything else is a counted drop.
 Inbound, a frame is accepted only if its source MAC is the sending peer's own and it is
-addressed to us (our MAC, broadcast or multicast).
+addressed to us (our MAC, broadcast or multicast); an IPv4 or IPv6 packet only from the
+peer's certified addresses, an ARP or a neighbour discovery message only for them.
 
 With a firewall (`[firewall]` rules, proto/firewall.py) each port holds its peer's compiled
 filter: `accept_inbound` asks it last, and datapath/outbound.py asks it once per routed frame
@@ -31,6 +35,7 @@ import struct
 from collections import deque
 from collections.abc import Callable
 
+from ..proto import ndp
 from ..proto.firewall import Firewall, FirewallRules, PeerFilter
 from ..proto.offload import Reassembler
 from ..proto.probe import ETH_P_PROBE
@@ -64,6 +69,8 @@ class PeerPort:
         "groups",
         "id",
         "ip4",
+        "ip6",
+        "ip6_sources",
         "last_data",
         "last_received",
         "last_sent",
@@ -90,6 +97,10 @@ class PeerPort:
         self.name = name
         self.mac = mac
         self.ip4 = ip4  # 4 bytes once the peer's certificate is known
+        self.ip6: bytes | None = None  # 16 bytes, when its certificate holds an IPv6 address
+        # The IPv6 sources the peer may use: its link-local address (from its MAC, so from
+        # its key) and its certified address.
+        self.ip6_sources: tuple[bytes, ...] = (ndp.link_local_for_mac(mac),)
         self.groups = groups  # certified, as far as known (the firewall's rules use them)
         # The firewall's rules as they apply to this peer; None: no firewall (no call made).
         self.filter: PeerFilter | None = None
@@ -169,6 +180,7 @@ class Switch:
         self.stats = stats
         self.by_mac: dict[bytes, PeerPort] = {}
         self.by_ip4: dict[bytes, PeerPort] = {}
+        self.by_ip6: dict[bytes, PeerPort] = {}  # certified and link-local addresses
         self.firewall: Firewall | None = None  # None: no rules, no per-frame work at all
         # A probe frame from an authenticated peer (proto/probe.py): the prober's.
         self.on_probe: Callable[[PeerPort, bytes], None] = self._unhandled_probe
@@ -180,6 +192,8 @@ class Switch:
         self.by_mac[port.mac] = port
         if port.ip4 is not None:
             self.by_ip4[port.ip4] = port
+        for address in port.ip6_sources:
+            self.by_ip6[address] = port
         self._compile(port)
 
     def configure_firewall(self, rules: FirewallRules | None) -> None:
@@ -214,6 +228,9 @@ class Switch:
             del self.by_mac[port.mac]
         if port.ip4 is not None and self.by_ip4.get(port.ip4) is port:
             del self.by_ip4[port.ip4]
+        for address in port.ip6_sources:
+            if self.by_ip6.get(address) is port:
+                del self.by_ip6[address]
 
     def has(self, port: PeerPort) -> bool:
         """Is `port` the switch's port for its MAC (not removed, not replaced)?"""
@@ -224,6 +241,18 @@ class Switch:
             del self.by_ip4[port.ip4]
         port.ip4 = ip4
         self.by_ip4[ip4] = port
+
+    def set_ip6(self, port: PeerPort, ip6: bytes | None) -> None:
+        """The peer's certified IPv6 address (None: its certificate holds none): what it may
+        send from, and what our neighbour solicitations for it are answered with."""
+        for address in port.ip6_sources:
+            if self.by_ip6.get(address) is port:
+                del self.by_ip6[address]
+        port.ip6 = ip6
+        link_local = ndp.link_local_for_mac(port.mac)
+        port.ip6_sources = (link_local,) if ip6 is None else (link_local, ip6)
+        for address in port.ip6_sources:
+            self.by_ip6[address] = port
 
     def route_outbound(
         self, frames: list[bytes]
@@ -237,12 +266,10 @@ class Switch:
                 self.stats.drop("runt_frame")
                 continue
             ethertype = frame[VNET + 12 : VNET + 14]
-            if ethertype != ETH_P_IP and ethertype != ETH_P_ARP:
+            if ethertype != ETH_P_IP and ethertype != ETH_P_ARP and ethertype != ETH_P_IPV6:
                 # Every peer's accept_inbound refuses these: sending them would only make
-                # drops on healthy links. IPv6 gets its own name: it is the kernel's.
-                self.stats.count(
-                    "ipv6_not_carried" if ethertype == ETH_P_IPV6 else "ethertype_not_carried"
-                )
+                # drops on healthy links.
+                self.stats.count("ethertype_not_carried")
                 continue
             dst = frame[VNET : VNET + 6]
             port = by_mac.get(dst)
@@ -261,6 +288,8 @@ class Switch:
                 if reply is not None:
                     local.append(reply)
                     continue
+            elif ethertype == ETH_P_IPV6 and not self._flood_ipv6(frame, local):
+                continue
             for port in by_mac.values():  # flood once
                 lst = out.get(port)
                 if lst is None:
@@ -280,6 +309,30 @@ class Switch:
             return None
         arp = _ARP.pack(ARP_REPLY_HDR, port.mac, tpa, sha, spa)
         return ZERO_VNET + sha + port.mac + ETH_P_ARP + arp
+
+    def _flood_ipv6(self, frame: bytes, local: list[bytes]) -> bool:
+        """Should this IPv6 multicast frame from our TAP go to every peer? Neighbour
+        solicitations for a peer are answered into `local`; what is kept on the node is
+        counted under its own name (proto/ndp.py)."""
+        kind = ndp.classify_multicast(frame)
+        if kind is ndp.Multicast.FLOOD:
+            self.stats.count(kind.value)
+            return True
+        if kind is ndp.Multicast.MALFORMED:
+            self.stats.drop(kind.value)
+        elif kind is ndp.Multicast.SOLICIT:
+            target = ndp.solicited_target(frame)
+            port = None if target is None else self.by_ip6.get(target)
+            if target is None:
+                self.stats.count("ipv6_nd_dad_local")  # addresses are unique by certificate
+            elif port is None:
+                self.stats.count("ipv6_nd_unknown_target")  # no member has it
+            else:
+                local.append(ndp.advertisement(frame, target, port.mac))
+                self.stats.count("ipv6_nd_answered")
+        else:
+            self.stats.count(kind.value)
+        return False
 
     def accept_inbound(self, port: PeerPort, frame: bytes, now: float) -> bool:
         """May a TAP write built from `port`'s datagrams go to our TAP? (`now`: the
@@ -308,9 +361,19 @@ class Switch:
             if sha != port.mac or (port.ip4 is not None and spa != port.ip4):
                 self.stats.drop("spoofed_arp")
                 return False
+        elif ethertype == ETH_P_IPV6:
+            if len(frame) < ndp.ICMP6 or frame[ndp.IP6] >> 4 != 6:
+                self.stats.drop("runt_ipv6")
+                return False
+            if frame[ndp.IP6 + 8 : ndp.IP6 + 24] not in port.ip6_sources:
+                self.stats.drop("spoofed_ip6")
+                return False
+            if not ndp.nd_claims_ok(frame, port.mac, port.ip6_sources):
+                self.stats.drop("spoofed_nd")
+                return False
         else:
-            # IPv6 and other protocols carry source addresses this switch does not check
-            # (overlay addresses are IPv4): refuse rather than let a peer spoof them.
+            # Other protocols carry source addresses this switch does not check: refuse
+            # rather than let a peer spoof them.
             self.stats.drop("unchecked_ethertype")
             return False
         flt = port.filter
