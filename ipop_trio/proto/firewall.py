@@ -18,8 +18,9 @@ that direction refuses what no rule allows. A direction without rules passes eve
 its flows are still tracked, so that their replies pass the other direction's rules.
 
 Per frame (`PeerFilter.inbound` / `.outbound`; a TSO super-frame is one frame, one check):
-  1. not IPv4: ARP passes (IPv4 needs it; the switch checks ARP against the certificate);
-     anything else (IPv6, VLAN, ...) is refused where the direction has rules (`non_ipv4`);
+  1. not IPv4: ARP and IPv6 neighbour discovery pass (IPv4 and IPv6 need them; the switch
+     checks both against the certificate); anything else (other IPv6, VLAN, ...) is refused
+     where the direction has rules (`non_ipv4`): the rules speak of IPv4;
   2. IPv4 headers that cannot be read (version, IHL, a truncated L4 header) are refused
      where the direction has rules (`malformed`);
   3. the state table: a live entry for the flow passes (and is refreshed), from either
@@ -52,6 +53,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from .ndp import is_neighbour_discovery
 from .offload import ETH_HLEN, VNET_HDR_LEN
 
 # -- tuning knobs (README.md, "Firewall", states them) ------------------------------------
@@ -323,7 +325,7 @@ class PeerFilter:
         n = len(frame)
         ethertype = frame[ETYPE:IP]
         if ethertype != ETH_P_IP:
-            if ethertype == ETH_P_ARP or rules is None:
+            if ethertype == ETH_P_ARP or rules is None or is_neighbour_discovery(frame):
                 return True
             fw.non_ipv4[slot] += 1
             return False

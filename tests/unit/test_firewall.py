@@ -158,9 +158,13 @@ def test_arp_always_passes_and_other_ethertypes_are_refused_where_rules_are() ->
     arp = VNET + US_MAC + PEER_MAC + b"\x08\x06" + bytes(28)
     ipv6 = VNET + US_MAC + PEER_MAC + b"\x86\xdd" + bytes(40)
     vlan = VNET + US_MAC + PEER_MAC + b"\x81\x00" + bytes(40)
-    assert p.inbound(arp, 0.0)
-    assert not p.inbound(ipv6, 0.0) and not p.inbound(vlan, 0.0)
-    assert status(fw)["refused"]["non_ipv4"] == 2
+    # IPv6's neighbour discovery is its ARP: a neighbour advertisement (ICMPv6 136) passes
+    na = VNET + US_MAC + PEER_MAC + b"\x86\xdd" + bytes([0x60]) + bytes(5) + b"\x3a\xff"
+    na += bytes(32) + bytes([136]) + bytes(23)
+    echo = na[: len(VNET) + 54] + bytes([128]) + bytes(23)  # an echo request does not
+    assert p.inbound(arp, 0.0) and p.inbound(na, 0.0)
+    assert not p.inbound(ipv6, 0.0) and not p.inbound(vlan, 0.0) and not p.inbound(echo, 0.0)
+    assert status(fw)["refused"]["non_ipv4"] == 3
 
 
 def test_unreadable_headers_are_refused_and_counted() -> None:
