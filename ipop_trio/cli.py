@@ -19,6 +19,7 @@ from .logs import LOG_FORMATS
 EPILOG = """\
 typical use:
   ipop-trio ca init --dir ca --name lab --network 10.77.0.0/24
+      # dual-stack: --network 10.77.0.0/24 --network fd77::/64, then --address once per family
   ipop-trio ca sign --ca ca --name alpha --address 10.77.0.1 --groups web --out alpha
   ipop-trio ca sign --ca ca --name alpha --address 10.77.0.1 --groups web \
       --key alpha/alpha.key --out alpha      # renew: same key, old alpha.crt kept as .old
@@ -208,11 +209,18 @@ def build_parser() -> argparse.ArgumentParser:
         "init",
         help="create an overlay CA (Ed25519)",
         description="Create an overlay CA: DIR/ca.key (0600) and DIR/ca.crt. The CA's name is "
-        "the overlay's name; every node address must lie in NETWORK. Refuses to overwrite.",
+        "the overlay's name; every node address must lie in NETWORK. Give --network twice, an "
+        "IPv4 and an IPv6 network, for a dual-stack overlay (nodes then carry IPv6 inside, "
+        "each certified for one address of each family). Refuses to overwrite.",
     )
     init.add_argument("--dir", type=Path, required=True, help="directory for ca.key and ca.crt")
     init.add_argument("--name", required=True, help="overlay name (CA common name)")
-    init.add_argument("--network", required=True, help="overlay network, e.g. 10.77.0.0/24")
+    init.add_argument(
+        "--network",
+        required=True,
+        action="append",
+        help="overlay network, e.g. 10.77.0.0/24; once per family (e.g. again fd77::/64)",
+    )
     init.add_argument("--days", type=int, default=3650, help="validity (default 3650)")
     sign = casub.add_parser(
         "sign",
@@ -229,7 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sign.add_argument("--ca", type=Path, required=True, help="CA directory (from `ca init`)")
     sign.add_argument("--name", required=True, help="node name")
-    sign.add_argument("--address", required=True, help="overlay address, e.g. 10.77.0.2")
+    sign.add_argument(
+        "--address",
+        required=True,
+        action="append",
+        help="overlay address, e.g. 10.77.0.2; once per family the overlay has (e.g. again "
+        "fd77::2)",
+    )
     sign.add_argument("--groups", default=None, help="comma-separated groups, e.g. web,db")
     sign.add_argument("--days", type=int, default=365, help="validity (default 365)")
     sign.add_argument("--out", type=Path, required=True, help="output directory")
@@ -547,7 +561,7 @@ def signal_anchors(paths: list[Path]) -> list[Any]:
     trusted together (a rotation), and must agree on its network."""
     from . import pki
     from .errors import PkiError
-    from .proto.cert import TrustAnchor
+    from .proto.cert import TrustAnchor, networks_text
 
     by_overlay: dict[str, list[Any]] = {}
     for i, path in enumerate(paths):
@@ -556,11 +570,12 @@ def signal_anchors(paths: list[Path]) -> list[Any]:
         except PkiError as exc:
             raise ConfigError(f"--ca[{i}]", str(exc)) from None
         known = by_overlay.setdefault(anchor.name, [])
-        if known and known[0].network != anchor.network:
+        if known and known[0].networks != anchor.networks:
             raise ConfigError(
                 f"--ca[{i}]",
-                f"{path}: overlay {anchor.name!r} with network {anchor.network}, but another "
-                f"--ca gives it {known[0].network}: one overlay's CAs must agree on its network",
+                f"{path}: overlay {anchor.name!r} with network {networks_text(anchor.networks)}, "
+                f"but another --ca gives it {networks_text(known[0].networks)}: one overlay's "
+                "CAs must agree on its networks",
             )
         known.append(anchor)
     return [TrustAnchor.bundle(group) for group in by_overlay.values()]
@@ -754,8 +769,10 @@ def parse_groups(text: str | None) -> list[str]:
 
 
 def cmd_ca_init(args: argparse.Namespace) -> int:
-    """`ipop-trio ca init`: args.dir, args.name, args.network, args.days (default 3650)."""
+    """`ipop-trio ca init`: args.dir, args.name, args.network (one or a list: one per
+    family), args.days (default 3650)."""
     from . import pki
+    from .proto.cert import networks_text
 
     days = getattr(args, "days", None)
     days = pki.DEFAULT_CA_DAYS if days is None else days
@@ -763,7 +780,8 @@ def cmd_ca_init(args: argparse.Namespace) -> int:
     anchor = pki.load_trust_anchor(cert_path)
     print(f"wrote CA key         {key_path} (mode 0600: keep it secret, keep it offline)")
     print(f"wrote CA certificate {cert_path}")
-    print(f"overlay {anchor.name}, network {anchor.network}, expires {_day(anchor.not_after)}")
+    nets = networks_text(anchor.networks)
+    print(f"overlay {anchor.name}, network {nets}, expires {_day(anchor.not_after)}")
     return 0
 
 
@@ -799,7 +817,7 @@ def cmd_ca_sign(args: argparse.Namespace) -> int:
             f"kept the old one as    {signed.old_cert_path} (send the node SIGHUP to use the new)"
         )
     print(f"node       {identity.name} in overlay {identity.overlay}")
-    print(f"address    {identity.address}/{identity.network.prefixlen}")
+    print(f"address    {', '.join(map(str, identity.interfaces))}")
     print(f"mac        {format_mac(identity.mac)}")
     print(f"groups     {', '.join(sorted(identity.groups)) or '(none)'}")
     print(f"expires    {_day(identity.not_after)}")
@@ -807,8 +825,9 @@ def cmd_ca_sign(args: argparse.Namespace) -> int:
     print(f'public_key = "{encode_key(identity.public_key)}"')
     for old in signed.replaced:
         print(
-            f"replaces   {old.name} ({old.address}) sha256 {old.fingerprint}: it stays valid "
-            "until it expires; add that fingerprint to the revoked lists to withdraw it now"
+            f"replaces   {old.name} ({', '.join(old.addresses)}) sha256 {old.fingerprint}: "
+            "it stays valid until it expires; add that fingerprint to the revoked lists to "
+            "withdraw it now"
         )
     return 0
 

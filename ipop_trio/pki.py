@@ -28,7 +28,7 @@ import os
 import re
 import string
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -46,10 +46,12 @@ from ipop_trio.proto.cert import (
     IPAddress,
     IPNetwork,
     TrustAnchor,
+    by_family,
     decode_key,
     encode_key,
     format_mac,
     mac_for_key,
+    networks_text,
     usable_address,
     valid_name,
 )
@@ -173,27 +175,57 @@ def _check_days(days: int) -> None:
         raise PkiError(f"days must be a whole number from 1 to {MAX_DAYS}, not {days!r}")
 
 
-def _parse_network(network: str) -> IPNetwork:
-    try:
-        parsed = ipaddress.ip_network(network, strict=True)
-    except (ValueError, TypeError) as exc:
-        raise PkiError(f"invalid overlay network {network!r}: {exc}") from exc
-    if parsed.max_prefixlen - parsed.prefixlen < 2:
-        raise PkiError(f"overlay network {parsed} is too small for nodes")
-    return parsed
+def _listed(value: str | Sequence[str]) -> list[str]:
+    """One address or network, or several (`--address` given once per family)."""
+    return [value] if isinstance(value, str) else list(value)
 
 
-def _parse_address(address: str, network: IPNetwork) -> IPAddress:
+def _parse_networks(networks: str | Sequence[str]) -> tuple[IPNetwork, ...]:
+    """An overlay's networks: one, or one IPv4 and one IPv6; IPv4 first."""
+    parsed: list[IPNetwork] = []
+    for network in _listed(networks):
+        try:
+            net = ipaddress.ip_network(network, strict=True)
+        except (ValueError, TypeError) as exc:
+            raise PkiError(f"invalid overlay network {network!r}: {exc}") from exc
+        if net.max_prefixlen - net.prefixlen < 2:
+            raise PkiError(f"overlay network {net} is too small for nodes")
+        parsed.append(net)
     try:
-        parsed = ipaddress.ip_address(address)
-    except (ValueError, TypeError) as exc:
-        raise PkiError(f"invalid node address {address!r}: {exc}") from exc
-    if not usable_address(parsed, network):
-        raise PkiError(
-            f"node address {parsed} is not a usable address of the overlay network {network}"
-            " (outside it, or its network/broadcast address)"
-        )
-    return parsed
+        return by_family(parsed, "overlay networks (--network)")
+    except ValueError as exc:
+        raise PkiError(f"{exc}: give --network once per family") from exc
+
+
+def _parse_addresses(addresses: str | Sequence[str], anchor: TrustAnchor) -> list[IPAddress]:
+    """A node's addresses: one, or one of each family the overlay has a network for."""
+    parsed: list[IPAddress] = []
+    for address in _listed(addresses):
+        try:
+            ip = ipaddress.ip_address(address)
+        except (ValueError, TypeError) as exc:
+            raise PkiError(f"invalid node address {address!r}: {exc}") from exc
+        network = anchor.network_for(ip)
+        if network is None:
+            raise PkiError(
+                f"node address {ip} is IPv{ip.version}, but overlay {anchor.name!r} has no "
+                f"IPv{ip.version} network (it has {networks_text(anchor.networks)})"
+            )
+        if not usable_address(ip, network):
+            raise PkiError(
+                f"node address {ip} is not a usable address of the overlay network {network}"
+                " (outside it, or its network/broadcast address)"
+            )
+        same = [known for known in parsed if known.version == ip.version]
+        if same:
+            raise PkiError(
+                f"two IPv{ip.version} addresses ({same[0]}, {ip}): a node has one address "
+                "of each family (--address once per family)"
+            )
+        parsed.append(ip)
+    if not parsed:
+        raise PkiError("a node needs an address (--address)")
+    return sorted(parsed, key=lambda ip: ip.version)
 
 
 def _check_groups(groups: Iterable[str]) -> list[str]:
@@ -244,14 +276,15 @@ CA_KEY_USAGE = x509.KeyUsage(
 )
 
 
-def new_ca(name: str, network: str, days: int, now: float) -> tuple[bytes, bytes]:
+def new_ca(name: str, network: str | Sequence[str], days: int, now: float) -> tuple[bytes, bytes]:
     """A new overlay CA: (private key PEM (PKCS8, unencrypted), self-signed certificate PEM).
 
     Ed25519 key; subject CN = `name`; BasicConstraints CA=true (critical); KeyUsage
-    keyCertSign + cRLSign; NameConstraints permitting exactly the IP subtree `network`."""
+    keyCertSign + cRLSign; NameConstraints permitting exactly the IP subtree `network`, or
+    the two of a dual-stack overlay (one IPv4 and one IPv6 network)."""
     _check_name("overlay name", name)
     _check_days(days)
-    net = _parse_network(network)
+    nets = _parse_networks(network)
     key = Ed25519PrivateKey.generate()
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     start = int(now) - CLOCK_SKEW
@@ -266,7 +299,9 @@ def new_ca(name: str, network: str, days: int, now: float) -> tuple[bytes, bytes
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(CA_KEY_USAGE, critical=True)
         .add_extension(
-            x509.NameConstraints(permitted_subtrees=[x509.IPAddress(net)], excluded_subtrees=None),
+            x509.NameConstraints(
+                permitted_subtrees=[x509.IPAddress(net) for net in nets], excluded_subtrees=None
+            ),
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -279,7 +314,7 @@ def build_node_certificate(
     ca_key_pem: bytes,
     ca_cert_pem: bytes,
     name: str,
-    address: IPAddress,
+    address: IPAddress | Sequence[IPAddress],
     groups: Iterable[str],
     public_key: CertificatePublicKeyTypes,
     not_before: float,
@@ -293,6 +328,7 @@ def build_node_certificate(
     tests can build certificates the CA key really signed but `verify_untrusted` must refuse
     (address outside the network, wrong key type, CA=true, odd validity)."""
     ca_key, ca_cert = _load_ca(ca_key_pem, ca_cert_pem)
+    sans = list(address) if isinstance(address, Sequence) else [address]
     attributes = [x509.NameAttribute(NameOID.COMMON_NAME, name)]
     attributes += [x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, g) for g in groups]
     builder = (
@@ -304,7 +340,9 @@ def build_node_certificate(
         .not_valid_before(_utc(not_before))
         .not_valid_after(_utc(not_after))
         .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(address)]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(a) for a in sans]), critical=False
+        )
     )
     if isinstance(public_key, X25519PublicKey):
         builder = builder.add_extension(
@@ -336,7 +374,7 @@ def _issue(
     ca_key_pem: bytes,
     ca_cert_pem: bytes,
     name: str,
-    address: str,
+    address: str | Sequence[str],
     groups: Iterable[str],
     days: int,
     now: float,
@@ -347,7 +385,7 @@ def _issue(
     group_list = _check_groups(groups)
     _, ca_cert = _load_ca(ca_key_pem, ca_cert_pem)
     anchor = TrustAnchor(ca_cert.public_bytes(_DER))
-    node_address = _parse_address(address, anchor.network)
+    node_addresses = _parse_addresses(address, anchor)
     if now > anchor.not_after:
         raise PkiError(f"the overlay CA {anchor.name!r} has expired")
 
@@ -366,7 +404,7 @@ def _issue(
     # A node certificate never outlives its CA.
     end = min(start + days * _DAY, int(anchor.not_after))
     der = build_node_certificate(
-        ca_key_pem, ca_cert_pem, name, node_address, group_list, node_public, start, end
+        ca_key_pem, ca_cert_pem, name, node_addresses, group_list, node_public, start, end
     )
     try:
         identity = anchor.verify_untrusted(der, now)  # what we issue, we must accept
@@ -380,7 +418,7 @@ def issue_node(
     ca_key_pem: bytes,
     ca_cert_pem: bytes,
     name: str,
-    address: str,
+    address: str | Sequence[str],
     groups: Iterable[str],
     days: int,
     now: float,
@@ -389,9 +427,10 @@ def issue_node(
     """Issue a node certificate: (node X25519 private key PEM, or None when `public_key`
     (raw 32 bytes) was given; node certificate PEM).
 
-    Refuses (`PkiError`) invalid names or groups, `days <= 0`, and addresses that are not a
-    usable host address of the CA's network. The certificate starts `CLOCK_SKEW` seconds
-    before `now` and never outlives the CA."""
+    `address` is one address, or one of each family (a dual-stack overlay). Refuses
+    (`PkiError`) invalid names or groups, `days <= 0`, and addresses that are not a usable
+    host address of the CA's network of their family, or two of one family. The
+    certificate starts `CLOCK_SKEW` seconds before `now` and never outlives the CA."""
     private_pem, cert_pem, _ = _issue(
         ca_key_pem, ca_cert_pem, name, address, groups, days, now, public_key
     )
@@ -403,11 +442,15 @@ class CaBundle:
     """An overlay CA in memory (tests, the lab): its key and certificate in every form."""
 
     name: str
-    network: IPNetwork
+    network: IPNetwork  # the first of `networks`
     key_pem: bytes
     cert_pem: bytes
     cert_der: bytes
     anchor: TrustAnchor
+
+    @property
+    def networks(self) -> tuple[IPNetwork, ...]:
+        return self.anchor.networks
 
 
 @dataclass(frozen=True, slots=True)
@@ -415,7 +458,7 @@ class NodeBundle:
     """A node's key and certificate in memory (tests, the lab)."""
 
     name: str
-    address: IPAddress
+    address: IPAddress  # the first of identity.addresses
     groups: frozenset[str]
     private_key: bytes | None  # raw 32-byte X25519; None when issued for a given public key
     key_pem: bytes | None
@@ -430,7 +473,11 @@ class NodeBundle:
 
 
 def new_ca_bundle(
-    name: str = "lab", network: str = "10.77.0.0/24", *, now: float, days: int = DEFAULT_CA_DAYS
+    name: str = "lab",
+    network: str | Sequence[str] = "10.77.0.0/24",
+    *,
+    now: float,
+    days: int = DEFAULT_CA_DAYS,
 ) -> CaBundle:
     """`new_ca`, returned as a `CaBundle`."""
     key_pem, cert_pem = new_ca(name, network, days, now)
@@ -442,7 +489,7 @@ def new_ca_bundle(
 def issue_node_bundle(
     ca: CaBundle,
     name: str,
-    address: str,
+    address: str | Sequence[str],
     groups: Iterable[str] = (),
     *,
     now: float,
@@ -795,15 +842,17 @@ def load_trust_anchor(path: Path) -> TrustAnchor:
 
 def load_trust_anchors(paths: Iterable[Path]) -> TrustAnchor:
     """The CAs of every file in `paths` (each one CA or a bundle), trusted at once: they must
-    be of one overlay (same name, same network); a refusal names the file that differs."""
+    be of one overlay (same name, same networks); a refusal names the file that differs."""
     anchors: list[TrustAnchor] = []
     for path in paths:
         anchor = load_trust_anchor(path)
-        if anchors and (anchor.name, anchor.network) != (anchors[0].name, anchors[0].network):
+        first = anchors[0] if anchors else anchor
+        if (anchor.name, anchor.networks) != (first.name, first.networks):
             raise PkiError(
-                f"{path}: CA of overlay {anchor.name!r} ({anchor.network}), but the first CA "
-                f"is of {anchors[0].name!r} ({anchors[0].network}); CAs trusted at once must "
-                "name the same overlay and network (a CA rotation keeps both)"
+                f"{path}: CA of overlay {anchor.name!r} ({networks_text(anchor.networks)}), but "
+                f"the first CA is of {first.name!r} ({networks_text(first.networks)}); CAs "
+                "trusted at once must name the same overlay and networks (a CA rotation keeps "
+                "both)"
             )
         anchors.append(anchor)
     return TrustAnchor.bundle(anchors)
@@ -858,7 +907,7 @@ def _make_dir(path: Path) -> None:
         raise PkiError(f"cannot create directory {path}: {exc.strerror or exc}") from exc
 
 
-def init_ca(out_dir: Path, name: str, network: str, days: int) -> tuple[Path, Path]:
+def init_ca(out_dir: Path, name: str, network: str | Sequence[str], days: int) -> tuple[Path, Path]:
     """Make a new overlay CA in `out_dir`: (ca.key (0600), ca.crt (0644)). Never overwrites."""
     out_dir = Path(out_dir)
     key_pem, cert_pem = new_ca(name, network, days, time.time())
@@ -871,10 +920,10 @@ def init_ca(out_dir: Path, name: str, network: str, days: int) -> tuple[Path, Pa
 @dataclass(frozen=True, slots=True)
 class IssuedRecord:
     """One certificate `sign_node_files` issued, as the CA directory's issued.json keeps it:
-    what a later `ca sign` checks a new name and address against."""
+    what a later `ca sign` checks a new name and addresses against."""
 
     name: str
-    address: str
+    addresses: tuple[str, ...]  # one, or one of each family
     fingerprint: str  # `fingerprint` of the certificate
     not_after: int  # Unix seconds
     public_key: str  # base64 of the raw X25519 key, as in a config's public_key
@@ -896,7 +945,7 @@ def load_issued(ca_dir: Path) -> list[IssuedRecord]:
         return [
             IssuedRecord(
                 name=str(e["name"]),
-                address=str(e["address"]),
+                addresses=_record_addresses(e),
                 fingerprint=str(e["fingerprint"]),
                 not_after=int(e["not_after"]),
                 public_key=str(e["public_key"]),
@@ -912,12 +961,23 @@ def load_issued(ca_dir: Path) -> list[IssuedRecord]:
         ) from exc
 
 
+def _record_addresses(entry: dict[str, object]) -> tuple[str, ...]:
+    """An issued.json entry's addresses ("addresses"; before dual-stack, one "address")."""
+    listed = entry.get("addresses")
+    if listed is None:
+        return (str(entry["address"]),)
+    if not isinstance(listed, list) or not listed:
+        raise ValueError(f"addresses is {listed!r}, not a list of addresses")
+    return tuple(str(a) for a in listed)
+
+
 def _write_issued(ca_dir: Path, records: list[IssuedRecord]) -> None:
     """Replace issued.json at once (a temporary file renamed over it)."""
     path = Path(ca_dir) / ISSUED_FILE
     tmp = path.with_name(f".{ISSUED_FILE}.tmp")
     entries = [
         {f: getattr(r, f) for f in IssuedRecord.__dataclass_fields__}
+        | {"addresses": list(r.addresses), "address": r.addresses[0]}  # and for older readers
         | {"expires": _utc(r.not_after).isoformat()}  # for people; not read back
         for r in records
     ]
@@ -930,23 +990,21 @@ def _write_issued(ca_dir: Path, records: list[IssuedRecord]) -> None:
 
 
 def _taken_by(records: list[IssuedRecord], identity: Identity, now: float) -> list[int]:
-    """The live records whose name or address the new certificate takes."""
-    address = str(identity.address)
+    """The live records whose name or one of whose addresses the new certificate takes."""
+    addresses = {str(a) for a in identity.addresses}
     return [
         i
         for i, r in enumerate(records)
-        if r.live(now) and (r.name == identity.name or r.address == address)
+        if r.live(now) and (r.name == identity.name or addresses.intersection(r.addresses))
     ]
 
 
 def _duplicate(record: IssuedRecord, identity: Identity) -> PkiError:
-    what = (
-        f"address {record.address}"
-        if record.address == str(identity.address)
-        else f"name {record.name!r}"
-    )
+    shared = sorted({str(a) for a in identity.addresses}.intersection(record.addresses))
+    what = f"address {shared[0]}" if shared else f"name {record.name!r}"
     return PkiError(
-        f"{what} is already certified to {record.name} ({record.address}, another key): "
+        f"{what} is already certified to {record.name} ({', '.join(record.addresses)}, "
+        "another key): "
         f"certificate sha256 {record.fingerprint}, valid until {_utc(record.not_after):%Y-%m-%d}"
         f" (in {ISSUED_FILE}); give --replace to issue it anyway, and revoke the earlier "
         "certificate (its fingerprint into the revoked list) if it should stop working now"
@@ -970,7 +1028,7 @@ OLD_SUFFIX = ".old"
 def sign_node_files(
     ca_dir: Path,
     name: str,
-    address: str,
+    address: str | Sequence[str],
     groups: Iterable[str],
     days: int,
     out_dir: Path,
@@ -1041,7 +1099,7 @@ def sign_node_files(
     records.append(
         IssuedRecord(
             name=identity.name,
-            address=str(identity.address),
+            addresses=tuple(str(a) for a in identity.addresses),
             fingerprint=issued,
             not_after=int(identity.not_after),
             public_key=new_key,
@@ -1118,7 +1176,7 @@ def _replace(path: Path, data: bytes, mode: int) -> None:
 def sign_node(
     ca_dir: Path,
     name: str,
-    address: str,
+    address: str | Sequence[str],
     groups: Iterable[str],
     days: int,
     out_dir: Path,

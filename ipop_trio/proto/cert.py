@@ -6,10 +6,11 @@ the `ca` commands live in `ipop_trio/pki.py`.
 A node certificate is X.509, signed by the overlay CA (Ed25519), with
   * subject CN = node name, one OU per group (readable in `openssl x509 -text`),
   * the node's X25519 link key as its subject public key,
-  * SAN IP = the node's overlay address,
+  * SAN IP = the node's overlay address: one, or one of each family (IPv4 and IPv6),
   * BasicConstraints CA=false.
 The CA certificate carries the overlay name (subject CN) and the overlay network as a
-NameConstraints permitted IP subtree; every node address must lie inside it.
+NameConstraints permitted IP subtree, or two (one IPv4 and one IPv6 network: a dual-stack
+overlay); every node address must lie inside the network of its family.
 
 `TrustAnchor.verify_untrusted` is the trust boundary: certificates arrive from peers and the
 signalling server, so every failure (including any exception from `cryptography`) becomes
@@ -55,6 +56,16 @@ def valid_name(name: object) -> TypeGuard[str]:
     return isinstance(name, str) and NAME_PATTERN.fullmatch(name) is not None
 
 
+def by_family(items: Sequence[IPNetwork], what: str) -> tuple[IPNetwork, ...]:
+    """`items` (1 or 2, at most one per IP family) in order IPv4 first; `ValueError` naming
+    `what` otherwise."""
+    if not 1 <= len(items) <= 2:
+        raise ValueError(f"{what}: one, or one IPv4 and one IPv6, not {len(items)}")
+    if len({item.version for item in items}) != len(items):
+        raise ValueError(f"{what}: two of one family ({', '.join(map(str, items))})")
+    return tuple(sorted(items, key=lambda item: item.version))
+
+
 def usable_address(address: IPAddress, network: IPNetwork) -> bool:
     """True when `address` may be a node's overlay address in `network`.
 
@@ -68,12 +79,16 @@ def usable_address(address: IPAddress, network: IPNetwork) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """What a verified node certificate says."""
+    """What a verified node certificate says.
+
+    `addresses` are its overlay addresses, IPv4 first (one, or one of each family), and
+    `networks` the overlay network of each (from the CA), index for index. `address` and
+    `network` are the first of them: the IPv4 ones on an IPv4 or dual-stack node."""
 
     name: str
     overlay: str  # the CA's subject CN
-    address: IPAddress
-    network: IPNetwork  # the overlay network, from the CA
+    addresses: tuple[IPAddress, ...]
+    networks: tuple[IPNetwork, ...]
     groups: frozenset[str]
     public_key: bytes  # raw 32-byte X25519 key
     not_before: float  # Unix seconds
@@ -83,6 +98,34 @@ class Identity:
     @property
     def mac(self) -> bytes:
         return mac_for_key(self.public_key)
+
+    @property
+    def address(self) -> IPAddress:
+        return self.addresses[0]
+
+    @property
+    def network(self) -> IPNetwork:
+        return self.networks[0]
+
+    @property
+    def ip4(self) -> ipaddress.IPv4Address | None:
+        return next((a for a in self.addresses if isinstance(a, ipaddress.IPv4Address)), None)
+
+    @property
+    def ip6(self) -> ipaddress.IPv6Address | None:
+        return next((a for a in self.addresses if isinstance(a, ipaddress.IPv6Address)), None)
+
+    @property
+    def interfaces(self) -> tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface, ...]:
+        """Each address with its network's prefix: what the TAP gets."""
+        return tuple(
+            ipaddress.ip_interface(f"{a}/{n.prefixlen}")
+            for a, n in zip(self.addresses, self.networks, strict=True)
+        )
+
+    def address_text(self) -> str:
+        """Its addresses as a user reads them: `10.77.0.2` or `10.77.0.2, fd77::2`."""
+        return ", ".join(map(str, self.addresses))
 
 
 def mac_for_key(public_key: bytes) -> bytes:
@@ -146,10 +189,11 @@ class CaCertificate:
     """One overlay CA certificate, parsed and checked (operator input: `PkiError`).
 
     Ed25519, self-signed, BasicConstraints CA=true, one CN (the overlay's name) and exactly
-    one permitted IP subtree (the overlay's network)."""
+    one permitted IP subtree (the overlay's network), or one IPv4 and one IPv6 subtree (a
+    dual-stack overlay): `networks`, IPv4 first; `network` is the first."""
 
     name: str
-    network: IPNetwork
+    networks: tuple[IPNetwork, ...]
     der: bytes
     not_before: float
     not_after: float
@@ -177,10 +221,10 @@ class CaCertificate:
             if isinstance(general, x509.IPAddress)
             and isinstance(general.value, ipaddress.IPv4Network | ipaddress.IPv6Network)
         ]
-        if len(networks) != 1:
-            raise PkiError(
-                "CA certificate must permit exactly one IP subtree (the overlay network)"
-            )
+        try:
+            ordered = by_family(networks, "CA certificate's permitted IP subtrees")
+        except ValueError as exc:
+            raise PkiError(f"{exc} (the overlay networks)") from exc
         name = _single_cn(cert.subject)
         if name is None or not valid_name(name):
             raise PkiError("CA certificate subject must be one CN naming the overlay")
@@ -194,13 +238,17 @@ class CaCertificate:
         self.public = public
         self.subject = cert.subject
         self.name = name
-        self.network = networks[0]
+        self.networks = ordered
         self.der = bytes(ca_der)
         self.not_before = _timestamp(cert.not_valid_before_utc)
         self.not_after = _timestamp(cert.not_valid_after_utc)
 
+    @property
+    def network(self) -> IPNetwork:
+        return self.networks[0]
+
     def __repr__(self) -> str:
-        return f"CaCertificate(name={self.name!r}, network={self.network})"
+        return f"CaCertificate(name={self.name!r}, networks={networks_text(self.networks)})"
 
     def signed(self, cert: x509.Certificate) -> bool:
         """True when this CA issued and signed `cert` (an Ed25519-signed certificate)."""
@@ -219,14 +267,15 @@ class TrustAnchor:
     `TrustAnchor(ca_der, *more_ders)` raises `PkiError` when one of them is not a usable
     overlay CA certificate (operator input, not network input). Several CA certificates are
     a bundle, trusted at once while a CA is rotated: a node certificate issued by any of
-    them is accepted. They must all name the same overlay with the same network, since that
+    them is accepted. They must all name the same overlay with the same networks, since that
     pair is the overlay's identity (the handshake binds the name, every address lies in the
-    network); a bundle that mixes overlays is refused. `name` and `network` are theirs;
+    network of its family); a bundle that mixes overlays is refused. `name`, `networks` and
+    `network` (the first of them) are theirs;
     `der`, `not_before` and `not_after` are those of the first CA (a bundle's others are in
     `cas`)."""
 
     name: str
-    network: IPNetwork
+    networks: tuple[IPNetwork, ...]
     cas: tuple[CaCertificate, ...]
 
     def __init__(self, ca_der: bytes, *more_ders: bytes) -> None:
@@ -237,15 +286,23 @@ class TrustAnchor:
                 cas.append(ca)
         first = cas[0]
         for ca in cas[1:]:
-            if (ca.name, ca.network) != (first.name, first.network):
+            if (ca.name, ca.networks) != (first.name, first.networks):
                 raise PkiError(
-                    f"CA bundle mixes overlays: {first.name!r} ({first.network}) and "
-                    f"{ca.name!r} ({ca.network}); the CAs trusted at once must name the same "
-                    "overlay and network (a CA rotation keeps both)"
+                    f"CA bundle mixes overlays: {first.name!r} ({networks_text(first.networks)})"
+                    f" and {ca.name!r} ({networks_text(ca.networks)}); the CAs trusted at once "
+                    "must name the same overlay and networks (a CA rotation keeps both)"
                 )
         self.cas = tuple(cas)
         self.name = first.name
-        self.network = first.network
+        self.networks = first.networks
+
+    @property
+    def network(self) -> IPNetwork:
+        return self.networks[0]
+
+    def network_for(self, address: IPAddress) -> IPNetwork | None:
+        """The overlay network of `address`'s family, None when the overlay has none."""
+        return next((n for n in self.networks if n.version == address.version), None)
 
     @classmethod
     def bundle(cls, anchors: Sequence[TrustAnchor]) -> TrustAnchor:
@@ -269,7 +326,7 @@ class TrustAnchor:
 
     def __repr__(self) -> str:
         more = f", cas={len(self.cas)}" if len(self.cas) > 1 else ""
-        return f"TrustAnchor(name={self.name!r}, network={self.network}{more})"
+        return f"TrustAnchor(name={self.name!r}, networks={networks_text(self.networks)}{more})"
 
     def verify_untrusted(self, cert_der: bytes, now: float) -> Identity:
         """Verify a certificate received from the network.
@@ -352,7 +409,8 @@ class TrustAnchor:
             )
         public_raw = public.public_bytes(_RAW, _RAW_PUB)
 
-        # Address: exactly one SAN IP, a usable address of the overlay network.
+        # Addresses: one SAN IP, or one of each family, each a usable address of the
+        # overlay network of its family.
         try:
             san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         except x509.ExtensionNotFound as exc:
@@ -360,15 +418,30 @@ class TrustAnchor:
         addresses = san.get_values_for_type(x509.IPAddress)
         if not addresses:
             raise CertificateRefused("certificate has no SAN IP address")
-        if len(addresses) > 1:
-            raise CertificateRefused("certificate has more than one SAN IP address")
-        address = addresses[0]
-        if not isinstance(address, ipaddress.IPv4Address | ipaddress.IPv6Address):
-            raise CertificateRefused("certificate SAN IP is a network, not an address")
-        if not usable_address(address, self.network):
+        if len(addresses) > 2:
+            raise CertificateRefused(f"certificate has {len(addresses)} SAN IP addresses")
+        found: list[IPAddress] = []
+        networks: list[IPNetwork] = []
+        for address in addresses:
+            if not isinstance(address, ipaddress.IPv4Address | ipaddress.IPv6Address):
+                raise CertificateRefused("certificate SAN IP is a network, not an address")
+            network = self.network_for(address)
+            if network is None:
+                raise CertificateRefused(
+                    f"certificate address {address} is IPv{address.version}, but overlay "
+                    f"{self.name!r} has no IPv{address.version} network"
+                )
+            if not usable_address(address, network):
+                raise CertificateRefused(
+                    f"certificate address {address} is outside overlay network {network}"
+                )
+            found.append(address)
+            networks.append(network)
+        if len({a.version for a in found}) != len(found):
             raise CertificateRefused(
-                f"certificate address {address} is outside overlay network {self.network}"
+                f"certificate has two SAN IP addresses of one family ({', '.join(map(str, found))})"
             )
+        order = sorted(range(len(found)), key=lambda i: found[i].version)
 
         # Names: CN = node name, OU = groups.
         name = _single_cn(cert.subject)
@@ -384,14 +457,19 @@ class TrustAnchor:
         return Identity(
             name=name,
             overlay=self.name,
-            address=address,
-            network=self.network,
+            addresses=tuple(found[i] for i in order),
+            networks=tuple(networks[i] for i in order),
             groups=frozenset(groups),
             public_key=public_raw,
             not_before=not_before,
             not_after=not_after,
             der=der,
         )
+
+
+def networks_text(networks: Sequence[IPNetwork]) -> str:
+    """`10.77.0.0/24` or `10.77.0.0/24 + fd77::/64`."""
+    return " + ".join(map(str, networks))
 
 
 def _iso(timestamp: float) -> str:

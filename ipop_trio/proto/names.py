@@ -124,13 +124,13 @@ class Zone:
         """The zone of `domain` (as `check_domain` gives it) from verified identities; those
         not valid at `now` (Unix seconds) are left out. A name that is no DNS name (an empty
         label: "a..b") can never be asked for, so it is left out too."""
-        members = []
+        members: list[tuple[tuple[bytes, ...], IPAddress]] = []
         for ident in identities:
             if not ident.not_before <= now <= ident.not_after:
                 continue
             labels = tuple(ident.name.lower().encode("ascii").split(b"."))
             if all(labels):
-                members.append((labels, ident.address))
+                members.extend((labels, address) for address in ident.addresses)
         return cls(dns.name.from_text(domain), tuple(members))
 
     def soa(self) -> dns.rrset.RRset:

@@ -230,16 +230,21 @@ class Overlay:
     anchor: TrustAnchor
     members: dict[bytes, Conn] = field(default_factory=dict)  # key → conn, in join order
     # who holds each overlay address and node name: the key of a member
+    # (every address of a dual-stack certificate: `held` keeps which, by key)
     by_address: dict[str, bytes] = field(default_factory=dict)
     by_name: dict[str, bytes] = field(default_factory=dict)
+    held: dict[bytes, tuple[str, ...]] = field(default_factory=dict)
 
-    def index(self, member: sig.Member) -> None:
-        self.by_address[member.address] = member.key
+    def index(self, member: sig.Member, addresses: tuple[str, ...]) -> None:
+        for address in addresses:
+            self.by_address[address] = member.key
+        self.held[member.key] = addresses
         self.by_name[member.name] = member.key
 
     def unindex(self, member: sig.Member) -> None:
-        if self.by_address.get(member.address) == member.key:
-            del self.by_address[member.address]
+        for address in self.held.pop(member.key, (member.address,)):
+            if self.by_address.get(address) == member.key:
+                del self.by_address[address]
         if self.by_name.get(member.name) == member.key:
             del self.by_name[member.name]
 
@@ -484,7 +489,9 @@ class ServerCore:
         if clash is not None:
             code, why = clash
             self.count(_CLASH_COUNTERS[code])
-            log.info("refused %s (%s) from %s: %s", ident.name, ident.address, conn.peer, why)
+            log.info(
+                "refused %s (%s) from %s: %s", ident.name, ident.address_text(), conn.peer, why
+            )
             self._send(conn, sig.Error(code, why[: sig.MAX_REASON]))
             self._close(conn, CLOSE_POLICY, code.replace("_", " "))
             return
@@ -507,12 +514,12 @@ class ServerCore:
         conn.state = ConnState.MEMBER
         self._end_preauth(conn)
         overlay.members[ident.public_key] = conn
-        overlay.index(member)
+        overlay.index(member, tuple(str(a) for a in ident.addresses))
         self.count("admitted")
         log.info(
             "admitted %s (%s) to overlay %s from %s; %d members",
             ident.name,
-            ident.address,
+            ident.address_text(),
             overlay.name,
             conn.peer,
             len(overlay.members),
@@ -592,14 +599,16 @@ _CLASH_COUNTERS = {"address_in_use": "refused_address_in_use", "name_in_use": "r
 
 def _clash(overlay: Overlay, ident: Identity) -> tuple[str, str] | None:
     """(error code, reason) when another key holds the newcomer's address or name."""
-    key = overlay.by_address.get(str(ident.address))
-    if key is not None and key != ident.public_key:
-        holder = overlay.members[key].member
-        assert holder is not None
-        return "address_in_use", (
-            f"address {ident.address} is held by member {holder.name} (another key) in overlay "
-            f"{overlay.name}; the CA issued it twice: ask for a certificate with another address"
-        )
+    for address in ident.addresses:
+        key = overlay.by_address.get(str(address))
+        if key is not None and key != ident.public_key:
+            holder = overlay.members[key].member
+            assert holder is not None
+            return "address_in_use", (
+                f"address {address} is held by member {holder.name} (another key) in overlay "
+                f"{overlay.name}; the CA issued it twice: ask for a certificate with another "
+                "address"
+            )
     key = overlay.by_name.get(ident.name)
     if key is not None and key != ident.public_key:
         holder = overlay.members[key].member

@@ -71,6 +71,25 @@ async def test_a_second_key_for_a_held_address_is_refused_naming_the_holder() ->
         assert isinstance(await try_admit(m, mallory), sig.Welcome)
 
 
+async def test_a_held_ipv6_address_is_refused_though_the_ipv4_one_differs() -> None:
+    dual = pki.new_ca_bundle("lab", ["10.77.0.0/24", "fd00:77::/64"], now=NOW)
+    alpha = pki.issue_node_bundle(dual, "alpha", ["10.77.0.2", "fd00:77::2"], now=NOW)
+    mallory = pki.issue_node_bundle(dual, "mallory", ["10.77.0.3", "fd00:77::2"], now=NOW)
+    beta = pki.issue_node_bundle(dual, "beta", ["10.77.0.4", "fd00:77::4"], now=NOW)
+    async with serve_lab(dual) as (server, url), open_connection(url) as a:
+        assert isinstance(await try_admit(a, alpha), sig.Welcome)
+        async with open_connection(url) as m:
+            refused = await try_admit(m, mallory)
+            assert isinstance(refused, sig.Error) and refused.code == "address_in_use", refused
+            assert "fd00:77::2 is held by member alpha" in refused.reason
+        async with open_connection(url) as b:
+            assert isinstance(await try_admit(b, beta), sig.Welcome)
+        assert server.core.counters.get("refused_address_in_use") == 1
+    # alpha gone, both its addresses are free: mallory gets in.
+    async with serve_lab(dual) as (server, url), open_connection(url) as m:
+        assert isinstance(await try_admit(m, mallory), sig.Welcome)
+
+
 async def test_a_second_key_for_a_held_name_is_refused_and_the_name_freed_on_leave() -> None:
     alpha, twin = issue("alpha", "10.77.0.2"), issue("alpha", "10.77.0.3")
     async with running() as (server, url):

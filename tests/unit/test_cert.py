@@ -253,7 +253,9 @@ def test_address_outside_network_refused(make_ca: MakeCa, address: str) -> None:
         PKI_NOW - 60,
         PKI_NOW + DAY,
     )
-    assert "outside overlay network" in _refused(ca, der)
+    why = _refused(ca, der)
+    # an IPv6 address under an IPv4-only CA: no network of its family at all
+    assert ("has no IPv6 network" if ":" in address else "outside overlay network") in why
 
 
 @pytest.mark.parametrize(
@@ -316,7 +318,59 @@ def test_two_san_ips_refused(make_ca: MakeCa) -> None:
         x509.IPAddress(ipaddress.ip_address("10.77.0.2")),
         x509.IPAddress(ipaddress.ip_address("10.77.0.3")),
     ]
-    assert "more than one" in _refused(ca, _forge(ca, san=two))
+    assert "two SAN IP addresses of one family" in _refused(ca, _forge(ca, san=two))
+
+
+def _ip(text: str) -> x509.IPAddress:
+    return x509.IPAddress(ipaddress.ip_address(text))
+
+
+def test_dual_stack_certificate(make_ca: MakeCa, make_node: MakeNode) -> None:
+    ca = make_ca("lab", ["fd00:77::/64", "10.77.0.0/24"])  # given in any order, kept v4 first
+    assert ca.anchor.networks == (
+        ipaddress.ip_network("10.77.0.0/24"),
+        ipaddress.ip_network("fd00:77::/64"),
+    )
+    node = make_node(ca, "alice", ["fd00:77::2", "10.77.0.2"])
+    identity = ca.anchor.verify_untrusted(node.cert_der, PKI_NOW)
+    assert identity.address == ipaddress.ip_address("10.77.0.2")
+    assert identity.ip4 == ipaddress.ip_address("10.77.0.2")
+    assert identity.ip6 == ipaddress.ip_address("fd00:77::2")
+    assert [str(i) for i in identity.interfaces] == ["10.77.0.2/24", "fd00:77::2/64"]
+    # A v4-only certificate under a dual-stack CA is fine; it just has no IPv6 address.
+    v4 = ca.anchor.verify_untrusted(make_node(ca, "bob", "10.77.0.3").cert_der, PKI_NOW)
+    assert v4.ip6 is None and v4.addresses == (ipaddress.ip_address("10.77.0.3"),)
+    assert ca.anchor.network_for(ipaddress.ip_address("fd00:77::9")) == ca.anchor.networks[1]
+
+
+def test_dual_stack_forgeries_refused(make_ca: MakeCa) -> None:
+    ca = make_ca("lab", ["10.77.0.0/24", "fd00:77::/64"])
+    assert _forge(ca, san=[_ip("10.77.0.2"), _ip("fd00:77::2")])  # the baseline is accepted
+    ca.anchor.verify_untrusted(_forge(ca, san=[_ip("10.77.0.2"), _ip("fd00:77::2")]), PKI_NOW)
+    three = [_ip("10.77.0.2"), _ip("fd00:77::2"), _ip("fd00:77::3")]
+    assert "SAN IP" in _refused(ca, _forge(ca, san=three))
+    assert "outside" in _refused(ca, _forge(ca, san=[_ip("10.77.0.2"), _ip("fd00:78::2")]))
+    v4_only = make_ca("lab")
+    assert "has no IPv6 network" in _refused(
+        v4_only, _forge(v4_only, san=[_ip("10.77.0.2"), _ip("fd00:77::2")])
+    )
+
+
+@pytest.mark.parametrize(
+    "networks",
+    [["10.77.0.0/24", "10.78.0.0/24"], ["fd00:1::/64", "fd00:2::/64"], []],
+)
+def test_ca_networks_one_per_family(networks: list[str]) -> None:
+    with pytest.raises(PkiError):
+        pki.new_ca_bundle("lab", networks, now=PKI_NOW)
+
+
+def test_node_addresses_one_per_family(make_ca: MakeCa, make_node: MakeNode) -> None:
+    ca = make_ca("lab", ["10.77.0.0/24", "fd00:77::/64"])
+    with pytest.raises(PkiError, match="one"):
+        make_node(ca, "alice", ["10.77.0.2", "10.77.0.3"])
+    with pytest.raises(PkiError, match="IPv6"):
+        make_node(make_ca(), "bob", ["10.77.0.2", "fd00:77::2"])
 
 
 def test_san_network_refused(make_ca: MakeCa) -> None:

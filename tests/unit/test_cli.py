@@ -89,3 +89,24 @@ def test_status_of_a_config_with_errors_still_finds_its_socket(
     assert (
         err[-1] == f"ipop-trio: no node is listening on {tmp_path / 'here.sock'} (is it running?)"
     )
+
+
+def test_ca_init_and_sign_dual_stack_from_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ca, out = tmp_path / "ca", tmp_path / "out"
+    argv = ["ca", "init", "--dir", str(ca), "--name", "lab"]
+    assert cli.main([*argv, "--network", "10.77.0.0/24", "--network", "fd00:77::/64"]) == 0
+    assert "10.77.0.0/24 + fd00:77::/64" in capsys.readouterr().out
+    sign = ["ca", "sign", "--ca", str(ca), "--name", "n1", "--out", str(out)]
+    assert cli.main([*sign, "--address", "10.77.0.7", "--address", "fd00:77::7"]) == 0
+    assert "10.77.0.7/24, fd00:77::7/64" in capsys.readouterr().out
+    identity = pki.load_trust_anchor(ca / "ca.crt").verify_untrusted(
+        pki.load_certificate_der(out / "n1.crt"), time.time()
+    )
+    assert identity.ip6 is not None and str(identity.ip6) == "fd00:77::7"
+    # One family twice is a clear error, and nothing is written.
+    two = ["--address", "10.77.0.8", "--address", "10.77.0.9"]
+    assert cli.main(["ca", "sign", "--ca", str(ca), "--name", "n2", "--out", str(out), *two]) != 0
+    assert "once per family" in capsys.readouterr().err
+    assert not (out / "n2.key").exists()

@@ -111,7 +111,7 @@ def test_replace_issues_it_and_marks_the_earlier_one_replaced(ca_dir: Path, tmp_
     [old, new] = pki.load_issued(ca_dir)
     assert old.fingerprint == pki.fingerprint(first.identity.der)
     assert old.replaced_by == pki.fingerprint(second.identity.der) and not old.live(time.time())
-    assert new.name == "beta2" and new.address == "10.77.0.2" and new.live(time.time())
+    assert new.name == "beta2" and new.addresses == ("10.77.0.2",) and new.live(time.time())
     assert second.replaced[0].fingerprint == old.fingerprint
     # The replaced certificate no longer holds its name: "beta" can be issued again.
     sign(ca_dir, "beta", "10.77.0.5", tmp_path / "again")
@@ -144,6 +144,24 @@ def test_a_broken_record_is_a_clear_error(ca_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(PkiError, match=r"move it away to start a new record"):
         sign(ca_dir, "beta", "10.77.0.2", tmp_path / "beta")
     assert not (tmp_path / "beta").exists()
+
+
+def test_a_dual_stack_record_and_an_older_single_address_one_both_load(
+    tmp_path: Path,
+) -> None:
+    pki.init_ca(tmp_path / "ca", "lab", ["10.77.0.0/24", "fd00:77::/64"], 3650)
+    ca_dir = tmp_path / "ca"
+    sign(ca_dir, "beta", ["fd00:77::2", "10.77.0.2"], tmp_path / "beta")
+    [entry] = json.loads((ca_dir / pki.ISSUED_FILE).read_text())["issued"]
+    assert entry["addresses"] == ["10.77.0.2", "fd00:77::2"] and entry["address"] == "10.77.0.2"
+    # The IPv6 address is held too: another name cannot take it.
+    with pytest.raises(PkiError, match="fd00:77::2"):
+        sign(ca_dir, "gamma", ["10.77.0.3", "fd00:77::2"], tmp_path / "gamma")
+    # A record written before dual-stack has only "address".
+    del entry["addresses"]
+    (ca_dir / pki.ISSUED_FILE).write_text(json.dumps({"issued": [entry]}))
+    [record] = pki.load_issued(ca_dir)
+    assert record.name == "beta" and record.addresses == ("10.77.0.2",)
 
 
 def test_cmd_ca_sign_refuses_a_duplicate_and_replace_works(
