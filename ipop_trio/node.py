@@ -171,11 +171,12 @@ def expiry_warnings(setup: Setup, now: float) -> list[str]:
     left = ident.not_after - now
     when = _day(ident.not_after)
     groups = f" --groups {','.join(sorted(ident.groups))}" if ident.groups else ""
+    addresses = " ".join(f"--address {address}" for address in ident.addresses)
     written = cfg.cert.parent / f"{ident.name}.crt"
     move = "" if written == cfg.cert else f", move {written} to {cfg.cert}"
     renew = (
         f"renew it for the same key: `ipop-trio ca sign --ca CA_DIR --name {ident.name} "
-        f"--address {ident.address}{groups} --key {cfg.key} --out {cfg.cert.parent}`"
+        f"{addresses}{groups} --key {cfg.key} --out {cfg.cert.parent}`"
         f"{move}, then SIGHUP"
     )
     if left <= 0:
@@ -314,7 +315,8 @@ class Node:
             "node": {
                 "name": ident.name,
                 "overlay": ident.overlay,
-                "address": f"{ident.address}/{ident.network.prefixlen}",
+                "address": f"{ident.interfaces[0]}",
+                "address6": None if ident.ip6 is None else f"{ident.interfaces[-1]}",
                 "groups": sorted(ident.groups),
                 "tap": self.tap.name,
                 "mtu": self.mtu,
@@ -440,10 +442,9 @@ async def run_node(
     domain = ""
     try:
         ident = setup.identity
-        iface = ipaddress.ip_interface(f"{ident.address}/{ident.network.prefixlen}")
         mtu, mtu_why = choose_tap_mtu(cfg)
         log.info("%s: mtu %d (%s)", tap.name, mtu, mtu_why)
-        netlink.configure_tap(tap.name, mac=ident.mac, mtu=mtu, address=iface)
+        netlink.configure_tap(tap.name, mac=ident.mac, mtu=mtu, addresses=ident.interfaces)
         if cfg.dns is not None:  # after the TAP has our overlay address, the default one
             from .net.names import DnsSockets  # dnspython only for a node with [dns]
 
@@ -481,7 +482,7 @@ async def run_node(
             log.info(
                 "node %s up: %s on %s, listening on %s:%d, %d peers, %s data path%s",
                 ident.name,
-                iface,
+                ", ".join(map(str, ident.interfaces)),
                 tap.name,
                 *udp.local,
                 len(setup.peers),

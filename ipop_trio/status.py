@@ -50,11 +50,16 @@ def _rtt(peer: dict[str, Any]) -> str:
     return "-" if rtt is None else f"{rtt:.1f}ms"
 
 
+def _addresses(node: dict[str, Any]) -> str:
+    """`10.77.0.2/24`, or `10.77.0.2/24 fd77::2/64` on a dual-stack node."""
+    return " ".join(str(node[k]) for k in ("address", "address6") if node.get(k)) or "None"
+
+
 def format_status(status: dict[str, Any], now: float | None = None) -> str:
     now = time.time() if now is None else now
     node = status.get("node", {})
     lines = [
-        f"node {node.get('name')}  overlay {node.get('overlay')}  address {node.get('address')}  "
+        f"node {node.get('name')}  overlay {node.get('overlay')}  address {_addresses(node)}  "
         f"tap {node.get('tap')} ({node.get('mac')})  listen {node.get('listen')}",
     ]
     if node.get("mtu"):
@@ -103,7 +108,7 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
         rows.append(
             (
                 str(p.get("name")),
-                str(p.get("address") or "-"),
+                " ".join(str(p[k]) for k in ("address", "address6") if p.get(k)) or "-",
                 str(p.get("state")),
                 str(p.get("mode") or "-"),
                 str(p.get("learned") or "-"),

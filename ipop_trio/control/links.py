@@ -472,14 +472,16 @@ class LinkManager:
             task_status.started()
 
     def _runtime(self, setup: PeerSetup, learned: Learned, *, initiate: bool) -> PeerRuntime:
-        ip4 = None
+        ip4 = ip6 = None
         groups: frozenset[str] = frozenset()
-        if setup.identity is not None:
-            groups = setup.identity.groups
-            if setup.identity.address.version == 4:
-                ip4 = setup.identity.address.packed
+        if (ident := setup.identity) is not None:
+            groups = ident.groups
+            ip4 = None if ident.ip4 is None else ident.ip4.packed
+            ip6 = None if ident.ip6 is None else ident.ip6.packed
         port = PeerPort(setup.config.name, mac_for_key(setup.public_key), ip4, groups)
         self.switch.add(port)
+        if ip6 is not None:
+            self.switch.set_ip6(port, ip6)
         rt = PeerRuntime(
             setup,
             port,
@@ -726,8 +728,12 @@ class LinkManager:
                 flushed = [w for w in flushed if self.switch.accept_inbound(port, w, now)]
                 if flushed:
                     self.writer.submit(flushed)
-                if ev.peer.address.version == 4 and port.ip4 != ev.peer.address.packed:
-                    self.switch.set_ip4(port, ev.peer.address.packed)
+                # the addresses it may send from: those its certificate holds now
+                if (ip4 := ev.peer.ip4) is not None and port.ip4 != ip4.packed:
+                    self.switch.set_ip4(port, ip4.packed)
+                ip6 = None if ev.peer.ip6 is None else ev.peer.ip6.packed
+                if port.ip6 != ip6:
+                    self.switch.set_ip6(port, ip6)
                 # The first session, or one in another mode, is news; a scheduled rekey
                 # (every 2 minutes per peer) is not.
                 mode = "secure" if session.secure else "plain"
@@ -939,6 +945,7 @@ class LinkManager:
                 {
                     "name": rt.name,
                     "address": None if peer is None else str(peer.address),
+                    "address6": None if peer is None or peer.ip6 is None else str(peer.ip6),
                     "groups": None if peer is None else sorted(peer.groups),
                     # the peer's certificate as last verified (a handshake, or the config)
                     "cert": None

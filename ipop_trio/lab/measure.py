@@ -134,11 +134,15 @@ def ping_rtts(
     interval: float = PING_INTERVAL,
     *,
     pattern: str | None = None,
+    source: str | None = None,
 ) -> list[float]:
-    """Per-reply round-trip times (ms) of `count` pings from `host` to `address`."""
+    """Per-reply round-trip times (ms) of `count` pings from `host` to `address` (from the
+    address `source`, if given)."""
     argv = ["ping", "-n", "-c", str(count), "-i", str(interval), "-W", "1", address]
     if pattern:
         argv[1:1] = ["-p", pattern]
+    if source:
+        argv[1:1] = ["-I", source]
     timeout = count * interval + 15
     try:
         done = host.run(argv, capture_output=True, text=True, timeout=timeout)

@@ -42,7 +42,7 @@ class CA:
     """An overlay CA held in memory (PEM key and certificate)."""
 
     name: str
-    network: str
+    network: str  # one network, or "IPv4 + IPv6" (`networks`)
     key_pem: bytes
     cert_pem: bytes
 
@@ -71,6 +71,7 @@ class OverlayNode:
     offload: bool | None = None  # [tap] offload; None: the default
     metrics: str | None = None  # [metrics] listen ("ADDR:PORT"); None: no metrics endpoint
     extra_config: str = ""  # TOML appended to the config: sections without a parameter here
+    ip6: str | None = None  # overlay IPv6 address (from the certificate) on a dual-stack overlay
     revoked: str | None = None  # [node] revoked: a file in the node's directory (the test's)
     # The CAs the node trusts, written as one bundle file ([node] ca); None: its issuer only.
     # With `trust` set, peers are configured by public key (their issuers may differ).
@@ -140,6 +141,7 @@ class Overlay:
         *,
         name: str = "lab",
         network: str = DEFAULT_OVERLAY_NETWORK,
+        network6: str | None = None,  # an IPv6 network too: a dual-stack overlay
         cipher: str = "aes-256-gcm",
         tap_mtu: int | None = 1400,  # None: the node's default (from the underlay)
         log_level: str = "info",
@@ -148,6 +150,7 @@ class Overlay:
     ) -> None:
         self.lab = lab
         self.network = ipaddress.ip_network(network)
+        self.network6 = None if network6 is None else ipaddress.ip_network(network6)
         self.cipher = cipher
         self.tap_mtu = tap_mtu
         self.log_level = log_level
@@ -156,7 +159,7 @@ class Overlay:
         self.nodes: dict[str, OverlayNode] = {}
         self.dir = lab.workdir / "overlay"
         self.dir.mkdir(exist_ok=True)
-        self.ca = self.new_ca(name, network)
+        self.ca = self.new_ca(name)
         self.signal: SignalServer | None = None
 
     def new_ca(self, name: str, network: str | None = None, *, days: int | None = None) -> CA:
@@ -164,16 +167,16 @@ class Overlay:
         a CA rotation), valid for `days` (default: the overlay's)."""
         from ipop_trio import pki
 
-        net = network or str(self.network)
-        key_pem, cert_pem = pki.new_ca(name, net, days or self.days, time.time())
-        return CA(name, net, key_pem, cert_pem)
+        nets = [network] if network else [str(n) for n in (self.network, self.network6) if n]
+        key_pem, cert_pem = pki.new_ca(name, nets, days or self.days, time.time())
+        return CA(name, " + ".join(nets), key_pem, cert_pem)
 
-    def _next_address(self) -> str:
-        used = {n.address for n in self.nodes.values()}
-        for addr in self.network.hosts():
+    def _next_address(self, network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str:
+        used = {a for n in self.nodes.values() for a in (n.address, n.ip6)}
+        for addr in network.hosts():
             if str(addr) not in used:
                 return str(addr)
-        raise LabError(f"overlay network {self.network} is full")
+        raise LabError(f"overlay network {network} is full")
 
     def add_node(
         self,
@@ -181,6 +184,7 @@ class Overlay:
         host: Host,
         *,
         address: str | None = None,
+        address6: str | None = None,
         groups: Iterable[str] = (),
         ca: CA | None = None,
         peers: Iterable[str] | None = None,
@@ -193,7 +197,8 @@ class Overlay:
         metrics: str | None = None,
         extra_config: str = "",
     ) -> OverlayNode:
-        """Issue a certificate for a node on `host` (next free overlay address unless given).
+        """Issue a certificate for a node on `host` (next free overlay address unless given;
+        on a dual-stack overlay an IPv6 one too, `address6`).
         The node is configured and started by `start`. With `signalling`, it learns its peers
         from the overlay's signalling server (`start_signalling`) and has no static peers
         unless `peers` names some. `stun` URLs and `turn` servers, as (url, username,
@@ -209,10 +214,13 @@ class Overlay:
         if name in self.nodes:
             raise LabError(f"node {name!r} exists")
         issuer = ca or self.ca
-        address = address or self._next_address()
+        address = address or self._next_address(self.network)
+        if address6 is None and self.network6 is not None:
+            address6 = self._next_address(self.network6)
+        addresses = [address] if address6 is None else [address, address6]
         groups_t = tuple(groups)
         key_pem, cert_pem = pki.issue_node(
-            issuer.key_pem, issuer.cert_pem, name, address, groups_t, self.days, time.time()
+            issuer.key_pem, issuer.cert_pem, name, addresses, groups_t, self.days, time.time()
         )
         if key_pem is None:
             raise LabError("pki.issue_node returned no private key")
@@ -237,6 +245,7 @@ class Overlay:
             offload=offload,
             metrics=metrics,
             extra_config=extra_config,
+            ip6=address6,
         )
         self.nodes[name] = node
         return node
@@ -263,7 +272,7 @@ class Overlay:
             node.ca.key_pem,
             node.ca.cert_pem,
             node.name,
-            node.address,
+            [a for a in (node.address, node.ip6) if a is not None],
             node.groups,
             self.days if days is None else days,
             time.time(),

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Sequence
+from pathlib import Path
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -15,11 +17,27 @@ from pyroute2.netlink.exceptions import NetlinkError
 from ..errors import TapError
 from ..proto.cert import format_mac
 
+IFA_F_NODAD = 0x02  # linux/if_addr.h
+# Per-interface IPv6 settings of the TAP: no router advertisements taken from peers (the
+# overlay has no router; a peer's RA would reroute the host); link-local addresses made from
+# the MAC (EUI-64), so every peer computes ours from our certificate's key; and no duplicate
+# address detection: every address on the TAP is the node's by certificate, and DAD would
+# leave the link-local one tentative (unusable) for its first second or two.
+TAP_IPV6_SYSCTLS = {"accept_ra": "0", "addr_gen_mode": "0", "accept_dad": "0"}
+
 
 def configure_tap(
-    name: str, *, mac: bytes, mtu: int, address: ipaddress.IPv4Interface | ipaddress.IPv6Interface
+    name: str,
+    *,
+    mac: bytes,
+    mtu: int,
+    addresses: Sequence[ipaddress.IPv4Interface | ipaddress.IPv6Interface],
 ) -> None:
-    """Give the TAP its MAC, MTU and overlay address, then bring it up."""
+    """Give the TAP its MAC, MTU and overlay addresses (one, or one of each family), then
+    bring it up. An IPv6 address is added without duplicate address detection: the CA
+    certified it to this node alone, and a tentative address would be unusable for a second."""
+    if any(a.version == 6 for a in addresses):
+        _ipv6_sysctls(name)
     try:
         with IPRoute() as ipr:
             found = ipr.link_lookup(ifname=name)
@@ -27,10 +45,33 @@ def configure_tap(
                 raise TapError(f"interface {name!r} vanished before it was configured")
             idx = found[0]
             ipr.link("set", index=idx, address=format_mac(mac), mtu=mtu)
-            ipr.addr("add", index=idx, address=str(address.ip), prefixlen=address.network.prefixlen)
+            for address in addresses:
+                flags = IFA_F_NODAD if address.version == 6 else 0
+                ipr.addr(
+                    "add",
+                    index=idx,
+                    address=str(address.ip),
+                    prefixlen=address.network.prefixlen,
+                    flags=flags,
+                )
             ipr.link("set", index=idx, state="up")
     except NetlinkError as exc:
         raise TapError(f"cannot configure {name}: {exc}") from None
+
+
+def _ipv6_sysctls(name: str) -> None:
+    """`TAP_IPV6_SYSCTLS` on interface `name`, before it is up (link-local is made then)."""
+    base = Path("/proc/sys/net/ipv6/conf") / name
+    if not base.is_dir():
+        raise TapError(
+            f"{name}: the certificate holds an IPv6 address, but this host has IPv6 disabled "
+            "(no /proc/sys/net/ipv6): enable it, or use an IPv4-only certificate"
+        )
+    for key, value in TAP_IPV6_SYSCTLS.items():
+        try:
+            (base / key).write_text(value)
+        except OSError as exc:
+            raise TapError(f"cannot set net.ipv6.conf.{name}.{key}={value}: {exc}") from None
 
 
 def host_addresses(

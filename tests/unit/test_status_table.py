@@ -73,3 +73,14 @@ def test_refusals_are_shown_with_the_reason() -> None:
     assert "refused peers:\n  beta: certificate revoked (sha256 " + fp + ")" in text
     assert "  refused by the server: refused: address_in_use: address 10.77.0.2 is held" in text
     assert "refused" not in format_status(STATUS, now=1000.0)
+
+
+def test_a_dual_stack_node_and_peer_show_both_addresses() -> None:
+    node = {"name": "alpha", "address": "10.77.0.1/24", "address6": "fd77::1/64"}
+    peer = {**PEER, "address6": "fd77::2"}
+    text = format_status({**STATUS, "node": node, "peers": [peer]}, now=1000.0)
+    assert "address 10.77.0.1/24 fd77::1/64  " in text
+    beta = next(line for line in text.splitlines() if line.startswith("beta"))
+    assert "10.77.0.2 fd77::2" in beta
+    v4 = format_status({**STATUS, "node": {**node, "address6": None}}, now=1000.0)
+    assert "address 10.77.0.1/24  " in v4
